@@ -1,0 +1,367 @@
+"""Typed, frozen experiment configs: YAML files plus dotted ``--set`` overrides, validated at once.
+
+A config has five sections (``data``, ``model``, ``method``, ``train``, ``instrument``); every key has
+a documented default here, so a YAML file only names what differs. Validation collects every error
+(wrong type, bad choice, unknown key with a did-you-mean) and raises one :class:`ConfigError` that
+names the source file and the dotted key of each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .nm import Layout, NMPattern
+
+__all__ = [
+    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "MethodConfig", "TrainConfig",
+    "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """One or more config problems; ``errors`` lists each as ``'<source>: <key>: <message>'``."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _choices(*values: str, default: str) -> Any:
+    return field(default=default, metadata={"choices": values})
+
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _choices(*DATASETS, default="fashion-mnist")
+    root: str = "data"  # folder holding <Name>/raw (MNIST), cifar-10-batches-py, imagenet/{train,val}
+    pad_to_32: bool = False  # pad 28x28 images to 32x32 (MNIST, Fashion-MNIST)
+    augment: bool = True  # standard training augmentation (crop + flip for CIFAR/ImageNet)
+    train_subset: Optional[int] = None  # use only the first k training images (quick runs)
+    test_subset: Optional[int] = None  # evaluate on the first k test images
+    image_size: int = 224  # ImageNet crop size
+    num_workers: int = 0
+    synthetic_train_size: int = 512
+    synthetic_test_size: int = 256
+    synthetic_num_classes: int = 10
+    synthetic_image_size: int = 32
+    synthetic_channels: int = 3
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "resnet20"  # any name in bame.models.available(); classes/channels come from the data
+
+
+@dataclass(frozen=True)
+class BameConfig:
+    """BAME's readings of method.md; every default is a hypothesis (see docs/results.md)."""
+
+    block_rows: int = 1  # a block is block_rows x block_groups groups of M
+    block_groups: int = 1
+    t_i_fraction: float = 0.0  # adaptation window start, as a fraction of training steps
+    t_i_steps: Optional[int] = None  # ... or in steps (overrides the fraction)
+    t_f_fraction: float = 0.5  # adaptation window end (mask fixed afterwards)
+    t_f_steps: Optional[int] = None
+    interval_steps: int = 100  # T: adapt once every T steps inside [t_i, t_f)
+    lma: str = _choices("taylor", "gradient", default="taylor")  # regrowth score: g_j w_j or |g_j|
+    obf: bool = True  # oscillation-aware block freezing
+    beta: float = 0.9  # EMA decay of the oscillation frequency
+    tau: float = 0.5  # freeze a block once its frequency >= tau ...
+    min_changes: int = 2  # ... and it has changed at least this often
+    selection: str = _choices("freeze_then_topk", "joint", default="freeze_then_topk")
+    joint_lambda: float = 1.0  # selection 'joint': rank by R_b / (1 + lambda f_b)
+    rho: float = 0.05  # fraction of a layer's blocks changed per adaptation ...
+    rho_decay: str = _choices("cosine", "constant", default="cosine")  # ... decayed to 0 at t_f
+    swaps_per_block: int = 1
+    regrow: str = _choices("stored", "zero", default="stored")  # value of a regrown weight
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = _choices("dense", "static", "ste", "srste", "asp", "bame", default="bame")
+    pattern: str = "2:4"  # N:M, e.g. '1:16'
+    layout: str = _choices("row", "channel", default="row")
+    mask_init: str = _choices("magnitude", "random", default="magnitude")
+    first_conv_dense: bool = True
+    classifier_dense: bool = True
+    depthwise_dense: bool = True
+    on_indivisible: str = _choices("dense", "error", default="dense")
+    srste_decay: float = 2e-4  # lambda_w of SR-STE
+    asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
+    weight_grad_kernel: str = _choices("masked_dense", "gather", default="masked_dense")
+    bame: BameConfig = field(default_factory=BameConfig)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 10  # the schedule's length (LR, BAME windows) unless max_steps is all there is
+    max_steps: Optional[int] = None  # stop after this many optimizer steps
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    seed: int = 0
+    optimizer: str = _choices("sgd", default="sgd")
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    no_decay_bn_bias: bool = True  # exclude BN parameters and biases from weight decay
+    lr_schedule: str = _choices("cosine", "step", "constant", default="cosine")
+    warmup_epochs: float = 0.0
+    step_milestones: tuple[float, ...] = (0.5, 0.75)  # 'step': fractions of training
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    amp: str = _choices("off", "bf16", "fp16", default="off")  # CUDA only
+    channels_last: bool = False
+    device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
+    deterministic: bool = True
+    eval_every_epochs: float = 1.0
+    log_every_steps: int = 50
+    checkpoint_every_steps: Optional[int] = None  # also checkpoint every k steps (always at epoch ends)
+    progress: bool = True  # tqdm progress bar
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    flops: bool = True  # exact per-step FLOPs ledger
+    mask_flips: bool = True  # SAD per layer per logged step
+    block_state_every_adaptations: int = 1  # save BAME per-block state every k adaptation steps (0: never)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    instrument: InstrumentConfig = field(default_factory=InstrumentConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# dict <-> dataclass with every error collected
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _convert(value: Any, tp: Any, key: str, errors: list[str], source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, errors, source)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            errors.append(f"{source}: {key}: expected a mapping (section), got {value!r}")
+            return tp()
+        return _from_dict(tp, value, key + ".", errors, source)
+    if origin is tuple:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{source}: {key}: expected a list, got {value!r}")
+            return ()
+        return tuple(_convert(v, args[0], f"{key}[{i}]", errors, source) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        errors.append(f"{source}: {key}: expected true/false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        errors.append(f"{source}: {key}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads '2e-4' as a string
+            except ValueError:
+                pass
+        errors.append(f"{source}: {key}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        errors.append(f"{source}: {key}: expected a string, got {value!r}")
+        return ""
+    errors.append(f"{source}: {key}: unsupported type {_type_name(tp)}")
+    return value
+
+
+def _from_dict(cls: type, data: dict, prefix: str, errors: list[str], source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            errors.append(f"{source}: {prefix}{key}: unknown key{hint}")
+            continue
+        converted = _convert(value, hints[key], prefix + key, errors, source)
+        choices = fields[key].metadata.get("choices")
+        if choices and converted not in choices:
+            close = difflib.get_close_matches(str(converted), list(choices), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errors.append(f"{source}: {prefix}{key}: {converted!r} is not one of {list(choices)}{hint}")
+            continue
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def _check_values(cfg: Config, source: str) -> list[str]:
+    """Cross-field and range checks that types cannot express."""
+    errors = []
+
+    def bad(key: str, msg: str) -> None:
+        errors.append(f"{source}: {key}: {msg}")
+
+    try:
+        pattern = NMPattern.parse(cfg.method.pattern)
+    except ValueError as err:
+        bad("method.pattern", str(err))
+        pattern = None
+    Layout.parse(cfg.method.layout)
+    b = cfg.method.bame
+    for key in ("t_i_fraction", "t_f_fraction"):
+        if not 0.0 <= getattr(b, key) <= 1.0:
+            bad(f"method.bame.{key}", f"must lie in [0, 1], got {getattr(b, key)}")
+    if b.t_i_steps is None and b.t_f_steps is None and b.t_i_fraction > b.t_f_fraction:
+        bad("method.bame.t_i_fraction", f"t_i ({b.t_i_fraction}) is after t_f ({b.t_f_fraction})")
+    if b.t_i_steps is not None and b.t_f_steps is not None and b.t_i_steps > b.t_f_steps:
+        bad("method.bame.t_i_steps", f"t_i_steps ({b.t_i_steps}) is after t_f_steps ({b.t_f_steps})")
+    for key in ("interval_steps", "block_rows", "block_groups", "swaps_per_block"):
+        if getattr(b, key) < 1:
+            bad(f"method.bame.{key}", f"must be >= 1, got {getattr(b, key)}")
+    if pattern is not None and b.swaps_per_block > min(pattern.n, pattern.m - pattern.n) * b.block_rows * b.block_groups:
+        bad("method.bame.swaps_per_block", f"{b.swaps_per_block} swaps cannot fit in a block of "
+            f"{b.block_rows}x{b.block_groups} groups of {pattern}")
+    if not 0.0 < b.beta < 1.0:
+        bad("method.bame.beta", f"must lie in (0, 1), got {b.beta}")
+    if not 0.0 <= b.rho <= 1.0:
+        bad("method.bame.rho", f"must lie in [0, 1], got {b.rho}")
+    if not 0.0 <= cfg.method.asp_prune_fraction <= 1.0:
+        bad("method.asp_prune_fraction", f"must lie in [0, 1], got {cfg.method.asp_prune_fraction}")
+    t = cfg.train
+    if t.epochs <= 0 and t.max_steps is None:
+        bad("train.epochs", "must be > 0 (or set train.max_steps)")
+    if t.max_steps is not None and t.max_steps < 1:
+        bad("train.max_steps", f"must be >= 1, got {t.max_steps}")
+    for key in ("batch_size", "eval_batch_size", "log_every_steps"):
+        if getattr(t, key) < 1:
+            bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    if t.lr <= 0:
+        bad("train.lr", f"must be > 0, got {t.lr}")
+    if cfg.data.train_subset is not None and cfg.data.train_subset < 1:
+        bad("data.train_subset", f"must be >= 1, got {cfg.data.train_subset}")
+    return errors
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config`; raises :class:`ConfigError` listing every problem."""
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    cfg = _from_dict(Config, data, "", errors, source)
+    if not errors:
+        errors = _check_values(cfg, source)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (lists for tuples) that :func:`from_dict` turns back into the same config."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+    return plain(cfg)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([f"--set {item!r}: write overrides as key=value, e.g. method.pattern=1:16"])
+    key, raw = item.split("=", 1)
+    if key.strip().endswith("pattern"):
+        value = raw.strip()  # kept verbatim: YAML 1.1 would read 1:16 as a base-60 integer
+    else:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` strings (values parsed as YAML) to a nested dict; returns a new dict."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise ConfigError([f"{path}: config file not found (see configs/ for the named experiments)"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+    return _reject_unquoted_patterns(data)
+
+
+def _reject_unquoted_patterns(node: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``1:16`` as the base-60 integer 76: ask for quotes instead."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            if k == "pattern" and isinstance(v, int):
+                raise ConfigError([f"method.pattern: unquoted N:M pattern read by YAML as {v}: quote it, "
+                                   f"e.g. pattern: \"1:16\""])
+            out[k] = _reject_unquoted_patterns(v)
+        return out
+    return node
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
+    data = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set"
+    return from_dict(data, source)
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, every default filled in."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,174 @@
+"""The method interface every sparsity method implements, and the registry.
+
+The training loop calls, for each optimizer step ``step`` (0-based):
+
+    method.before_step(step)            # set masks / grad masks / backward modes for this step
+    loss.backward()                     # the layers' backward modes decide what is computed
+    method.after_backward(step)         # gradients are in .grad: score, decide, mask the gradients
+    optimizer.step()
+    method.after_optimizer_step(step)   # apply mask changes, reset optimizer state where needed
+
+and never branches on a method's name. A new method is one file and one ``@register`` line.
+
+Weight decay of the parameters listed by :meth:`Method.self_decayed_parameters` is applied by the
+method (the loop puts them in an optimizer group with ``weight_decay=0``), so that pruned weights get
+no decay and no momentum: they keep their stored value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig
+from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
+
+__all__ = ["MethodContext", "Method", "METHODS", "register", "create_method", "available_methods",
+           "AdaptationRecord", "LayerAdaptation"]
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method needs to know about the run it is part of."""
+
+    total_steps: int  # length of the schedule in optimizer steps
+    steps_per_epoch: int
+    weight_decay: float  # the optimizer's decay; applied by the method to self-decayed parameters
+    seed: int = 0
+
+
+@dataclass
+class LayerAdaptation:
+    """What one adaptation step did to one layer (read by recorders, never by the method itself)."""
+
+    layer: str
+    num_blocks: int
+    candidate_blocks: int
+    frozen_blocks: int
+    selected_blocks: int
+    swaps: int
+    oscillation_events: int
+    score_stats: dict[str, float] = field(default_factory=dict)  # e.g. mean/max of R_b over candidates
+    frequency: Optional[torch.Tensor] = None  # [num_blocks] oscillation frequency after this step (cpu)
+    frozen: Optional[torch.Tensor] = None  # [num_blocks] bool
+    last_score: Optional[torch.Tensor] = None  # [num_blocks] R_b of this step (nan where not a candidate)
+    changes: Optional[torch.Tensor] = None  # [num_blocks] int, how often each block changed so far
+
+
+@dataclass
+class AdaptationRecord:
+    """Everything one adaptation step decided, per layer."""
+
+    step: int
+    rho: float
+    layers: list[LayerAdaptation] = field(default_factory=list)
+    scoring_elementwise_ops: int = 0  # element-wise work of scoring + selection (for the FLOPs ledger)
+
+
+class Method:
+    """Base class: a dense-weight method that touches nothing. Subclasses override what they need."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.model: Optional[nn.Module] = None
+        self.report: Optional[SparsifyReport] = None
+        # Filled on a step where the mask was adapted (BAME), read by recorders; None otherwise.
+        self.last_adaptation: Optional[AdaptationRecord] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+
+    # -- set-up --------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Make ``model`` ready for this method (swap layers, set masks and modes); returns it."""
+        self.model = model
+        return model
+
+    def sparsify(self, model: nn.Module, backward_mode: str) -> SparsifyReport:
+        """Swap the eligible layers of ``model`` for N:M layers per this method's config."""
+        c = self.cfg
+        policy = LayerPolicy(c.first_conv_dense, c.classifier_dense, c.depthwise_dense, c.on_indivisible)
+        generator = torch.Generator().manual_seed(self.ctx.seed)
+        self.report = sparsify(model, c.pattern, policy=policy, layout=c.layout, backward_mode=backward_mode,
+                               srste_decay=c.srste_decay, mask_init=c.mask_init,
+                               weight_grad_kernel=c.weight_grad_kernel, generator=generator)
+        return self.report
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the loop once the optimizer exists (methods may reset its state)."""
+        self.optimizer = optimizer
+
+    def layers(self) -> list[tuple[str, NMLayer]]:
+        return list(nm_layers(self.model)) if self.model is not None else []
+
+    def self_decayed_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose weight decay this method applies itself (masked)."""
+        return []
+
+    # -- per step hooks ------------------------------------------------------------------------
+    def before_step(self, step: int) -> None:
+        self.last_adaptation = None
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def after_optimizer_step(self, step: int) -> None:
+        pass
+
+    # -- checkpointing -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Method state beyond the model's buffers (masks live in the model's state dict)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- shared helpers for masked methods -----------------------------------------------------
+    @torch.no_grad()
+    def mask_gradients_and_decay(self) -> None:
+        """For each N:M layer: grad <- (grad + wd * W) * mask. Pruned weights then never move."""
+        wd = self.ctx.weight_decay
+        for _, layer in self.layers():
+            w = layer.weight
+            if w.grad is None:
+                continue
+            if wd:
+                w.grad.add_(w, alpha=wd)
+            w.grad.mul_(layer.mask)
+
+    @torch.no_grad()
+    def reset_optimizer_state(self, param: nn.Parameter, where: torch.Tensor) -> None:
+        """Zero the optimizer's per-element state (e.g. momentum) of ``param`` at ``where``."""
+        opt = self.optimizer
+        if opt is None or param not in opt.state:
+            return
+        for value in opt.state[param].values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.masked_fill_(where, 0)
+
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(METHODS)
+
+
+def create_method(cfg: MethodConfig, ctx: MethodContext) -> Method:
+    """The method named by ``cfg.name``."""
+    if cfg.name not in METHODS:
+        raise ValueError(f"unknown method {cfg.name!r}: available are {available_methods()}")
+    return METHODS[cfg.name](cfg, ctx)
