@@ -1,0 +1,167 @@
+"""Every hand-written backward against plain autograd on the masked weight (float64, gradcheck too)."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bame.autograd import Backward, Phase, WeightGradKernel, nm_conv2d, nm_linear
+from bame.nm import nm_mask
+
+DECAY = 0.37  # a large SR-STE decay so its term is clearly visible
+
+
+def _random_conv_case(rng: random.Random):
+    groups = rng.choice([1, 1, 2])
+    cin = groups * rng.choice([2, 4])
+    cout = groups * rng.choice([4, 8])
+    kh, kw = rng.choice([(1, 1), (3, 3), (2, 3)])
+    stride = rng.choice([1, 2, (2, 1)])
+    padding = rng.choice([0, 1, (1, 0)])
+    dilation = rng.choice([1, 2])
+    k = cin // groups * kh * kw
+    m = 4 if k % 4 == 0 else (2 if k % 2 == 0 else 1)
+    n = max(1, m // 2)
+    return dict(cin=cin, cout=cout, kernel=(kh, kw), stride=stride, padding=padding, dilation=dilation,
+                groups=groups, n=n, m=m, bias=rng.random() < 0.5)
+
+
+def _reference(op, x, w, mask, grad_mask, mode):
+    """The gradient each mode must return, from plain autograd on ``W_eff = W * mask``."""
+    x = x.detach().clone().requires_grad_()
+    w_leaf = w.detach().clone().requires_grad_()
+    w_eff = w_leaf * mask
+    w_eff.retain_grad()
+    out = op(x, w_eff)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    g_eff = w_eff.grad
+    if mode is Backward.DENSE:
+        gw = w_leaf.grad  # = g_eff * mask
+    elif mode is Backward.STE:
+        gw = g_eff
+    elif mode is Backward.SRSTE:
+        gw = g_eff + DECAY * (~mask) * w
+    else:
+        gw = g_eff * (mask | grad_mask)
+    return out.detach(), x.grad, gw
+
+
+def _ours(fn, x, w, mask, grad_mask, mode, kernel):
+    x = x.detach().clone().requires_grad_()
+    w = w.detach().clone().requires_grad_()
+    out = fn(x, w, mask, grad_mask, mode, kernel)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    return out.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("mode", list(Backward))
+@pytest.mark.parametrize("kernel", list(WeightGradKernel))
+def test_conv_modes_match_autograd(seed, mode, kernel):
+    rng = random.Random(seed)
+    c = _random_conv_case(rng)
+    torch.manual_seed(seed)
+    x = torch.randn(2, c["cin"], 7, 6, dtype=torch.float64)
+    w = torch.randn(c["cout"], c["cin"] // c["groups"], *c["kernel"], dtype=torch.float64)
+    b = torch.randn(c["cout"], dtype=torch.float64) if c["bias"] else None
+    mask = nm_mask(w.abs(), c["n"], c["m"])
+    grad_mask = torch.rand(w.shape) < 0.2
+    conv = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+
+    def ref_op(x, w_eff):
+        return F.conv2d(x, w_eff, b, **conv)
+
+    def ours(x, w, mask, grad_mask, mode, kernel):
+        return nm_conv2d(x, w, b, mask, grad_mask, **conv, mode=mode, srste_decay=DECAY, kernel=kernel)
+
+    ref = _reference(ref_op, x, w, mask, grad_mask, mode)
+    got = _ours(ours, x, w, mask, grad_mask, mode, kernel)
+    for r, g, what in zip(ref, got, ("output", "input grad", "weight grad")):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=f"{what} differs ({c}, {mode})")
+
+
+@pytest.mark.parametrize("mode", list(Backward))
+@pytest.mark.parametrize("kernel", list(WeightGradKernel))
+@pytest.mark.parametrize("lead", [(5,), (2, 3)])
+def test_linear_modes_match_autograd(mode, kernel, lead):
+    torch.manual_seed(0)
+    x = torch.randn(*lead, 32, dtype=torch.float64)
+    w = torch.randn(6, 32, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    mask = nm_mask(w.abs(), 1, 16)
+    grad_mask = torch.rand(w.shape) < 0.3
+
+    def ref_op(x, w_eff):
+        return F.linear(x, w_eff, b)
+
+    def ours(x, w, mask, grad_mask, mode, kernel):
+        return nm_linear(x, w, b, mask, grad_mask, mode, DECAY, kernel)
+
+    for r, g in zip(_reference(ref_op, x, w, mask, grad_mask, mode), _ours(ours, x, w, mask, grad_mask, mode, kernel)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+
+
+def test_sparse_weight_grad_is_exactly_zero_outside_needed_positions():
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 5, 5)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    mask = nm_mask(w.detach().abs(), 1, 8)
+    grad_mask = torch.zeros_like(mask)
+    grad_mask[3] = True
+    for kernel in WeightGradKernel:
+        w.grad = None
+        nm_conv2d(x, w, None, mask, grad_mask, padding=1, mode=Backward.SPARSE, kernel=kernel).sum().backward()
+        assert (w.grad[~(mask | grad_mask)] == 0).all()
+        assert (w.grad[mask] != 0).any()
+
+
+@pytest.mark.parametrize("mode", list(Backward))
+def test_gradcheck_conv_and_linear(mode):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    mask = nm_mask(w.abs(), 2, 4)
+    # gradcheck differentiates op(x, W*mask) w.r.t. x and W numerically: DENSE and SPARSE (no extra
+    # positions) must equal it exactly; STE/SRSTE differ by design and are checked w.r.t. x only.
+    w_arg = w.clone().requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
+    assert torch.autograd.gradcheck(
+        lambda x, w: nm_conv2d(x, w, None, mask, None, stride=2, padding=1, mode=mode, srste_decay=DECAY),
+        (x, w_arg))
+    xl = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    wl = torch.randn(4, 8, dtype=torch.float64)
+    ml = nm_mask(wl.abs(), 1, 4)
+    wl_arg = wl.clone().requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
+    assert torch.autograd.gradcheck(lambda x, w: nm_linear(x, w, None, ml, None, mode, DECAY), (xl, wl_arg))
+
+
+def test_observer_reports_each_phase_that_ran():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6)  # images: no input gradient wanted
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    mask = nm_mask(w.detach().abs(), 1, 4)
+    grad_mask = torch.zeros_like(mask)
+    grad_mask[0] = True
+    costs = []
+    out = nm_conv2d(x, w, None, mask, grad_mask, padding=1, mode=Backward.SPARSE, observer=costs.append)
+    out.sum().backward()
+    phases = {c.phase: c for c in costs}
+    assert set(phases) == {Phase.FORWARD, Phase.WEIGHT_GRAD}  # no input grad for the images
+    positions = 2 * 6 * 6
+    assert phases[Phase.FORWARD].ideal_macs == int(mask.sum()) * positions == w.numel() // 4 * positions
+    assert phases[Phase.FORWARD].executed_macs == w.numel() * positions
+    assert phases[Phase.WEIGHT_GRAD].ideal_macs == int((mask | grad_mask).sum()) * positions
+    costs.clear()
+    xr = x.clone().requires_grad_()
+    nm_conv2d(xr, w, None, mask, None, padding=1, mode=Backward.SPARSE, kernel=WeightGradKernel.GATHER,
+              observer=costs.append).sum().backward()
+    phases = {c.phase: c for c in costs}
+    assert phases[Phase.INPUT_GRAD].ideal_macs == int(mask.sum()) * positions
+    assert phases[Phase.WEIGHT_GRAD].executed_macs == phases[Phase.WEIGHT_GRAD].ideal_macs
+
+
+def test_unknown_mode_and_string_padding_errors():
+    with pytest.raises(ValueError, match="backward mode"):
+        Backward.parse("half")
+    with pytest.raises(ValueError, match="numeric padding"):
+        nm_conv2d(torch.randn(1, 4, 4, 4), torch.randn(4, 4, 3, 3), padding="same")

@@ -1,0 +1,125 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from bame.autograd import Backward
+from bame.layers import LayerPolicy, NMConv2d, NMLinear, nm_layers, sparsify
+from bame.nm import is_nm
+
+
+def _small_net():
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),  # first conv: dense by policy
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16),  # depthwise: dense by policy
+        nn.Conv2d(16, 32, 1),
+        nn.Conv2d(32, 30, 3, padding=1),  # K = 288, divisible by 4 and 16
+        nn.Conv2d(30, 8, 1),  # K = 30: not divisible by 4 -> dense with a reason
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 16),
+        nn.Linear(16, 10),  # classifier: dense by policy
+    )
+
+
+def test_sparsify_policy_and_report():
+    model = _small_net()
+    report = sparsify(model, "2:4")
+    reasons = {d.name: d.reason for d in report.layers}
+    assert "first conv" in reasons["0"]
+    assert "depthwise" in reasons["2"]
+    assert "not divisible" in reasons["5"]
+    assert "classifier" in reasons["9"]
+    assert report.sparse_names == ["3", "4", "8"]
+    assert isinstance(model[3], NMConv2d) and isinstance(model[8], NMLinear)
+    assert type(model[0]) is nn.Conv2d and type(model[9]) is nn.Linear
+    assert "sparse" in str(report) or "N:M" in str(report)
+    out = model(torch.randn(2, 3, 8, 8))
+    assert out.shape == (2, 10)
+
+
+def test_sparsify_copies_weights_and_masks_by_magnitude():
+    torch.manual_seed(0)
+    model = _small_net()
+    w = model[4].weight.detach().clone()
+    sparsify(model, "1:4")
+    layer = model[4]
+    assert torch.equal(layer.weight, w)
+    assert is_nm(layer.mask, 1, 4, exact=True)
+    # The kept weight of each group is the largest in magnitude.
+    kept = (w.abs().reshape(30, -1, 4) * layer.mask.reshape(30, -1, 4)).amax(-1)
+    assert torch.equal(kept, w.abs().reshape(30, -1, 4).amax(-1))
+
+
+def test_policy_options_and_errors():
+    model = _small_net()
+    report = sparsify(model, "2:4", policy=LayerPolicy(first_conv_dense=False, classifier_dense=False))
+    assert {"0", "9"} <= set(report.sparse_names) or "0" in report.dense_names  # first conv K=27 is indivisible
+    with pytest.raises(ValueError, match="layer '5'"):
+        sparsify(_small_net(), "2:4", policy=LayerPolicy(on_indivisible="error"))
+    with pytest.raises(ValueError, match="on_indivisible"):
+        LayerPolicy(on_indivisible="skip")
+    with pytest.raises(ValueError, match="pattern"):
+        sparsify(_small_net(), "3:2")
+
+
+def test_dense_pattern_changes_nothing():
+    model = _small_net()
+    report = sparsify(model, "4:4")
+    assert report.sparse_names == []
+    assert not list(nm_layers(model))
+
+
+def test_state_dict_round_trip_keeps_masks_and_loads_into_fresh_sparsified_model():
+    torch.manual_seed(0)
+    a = _small_net()
+    sparsify(a, "2:4", mask_init="random", generator=torch.Generator().manual_seed(5))
+    sd = a.state_dict()
+    assert "4.mask" in sd and "4.grad_mask" in sd and sd["4.mask"].dtype == torch.bool
+    b = _small_net()
+    sparsify(b, "2:4")
+    b.load_state_dict(sd)
+    assert torch.equal(a[4].mask, b[4].mask)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(a(x), b(x))
+
+
+def test_forward_uses_masked_weight_and_set_mask_validates():
+    torch.manual_seed(0)
+    conv = NMConv2d(8, 8, 3, padding=1, pattern="2:4")
+    x = torch.randn(1, 8, 5, 5)
+    ref = torch.nn.functional.conv2d(x, conv.weight * conv.mask, conv.bias, padding=1)
+    torch.testing.assert_close(conv(x), ref)
+    with pytest.raises(ValueError, match="not 2:4"):
+        conv.set_mask(torch.ones_like(conv.mask))
+    with pytest.raises(ValueError, match="shape"):
+        conv.set_mask(torch.ones(3, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask init"):
+        conv.init_mask("best")
+    with pytest.raises(ValueError, match="cannot be N:M"):
+        NMLinear(6, 4, pattern="2:4")
+
+
+def test_backward_mode_attribute_drives_the_weight_gradient():
+    torch.manual_seed(0)
+    lin = NMLinear(16, 4, pattern="1:4", backward_mode="ste")
+    assert lin.backward_mode is Backward.STE
+    x = torch.randn(8, 16)
+    lin(x).sum().backward()
+    assert (lin.weight.grad[~lin.mask] != 0).any()  # STE passes the gradient through the mask
+    lin.weight.grad = None
+    lin.backward_mode = Backward.SPARSE
+    lin(x).sum().backward()
+    assert (lin.weight.grad[~lin.mask] == 0).all()
+
+
+def test_torchvision_resnet18_sparsifies_and_trains_one_step():
+    model = torchvision.models.resnet18(num_classes=10)
+    report = sparsify(model, "2:4")
+    assert "conv1" in report.dense_names and "fc" in report.dense_names
+    assert len(report.sparse_names) == 19  # 16 block convs + 3 downsample convs
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    for name, layer in nm_layers(model):
+        assert (layer.weight.grad[~layer.mask] == 0).all(), name
