@@ -74,15 +74,24 @@ class BameConfig:
     t_f_fraction: float = 0.5  # adaptation window end (mask fixed afterwards)
     t_f_steps: Optional[int] = None
     interval_steps: int = 100  # T: adapt once every T steps inside [t_i, t_f)
+    # 'absolute': adapt where step % T == 0 (method.md); 't_i': where (step - t_i) % T == 0
+    interval_anchor: str = _choices("absolute", "t_i", default="absolute")
     lma: str = _choices("taylor", "gradient", default="taylor")  # regrowth score: g_j w_j or |g_j|
     obf: bool = True  # oscillation-aware block freezing
     beta: float = 0.9  # EMA decay of the oscillation frequency
+    # which blocks get the EMA update on an adaptation step: 'changed' (only blocks whose mask changed;
+    # f_b is then the recent share of a block's changes that were oscillations) or 'candidates' (every
+    # candidate block, event 0 when it did not oscillate; f_b is then oscillations per adaptation)
+    obf_update: str = _choices("changed", "candidates", default="changed")
+    obf_bias_correction: bool = False  # compare f_b / (1 - beta^updates) with tau (Adam-style), not f_b
     tau: float = 0.5  # freeze a block once its frequency >= tau ...
     min_changes: int = 2  # ... and it has changed at least this often
     selection: str = _choices("freeze_then_topk", "joint", default="freeze_then_topk")
     joint_lambda: float = 1.0  # selection 'joint': rank by R_b / (1 + lambda f_b)
     rho: float = 0.05  # fraction of a layer's blocks changed per adaptation ...
     rho_decay: str = _choices("cosine", "constant", default="cosine")  # ... decayed to 0 at t_f
+    # blocks selected per layer = rounding(rho(t) * num_blocks): 'round' (half up), 'ceil', 'floor'
+    rho_rounding: str = _choices("round", "ceil", "floor", default="round")
     swaps_per_block: int = 1
     regrow: str = _choices("stored", "zero", default="stored")  # value of a regrown weight
 
