@@ -1,0 +1,468 @@
+"""Read run folders (docs/contracts.md, "Run folder") into pandas DataFrames.
+
+Pure: files in, DataFrames out. Nothing here imports the training code, so results can be read on a
+machine without torch. A *run folder* is a directory holding ``manifest.json`` (written first by
+``bame/runs.py``); ``DONE`` marks a finished run. Every loader takes a run as a path or as a row of
+:func:`load_runs` (anything with a ``path`` entry).
+
+Units: accuracies are read as written (see :func:`load_runs` for the ``top1`` column, always in
+percent); FLOPs are counted as multiply-accumulates (MACs) and FLOPs = 2 x MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+import yaml
+
+__all__ = [
+    "FLOPS_CONVENTION",
+    "NotARunFolderError",
+    "RunLike",
+    "accuracy_percent",
+    "find_run_folders",
+    "load_adaptation",
+    "load_block_arrays",
+    "load_blocks",
+    "load_config",
+    "load_flops",
+    "load_manifest",
+    "load_masks",
+    "load_metrics",
+    "load_runs",
+    "load_sparsify",
+    "load_summary",
+    "run_path",
+]
+
+FLOPS_CONVENTION = "FLOPs counted as multiply-accumulates (MACs); FLOPs = 2 x MACs."
+
+RunLike = Union[str, Path, Mapping[str, Any], pd.Series]  # noqa: UP007 - a runtime alias
+
+# Columns of each table, from docs/contracts.md: an absent optional table reads as an empty frame
+# with these columns, so that callers can filter and group without special cases.
+METRICS_COLUMNS = ["step", "epoch", "split", "lr", "loss", "acc", "wall_time_s", "step_ideal_macs",
+                   "cum_ideal_macs", "cum_executed_macs"]
+FLOPS_COLUMNS = ["epoch", "step", "layer", "phase", "ideal_macs", "executed_macs", "nm_on_reduction"]
+MASKS_COLUMNS = ["step", "layer", "flips", "flip_fraction"]
+ADAPTATION_COLUMNS = ["step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
+                      "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
+                      "freq_mean", "freq_p90", "frozen_fraction"]
+BLOCK_FIELDS = ("frequency", "frozen", "last_score", "changes")
+BLOCKS_COLUMNS = ["step", "layer", "block", *BLOCK_FIELDS]
+PHASES = ("forward", "input_grad", "weight_grad", "adaptation")
+
+_BLOCK_FILE = re.compile(r"^step_(\d+)\.npz$")
+
+
+class NotARunFolderError(FileNotFoundError):
+    """A path given as a run folder is missing, or holds no ``manifest.json``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# locating runs
+
+
+def find_run_folders(root: str | Path) -> list[Path]:
+    """Every run folder (a directory with ``manifest.json``) under ``root``, ``root`` included, sorted.
+
+    The search does not descend into a run folder (its ``blocks/`` and ``checkpoints/`` hold no runs).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"runs root {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise NotADirectoryError(f"runs root {str(root)!r} is not a directory")
+    found: list[Path] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        if (d / "manifest.json").is_file():
+            found.append(d)
+            continue
+        stack.extend(sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                            reverse=True))
+    return sorted(found)
+
+
+def run_path(run: RunLike) -> Path:
+    """The folder of ``run`` (a path, or a row of :func:`load_runs`); raises NotARunFolderError."""
+    if isinstance(run, (pd.Series, Mapping)):
+        if "path" not in run:
+            raise NotARunFolderError("a run given as a row needs a 'path' entry (use a row of load_runs)")
+        run = run["path"]
+    if not isinstance(run, (str, Path)):
+        raise TypeError(f"a run is a path or a row of load_runs, got {type(run).__name__}")
+    path = Path(run)
+    if not path.exists():
+        raise NotARunFolderError(f"{str(path)!r} is not a run folder: it does not exist")
+    if not path.is_dir():
+        raise NotARunFolderError(f"{str(path)!r} is not a run folder: it is a file, not a directory")
+    if not (path / "manifest.json").is_file():
+        inside = find_run_folders(path)
+        hint = ""
+        if inside:
+            names = ", ".join(str(p.relative_to(path)) for p in inside[:3])
+            more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+            hint = f"; it holds {len(inside)} run folder(s) ({names}{more}): use load_runs on it"
+        raise NotARunFolderError(f"{str(path)!r} is not a run folder: it has no manifest.json{hint}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# small file readers
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    return data if isinstance(data, dict) else {"value": data}
+
+
+def load_manifest(run: RunLike) -> dict:
+    """``manifest.json`` as a dict."""
+    return _read_json(run_path(run) / "manifest.json")
+
+
+def load_summary(run: RunLike) -> dict:
+    """``summary.json`` as a dict (empty when the run has not written one yet)."""
+    return _read_json(run_path(run) / "summary.json")
+
+
+def load_config(run: RunLike) -> dict:
+    """The resolved ``config.yaml`` as a nested dict (empty when absent)."""
+    path = run_path(run) / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; lists become tuples (hashable, groupable)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        elif isinstance(value, list):
+            out[name] = tuple(value)
+        else:
+            out[name] = value
+    return out
+
+
+def _read_csv(run: RunLike, name: str, columns: list[str]) -> pd.DataFrame:
+    path = run_path(run) / name
+    if not path.is_file() or path.stat().st_size == 0:
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
+    return df
+
+
+# --------------------------------------------------------------------------------------------------
+# per-run tables
+
+
+def load_metrics(run: RunLike) -> pd.DataFrame:
+    """``metrics.csv``: a row per logged step and per evaluation (column ``split``: train/test...).
+
+    Empty (with the contract's columns) when the run has not logged yet.
+    """
+    return _read_csv(run, "metrics.csv", METRICS_COLUMNS)
+
+
+def load_flops(run: RunLike) -> pd.DataFrame:
+    """``flops.csv``: MACs per epoch x layer x phase (ideal and executed); FLOPs = 2 x MACs."""
+    return _read_csv(run, "flops.csv", FLOPS_COLUMNS)
+
+
+def load_masks(run: RunLike) -> pd.DataFrame:
+    """``masks.csv``: mask flips (SAD) per logged step and layer; empty for dense runs."""
+    return _read_csv(run, "masks.csv", MASKS_COLUMNS)
+
+
+def load_adaptation(run: RunLike) -> pd.DataFrame:
+    """``adaptation.csv``: what each BAME adaptation step did per layer; empty for other methods."""
+    return _read_csv(run, "adaptation.csv", ADAPTATION_COLUMNS)
+
+
+def load_sparsify(run: RunLike) -> pd.DataFrame:
+    """``sparsify.csv``: which layers became N:M and why the others stayed dense."""
+    return _read_csv(run, "sparsify.csv", ["layer"])
+
+
+def _block_files(run: RunLike) -> list[tuple[int, Path]]:
+    folder = run_path(run) / "blocks"
+    if not folder.is_dir():
+        return []
+    files = []
+    for p in folder.iterdir():
+        m = _BLOCK_FILE.match(p.name)
+        if m:
+            files.append((int(m.group(1)), p))
+    return sorted(files)
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    # Layer names hold dots themselves ('layer1.0.conv1'): the field is after the last one.
+    layer, _, fld = key.rpartition(".")
+    return layer, fld
+
+
+def load_block_arrays(run: RunLike, layers: Iterable[str] | None = None,
+                      fields: Iterable[str] = BLOCK_FIELDS) -> dict[str, dict[str, np.ndarray]]:
+    """Per-block state from ``blocks/step_*.npz`` as arrays: ``{layer: {'step': [S], field: [S, B]}}``.
+
+    ``B`` is the layer's number of blocks (each snapshot's array flattened in C order). Snapshots
+    that lack a layer or field are skipped for that layer.
+    """
+    wanted = set(layers) if layers is not None else None
+    fields = tuple(fields)
+    per_layer: dict[str, dict[str, list]] = {}
+    for step, path in _block_files(run):
+        with np.load(path) as npz:
+            keys = list(npz.keys())
+            by_layer: dict[str, dict[str, np.ndarray]] = {}
+            for key in keys:
+                layer, fld = _split_key(key)
+                if fld in fields and (wanted is None or layer in wanted):
+                    by_layer.setdefault(layer, {})[fld] = np.asarray(npz[key]).reshape(-1)
+        for layer, arrays in by_layer.items():
+            slot = per_layer.setdefault(layer, {"step": [], **{f: [] for f in fields}})
+            if any(f not in arrays for f in fields):
+                continue
+            slot["step"].append(step)
+            for f in fields:
+                slot[f].append(arrays[f])
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for layer, slot in per_layer.items():
+        if not slot["step"]:
+            continue
+        out[layer] = {"step": np.asarray(slot["step"], dtype=np.int64)}
+        for f in fields:
+            out[layer][f] = np.stack(slot[f])
+    return out
+
+
+def load_blocks(run: RunLike, layers: Iterable[str] | None = None,
+                steps: Iterable[int] | None = None) -> pd.DataFrame:
+    """Per-block BAME state in long format: step, layer, block, frequency, frozen, last_score, changes.
+
+    One row per (snapshot step, layer, block) from ``blocks/step_*.npz``; empty for runs without
+    snapshots. ``layers`` / ``steps`` restrict what is read (snapshots of big models are large).
+    """
+    arrays = load_block_arrays(run, layers=layers)
+    keep = {int(s) for s in steps} if steps is not None else None
+    frames = []
+    for layer, a in arrays.items():
+        n_steps, n_blocks = a["frequency"].shape
+        sel = np.ones(n_steps, dtype=bool) if keep is None else np.isin(a["step"], list(keep))
+        if not sel.any():
+            continue
+        k = int(sel.sum())
+        frames.append(pd.DataFrame({
+            "step": np.repeat(a["step"][sel], n_blocks),
+            "layer": layer,
+            "block": np.tile(np.arange(n_blocks), k),
+            "frequency": a["frequency"][sel].reshape(-1).astype(float),
+            "frozen": a["frozen"][sel].reshape(-1).astype(bool),
+            "last_score": a["last_score"][sel].reshape(-1).astype(float),
+            "changes": a["changes"][sel].reshape(-1).astype(np.int64),
+        }))
+    if not frames:
+        return pd.DataFrame({"step": pd.Series(dtype=np.int64), "layer": pd.Series(dtype=object),
+                             "block": pd.Series(dtype=np.int64), "frequency": pd.Series(dtype=float),
+                             "frozen": pd.Series(dtype=bool), "last_score": pd.Series(dtype=float),
+                             "changes": pd.Series(dtype=np.int64)})
+    return pd.concat(frames, ignore_index=True).sort_values(["step", "layer", "block"],
+                                                            ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# the table of runs
+
+
+def accuracy_percent(value: Any) -> float:
+    """An accuracy in percent: values in [0, 1] are read as fractions (x100), others as percent."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    if math.isnan(v):
+        return math.nan
+    return 100.0 * v if v <= 1.0 else v
+
+
+def _first(d: Mapping[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return None
+
+
+def _num(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _status(folder: Path, manifest: dict) -> str:
+    status = manifest.get("status")
+    done = (folder / "DONE").exists()
+    if done and status in (None, "running"):
+        return "completed"
+    if status is None:
+        return "unknown"
+    return str(status)
+
+
+def _last_eval(metrics: pd.DataFrame) -> dict[str, float]:
+    """Final test accuracy / loss and cumulative MACs from metrics.csv (fallback for unfinished runs)."""
+    out: dict[str, float] = {}
+    if metrics.empty:
+        return out
+    if "cum_ideal_macs" in metrics:
+        ideal = metrics["cum_ideal_macs"].dropna()
+        if len(ideal):
+            out["ideal_macs"] = float(ideal.iloc[-1])
+    if "cum_executed_macs" in metrics:
+        ex = metrics["cum_executed_macs"].dropna()
+        if len(ex):
+            out["executed_macs"] = float(ex.iloc[-1])
+    if "wall_time_s" in metrics:
+        wt = metrics["wall_time_s"].dropna()
+        if len(wt):
+            out["wall_time_s"] = float(wt.iloc[-1])
+    if "split" in metrics:
+        test = metrics[metrics["split"].astype(str).isin(["test", "val", "eval"])]
+        if len(test):
+            last = test.iloc[-1]
+            out["acc"] = _num(last.get("acc"))
+            out["loss"] = _num(last.get("loss"))
+    return out
+
+
+def _summary_fields(summary: dict) -> dict[str, float]:
+    """Canonical final numbers from summary.json, whichever of the usual key spellings it uses."""
+    flat = flatten(summary)
+    pick = {
+        "acc": ("test_acc", "final_test_acc", "test.acc", "final.test_acc", "acc", "top1",
+                "test_top1", "final_acc"),
+        "loss": ("test_loss", "final_test_loss", "test.loss", "final.test_loss", "loss"),
+        "best_acc": ("best_test_acc", "best_acc", "test.best_acc"),
+        "ideal_macs": ("total_ideal_macs", "ideal_macs", "flops.total_ideal_macs", "flops.ideal_macs",
+                       "macs.ideal", "cum_ideal_macs"),
+        "executed_macs": ("total_executed_macs", "executed_macs", "flops.total_executed_macs",
+                          "flops.executed_macs", "macs.executed", "cum_executed_macs"),
+        "dense_macs": ("dense_ideal_macs", "dense_macs", "total_dense_macs", "flops.dense_macs",
+                       "flops.dense_ideal_macs"),
+        "ideal_x_dense": ("ideal_x_dense", "ideal_macs_x_dense", "flops.ideal_x_dense"),
+        "wall_time_s": ("wall_time_s", "total_wall_time_s", "train_wall_time_s", "wall_time"),
+        "steps": ("steps", "total_steps", "final_step", "step"),
+    }
+    out = {}
+    for name, keys in pick.items():
+        v = _first(flat, *keys)
+        if v is not None:
+            out[name] = _num(v)
+    return out
+
+
+# manifest entries copied into load_runs (as ``manifest.<key>``, nested ones flattened)
+_MANIFEST_KEYS = ("created", "started", "finished", "git", "device", "host", "config_name", "error", "versions")
+
+
+def _run_row(folder: Path, root: Path) -> dict[str, Any]:
+    manifest = load_manifest(folder)
+    summary = load_summary(folder)
+    config = load_config(folder)
+    row: dict[str, Any] = {
+        "run_id": str(_first(manifest, "run_id", "id", "name") or folder.name),
+        "path": str(folder),
+        "relpath": str(folder.relative_to(root)) if folder != root else ".",
+        "status": _status(folder, manifest),
+        "done": (folder / "DONE").exists(),
+        "has_summary": bool(summary),
+    }
+    for key, value in flatten(manifest).items():
+        if key.split(".")[0] in _MANIFEST_KEYS and not isinstance(value, tuple):
+            row[f"manifest.{key}"] = value
+    cfg = flatten(config)
+    # YAML 1.1 reads an unquoted 1:16 as the base-60 integer 76; a resolved config should quote it.
+    for key, value in cfg.items():
+        if key.endswith("pattern") and value is not None and not isinstance(value, str):
+            cfg[key] = str(value)
+    row.update(cfg)
+    # summary.json wins; the last rows of metrics.csv fill what it lacks (and unfinished runs)
+    merged = {**_last_eval(load_metrics(folder)), **_summary_fields(summary)}
+    for name in ("acc", "loss", "best_acc", "ideal_macs", "executed_macs", "dense_macs", "ideal_x_dense",
+                 "wall_time_s", "steps"):
+        row[name] = merged.get(name, math.nan)
+    row["top1"] = accuracy_percent(row["acc"])
+    row["ideal_flops"] = 2.0 * row["ideal_macs"]
+    row["executed_flops"] = 2.0 * row["executed_macs"]
+    if math.isnan(row["ideal_x_dense"]) and not math.isnan(row["dense_macs"]) and row["dense_macs"] > 0:
+        row["ideal_x_dense"] = row["ideal_macs"] / row["dense_macs"]
+    for key, value in flatten(summary).items():
+        row.setdefault(f"summary.{key}", value)
+    return row
+
+
+# Columns always present (in this order) in load_runs, whatever the folders hold.
+RUN_COLUMNS = ["run_id", "path", "relpath", "status", "done", "has_summary", "method.name",
+               "method.pattern", "train.seed", "data.name", "model.name", "top1", "acc", "loss",
+               "best_acc", "ideal_macs", "executed_macs", "ideal_flops", "executed_flops", "dense_macs",
+               "ideal_x_dense", "wall_time_s", "steps"]
+
+
+def load_runs(root: str | Path) -> pd.DataFrame:
+    """One row per run folder found under ``root`` (recursively), incomplete runs included.
+
+    Columns: ``run_id``, ``path``, ``relpath``, ``status`` (completed | running | failed |
+    interrupted | unknown, from manifest.json and DONE), ``done``; every config key flattened with
+    dots (``method.name``, ``method.pattern``, ``train.seed``, ``data.name``, ``model.name``,
+    ``method.bame.rho``...); final numbers from summary.json (falling back to the last rows of
+    metrics.csv for runs without one): ``acc`` and ``loss`` (final test, as written), ``top1``
+    (``acc`` in percent), ``ideal_macs`` / ``executed_macs`` (training totals, all phases),
+    ``ideal_flops`` / ``executed_flops`` (= 2 x MACs), ``dense_macs`` and ``ideal_x_dense`` when the
+    summary gives a dense reference, ``wall_time_s``; and every summary key as ``summary.<key>``.
+    ``df.attrs['flops_convention']`` states the counting convention.
+    """
+    root = Path(root)
+    rows = [_run_row(folder, root) for folder in find_run_folders(root)]
+    df = pd.DataFrame(rows)
+    for col in RUN_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series([math.nan] * len(df), dtype=float if col not in ("run_id", "path") else object)
+    rest = [c for c in df.columns if c not in RUN_COLUMNS]
+    df = df[RUN_COLUMNS + sorted(rest)]
+    if len(df):
+        df = df.sort_values(["method.name", "method.pattern", "train.seed", "run_id"],
+                            na_position="last", ignore_index=True, key=_sort_key)
+    df.attrs["flops_convention"] = FLOPS_CONVENTION
+    df.attrs["root"] = str(root)
+    return df
+
+
+def _sort_key(col: pd.Series) -> pd.Series:
+    # mixed types (NaN next to strings) cannot be compared: sort on the text
+    return col.astype(str) if col.dtype == object else col
