@@ -1,0 +1,34 @@
+"""``static``: a fixed N:M mask from init with sparse forward and backward (BAME without adaptation)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..autograd import Backward
+from .base import Method, register
+
+__all__ = ["Static"]
+
+
+@register("static")
+class Static(Method):
+    """Sparsify with ``SPARSE`` backward; the mask (``cfg.mask_init``: magnitude or random) never changes.
+
+    The weight gradient is computed at the kept positions only. ``after_backward`` masks the gradients
+    and adds the weight decay at the kept positions (``mask_gradients_and_decay``); the loop puts the
+    N:M weights in a ``weight_decay=0`` optimizer group (``self_decayed_parameters``), so pruned weights
+    keep their stored value bit for bit and their momentum stays zero.
+    """
+
+    backward_mode: Backward = Backward.SPARSE
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.model = model
+        self.sparsify(model, self.backward_mode.value)
+        return model
+
+    def self_decayed_parameters(self) -> list[nn.Parameter]:
+        return [layer.weight for _, layer in self.layers()]
+
+    def after_backward(self, step: int) -> None:
+        self.mask_gradients_and_decay()

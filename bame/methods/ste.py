@@ -1,0 +1,53 @@
+"""``ste``: the mask follows ``|W|`` every step; the dense weight gradient passes straight through."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..autograd import Backward
+from ..nm import nm_mask
+from .base import Method, register
+
+__all__ = ["STE"]
+
+
+@register("ste")
+class STE(Method):
+    """Sparse forward with ``mask = top-N |W|`` per group; the weight gradient is ``dL/d(W*m)`` everywhere.
+
+    The mask is recomputed from the current weights after every optimizer step (and once before the
+    first step this process runs, in case the weights changed after ``prepare``), so the mask the model
+    holds always matches its weights: the forward of step ``t`` uses ``nm_mask(|W_t|)``, and evaluation
+    and checkpoints see the mask of the final weights. Weight decay is the optimizer's, on every weight.
+    """
+
+    backward_mode: Backward = Backward.STE
+
+    def __init__(self, cfg, ctx) -> None:
+        super().__init__(cfg, ctx)
+        self._mask_fresh = False
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        self.model = model
+        self.sparsify(model, self.backward_mode.value)
+        self.refresh_masks()
+        return model
+
+    @torch.no_grad()
+    def refresh_masks(self) -> None:
+        """``mask <- nm_mask(|W|)`` for every N:M layer."""
+        for _, layer in self.layers():
+            layer.mask.copy_(nm_mask(layer.weight.abs(), layer.pattern.n, layer.pattern.m, layer.layout))
+        self._mask_fresh = True
+
+    def before_step(self, step: int) -> None:
+        super().before_step(step)
+        if not self._mask_fresh:
+            self.refresh_masks()
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.refresh_masks()
+
+    def load_state_dict(self, state: dict) -> None:
+        self._mask_fresh = False  # the next before_step recomputes the masks from the loaded weights
