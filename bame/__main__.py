@@ -1,0 +1,5 @@
+"""``python -m bame ...`` runs the ``bame`` command line (bame.cli)."""
+
+from .cli import main
+
+raise SystemExit(main())

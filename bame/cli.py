@@ -1,0 +1,336 @@
+"""The ``bame`` command line: ``train``, ``sweep``, ``inspect``, ``data``, ``flops``.
+
+::
+
+    bame train --config configs/quick.yaml [--set method.pattern=1:16 ...] [--out runs]
+    bame train --resume runs/<id> [--set train.max_steps=N]
+    bame sweep --config FILE --methods bame,srste --patterns 2:4,1:16 --seeds 0,1,2 [--out runs]
+    bame inspect runs/<id>        (or a folder of runs: one line each)
+    bame data ...                  (bame.data)
+    bame flops ...                 (bame.flops)
+
+User mistakes (a missing file, a bad key or pattern, a data set not on disk, a missing run folder)
+print one line per problem and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from .config import Config, ConfigError, load_config, to_dict
+from .runs import RunNotFoundError, RunReader, find_runs, load_run
+
+__all__ = ["main", "build_parser"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _err(msg: str) -> None:
+    print(f"bame: error: {msg}", file=sys.stderr)
+
+
+def _flatten_sets(sets: Optional[list[list[str]]]) -> list[str]:
+    return [item for group in (sets or []) for item in group]
+
+
+def _split_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _command(argv: Optional[Sequence[str]]) -> list[str]:
+    return ["bame", *(sys.argv[1:] if argv is None else list(argv))]
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    sets = _flatten_sets(args.set)
+    progress = False if args.no_progress else None
+    if args.resume is not None:
+        cfg = load_config(args.config, sets) if args.config is not None else None
+        result = train(cfg, resume=args.resume, overrides=None if cfg is not None else sets,
+                       command=args.command, progress=progress)
+    else:
+        if args.config is None:
+            _err("bame train needs --config FILE (or --resume RUN_DIR)")
+            return EXIT_USAGE
+        cfg = load_config(args.config, sets)
+        result = train(cfg, out_dir=args.out, command=args.command, progress=progress)
+    if result.run_dir is not None:
+        print(result.run_dir)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# sweep
+
+
+def _completed_with(out: Path, cfg: Config) -> Optional[RunReader]:
+    """A completed run in ``out`` whose resolved config equals ``cfg``."""
+    for run in find_runs(out):
+        if not run.done or run.status != "completed":
+            continue
+        try:
+            if run.config == cfg:
+                return run
+        except (ConfigError, OSError):
+            continue  # an older run whose config no longer loads cannot be a match
+    return None
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .train import train
+
+    sets = _flatten_sets(args.set)
+    methods = _split_list(args.methods) if args.methods else [None]
+    patterns = _split_list(args.patterns) if args.patterns else [None]
+    seeds = _split_list(args.seeds) if args.seeds else [None]
+    grid = []
+    errors: list[str] = []
+    for method, pattern, seed in itertools.product(methods, patterns, seeds):
+        extra = [f"{k}={v}" for k, v in (("method.name", method), ("method.pattern", pattern),
+                                         ("train.seed", seed)) if v is not None]
+        try:
+            grid.append((extra, load_config(args.config, sets + extra)))
+        except ConfigError as err:
+            errors.extend(e for e in err.errors if e not in errors)
+    if errors:
+        raise ConfigError(errors)  # nothing runs until the whole grid is valid
+    out = Path(args.out)
+    done, failed, skipped = [], [], []
+    for i, (extra, cfg) in enumerate(grid, 1):
+        label = " ".join(extra) or "(config as is)"
+        match = _completed_with(out, cfg)
+        if match is not None:
+            print(f"[{i}/{len(grid)}] skip {label}: completed in {match.path}")
+            skipped.append(match.path)
+            continue
+        if args.dry_run:
+            print(f"[{i}/{len(grid)}] would run {label}")
+            continue
+        print(f"[{i}/{len(grid)}] run {label}")
+        try:
+            result = train(cfg, out_dir=out, command=args.command + ["#", *extra],
+                           progress=False if args.no_progress else None)
+            done.append(result.run_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
+            _err(f"{label}: {type(err).__name__}: {err}")
+            failed.append(label)
+    print(f"sweep: {len(done)} run, {len(skipped)} skipped (already completed), {len(failed)} failed")
+    for label in failed:
+        print(f"  failed: {label}")
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# inspect
+
+
+def _fmt(x: Any, spec: str = ".4f") -> str:
+    if x is None or x == "":
+        return "-"
+    try:
+        return format(float(x), spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _last(rows: list[dict], split: str) -> Optional[dict]:
+    for row in reversed(rows):
+        if row.get("split") == split:
+            return row
+    return None
+
+
+def describe_run(run: RunReader) -> str:
+    """A readable multi-line summary of one run folder."""
+    m = run.manifest
+    lines = [f"run       {run.id}  ({run.path})",
+             f"status    {m.get('status')}" + ("  [DONE]" if run.done else "")
+             + f"  started {m.get('started')}" + (f", finished {m.get('finished')}" if m.get("finished") else "")]
+    try:
+        c = run.config
+        t = c.train
+        length = f"{t.epochs:g} epochs" + (f", max_steps {t.max_steps}" if t.max_steps is not None else "")
+        lines.append(f"config    {c.name}: {c.data.name} / {c.model.name} / {c.method.name} {c.method.pattern} "
+                     f"/ seed {t.seed} / {length}, batch {t.batch_size}, lr {t.lr:g} ({t.lr_schedule}"
+                     f"{f', warm-up {t.warmup_epochs:g} ep' if t.warmup_epochs else ''}), wd {t.weight_decay:g}, "
+                     f"label smoothing {t.label_smoothing:g}")
+    except (ConfigError, OSError) as err:
+        lines.append(f"config    unreadable: {err}")
+    s = run.summary if run.done else None
+    metrics = run.rows("metrics")
+    if s is not None:
+        f = s["final"]
+        lines.append(f"progress  {s['steps']} / {s['schedule_steps']} steps ({s['epochs']:.2f} epochs, "
+                     f"{s['steps_per_epoch']} steps/epoch)")
+        lines.append(f"accuracy  test top-1 {_fmt(f.get('test_acc'))} (loss {_fmt(f.get('test_loss'))}), "
+                     f"best {_fmt(s.get('best_test_acc'))}; train loss {_fmt(f.get('train_loss'))}")
+        fl = s["flops"]
+        lines.append(f"FLOPs     ideal {fl['ideal_macs']:.4g} MACs = {fl['ideal_flops']:.4g} FLOPs; executed "
+                     f"{fl['executed_macs']:.4g} MACs = {fl['executed_flops']:.4g} FLOPs  ({fl['convention']})")
+        for phase, v in sorted(fl.get("by_phase", {}).items()):
+            lines.append(f"            {phase:<12} ideal {v['ideal_macs']:.4g}  executed {v['executed_macs']:.4g} MACs")
+        lines.append(f"wall time {s['wall_time_s']:.1f} s on {s.get('device')}")
+    else:
+        last_train, last_test = _last(metrics, "train"), _last(metrics, "test")
+        lines.append(f"progress  last logged step {last_train['step'] if last_train else '-'}, "
+                     f"checkpoint at step {m.get('checkpoint_step', '-')}")
+        if last_test:
+            lines.append(f"accuracy  last test top-1 {_fmt(last_test.get('acc'))} at step {last_test.get('step')}")
+    decisions = run.rows("sparsify")
+    if decisions:
+        sparse = sum(1 for d in decisions if str(d.get("sparse")).lower() == "true")
+        lines.append(f"sparsify  {len(decisions)} decisions: {sparse} sparse, {len(decisions) - sparse} dense")
+    g = m.get("git") or {}
+    if g.get("commit"):
+        dirty = f", dirty (diff sha256 {g['diff_sha256'][:12]})" if g.get("dirty") else ""
+        lines.append(f"git       {g['commit'][:12]}{dirty}")
+    if m.get("resumes"):
+        lines.append(f"resumed   {len(m['resumes'])}x (from steps {[r.get('from_step') for r in m['resumes']]})")
+    if m.get("error"):
+        lines.append(f"error     {m['error']}")
+        if m.get("status") in ("failed", "interrupted"):
+            lines.append(f"resume    bame train --resume {run.path}")
+    return "\n".join(lines)
+
+
+def describe_runs(runs: list[RunReader]) -> str:
+    """One line per run: id, status, method, pattern, seed, steps, final test accuracy, ideal FLOPs."""
+    lines = [f"{'run':<52} {'status':<11} {'method':<7} {'pattern':<7} {'seed':>4} {'steps':>7} "
+             f"{'test acc':>8} {'ideal FLOPs':>11}"]
+    for run in runs:
+        m = run.manifest
+        s = run.summary if run.done else None
+        steps = s["steps"] if s else "-"
+        acc = _fmt(s["final"]["test_acc"]) if s else "-"
+        flops = f"{s['flops']['ideal_flops']:.3g}" if s else "-"
+        seed = (m.get("seeds") or {}).get("train.seed", "-")
+        lines.append(f"{run.id:<52} {m.get('status', '?'):<11} {m.get('method', '?'):<7} {m.get('pattern', '?'):<7} "
+                     f"{seed!s:>4} {steps!s:>7} {acc:>8} {flops:>11}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    for i, path in enumerate(args.run_dir):
+        p = Path(path)
+        if i:
+            print()
+        if (p / "manifest.json").is_file():
+            print(describe_run(load_run(p)))
+            continue
+        runs = find_runs(p)
+        if not runs:
+            load_run(p)  # raises the one-line RunNotFoundError
+        print(describe_runs(runs))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_optional_parser(sub: Any, name: str, module: str, adder: str, help_text: str) -> None:
+    """``bame data`` / ``bame flops`` come from their modules; until a module exists, a stub says so."""
+    try:
+        mod = __import__(f"bame.{module}", fromlist=[adder])
+        getattr(mod, adder)(sub)
+    except (ImportError, AttributeError) as err:
+        reason = f"{type(err).__name__}: {err}"
+        p = sub.add_parser(name, help=f"{help_text} (unavailable)")
+
+        def unavailable(args: argparse.Namespace, reason: str = reason) -> int:
+            _err(f"'bame {name}' is unavailable in this installation ({reason})")
+            return EXIT_USAGE
+
+        p.set_defaults(func=unavailable)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="bame", description="N:M sparse training with a sparse backward pass.")
+    parser.add_argument("--version", action="version", version=f"bame {__version__}")
+    sub = parser.add_subparsers(dest="command_name", metavar="COMMAND")
+    sub.required = True
+
+    set_help = "override a config key, e.g. --set method.pattern=1:16 train.max_steps=100 (repeatable)"
+
+    p = sub.add_parser("train", help="train one run (or resume one)",
+                       description="Train one run into OUT/<run id>/, or continue one with --resume.")
+    p.add_argument("--config", "-c", help="YAML config (see configs/)")
+    p.add_argument("--set", "-s", action="append", nargs="+", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--out", "-o", default="runs", help="folder of run folders (default: runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last checkpoint "
+                   "(only train.max_steps may change)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="a grid of runs (methods x patterns x seeds), sequentially",
+                       description="One run per combination; a combination that already has a completed run "
+                                   "with the same resolved config in OUT is skipped.")
+    p.add_argument("--config", "-c", required=True, help="YAML config (see configs/)")
+    p.add_argument("--methods", help="comma-separated, e.g. bame,srste")
+    p.add_argument("--patterns", help="comma-separated, e.g. 2:4,1:16")
+    p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")
+    p.add_argument("--set", "-s", action="append", nargs="+", metavar="KEY=VALUE", help=set_help)
+    p.add_argument("--out", "-o", default="runs", help="folder of run folders (default: runs)")
+    p.add_argument("--dry-run", action="store_true", help="list what would run and what would be skipped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("inspect", help="summarise a run folder (or every run in a folder)")
+    p.add_argument("run_dir", nargs="+", help="a run folder, or a folder of run folders")
+    p.set_defaults(func=cmd_inspect)
+
+    _add_optional_parser(sub, "data", "data", "add_data_parser", "list and fetch data sets")
+    _add_optional_parser(sub, "flops", "flops", "add_flops_parser", "count training FLOPs")
+    return parser
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from .train import ResumeError
+
+    types: list[type[BaseException]] = [ResumeError, RunNotFoundError]
+    try:
+        from .data import DatasetNotFoundError
+
+        types.append(DatasetNotFoundError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a sweep run failed, 2 usage, 130 Ctrl-C)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.command = _command(argv)
+    user_errors = _user_error_types()
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        for line in err.errors:
+            _err(line)
+        return EXIT_USAGE
+    except user_errors as err:
+        _err(str(err).strip().replace("\n", " "))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("interrupted (resume a run with: bame train --resume RUN_DIR)")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,525 @@
+"""The run folder: an append-only writer for ``bame train`` and a reader for analysis.
+
+A run lives in ``OUT/<run id>/`` with ``<run id> = <YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``
+(plus ``-2``, ``-3``, ... when that name exists: a folder is never reused). Its files::
+
+    manifest.json        written first; status running | completed | failed | interrupted, git commit
+                         (+ sha256 of ``git diff HEAD`` when dirty), command line, versions, device, seeds,
+                         times, the error of a failed run, one entry per resume
+    config.yaml          the resolved config, every default filled in (``bame.config.dump_yaml``)
+    sparsify.csv         one row per conv/linear layer: sparse or dense, and why
+    metrics.csv          train rows (every ``train.log_every_steps`` and at epoch ends) and test rows;
+                         ``step`` counts optimizer steps completed, ``epoch`` = step / steps_per_epoch
+    flops.csv            exact MACs per layer x phase, one block of rows per epoch end / checkpoint,
+                         each covering the work since the previous block (``step`` = steps completed)
+    masks.csv, adaptation.csv, blocks/<name>.npz    written by the recorders (bame.instrument)
+    summary.json         final metrics, FLOPs totals (MACs; FLOPs = 2 x MACs), wall time
+    checkpoints/last.pt  everything a resume needs (see bame.train)
+    DONE                 written last, only by a run that completed
+
+Every json/yaml/checkpoint write is atomic (a temporary file, then ``os.replace``); tables are appended
+row by row, the header coming from the first row (a later row with new keys widens the header).
+A resume truncates each table to the rows it had when the checkpoint was taken, so rows logged after
+the checkpoint by a run that then crashed are not duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import numpy as np
+
+from .config import Config, dump_yaml, from_dict, to_dict
+
+__all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
+           "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES"]
+
+STATUSES = ("running", "completed", "failed", "interrupted")
+MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+DONE = "DONE"
+CHECKPOINT = Path("checkpoints") / "last.pt"
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class RunNotFoundError(FileNotFoundError):
+    """A path that is not a run folder (no ``manifest.json``)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` through a temporary file and ``os.replace``."""
+    import torch
+
+    path = Path(path)
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def _now() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance
+
+
+def _git(args: list[str], cwd: Path) -> Optional[bytes]:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_info(path: str | Path | None = None) -> dict[str, Any]:
+    """Commit of the repository holding ``path`` (default: this package) and whether it is dirty.
+
+    ``diff_sha256`` hashes ``git diff HEAD`` (tracked changes); ``untracked`` counts untracked files,
+    which the hash cannot see. All ``None`` outside a git checkout.
+    """
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    commit = _git(["rev-parse", "HEAD"], cwd)
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff_sha256": None, "untracked": None}
+    diff = _git(["diff", "HEAD", "--no-color", "--no-ext-diff"], cwd) or b""
+    status = (_git(["status", "--porcelain"], cwd) or b"").decode(errors="replace").splitlines()
+    return {
+        "commit": commit.decode().strip(),
+        "dirty": bool(diff),
+        "diff_sha256": hashlib.sha256(diff).hexdigest() if diff else None,
+        "untracked": sum(1 for line in status if line.startswith("??")),
+    }
+
+
+def _versions() -> dict[str, Optional[str]]:
+    from . import __version__
+
+    out: dict[str, Optional[str]] = {"python": platform.python_version(), "bame": __version__}
+    for name in ("torch", "torchvision", "numpy"):
+        try:
+            out[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - a missing optional package is recorded as None
+            out[name] = None
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "run"
+
+
+def make_run_id(cfg: Config, when: Optional[_dt.datetime] = None) -> str:
+    """``<YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``, e.g. ``20250101-120000-quick-bame-2of4-s0``."""
+    when = when or _dt.datetime.now()
+    pattern = cfg.method.pattern.replace(":", "of")
+    return "-".join([when.strftime("%Y%m%d-%H%M%S"), _slug(cfg.name), _slug(cfg.method.name), _slug(pattern),
+                     f"s{cfg.train.seed}"])
+
+
+# --------------------------------------------------------------------------------------------------
+# tables
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class _Table:
+    """One CSV file appended row by row; the header is the first row's keys, widened when needed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.columns: list[str] = []
+        self.rows = 0
+        self._fh: Optional[io.TextIOWrapper] = None
+        if path.exists():
+            with open(path, newline="") as f:
+                reader = csv.reader(f)
+                self.columns = next(reader, [])
+                self.rows = sum(1 for _ in reader)
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        new = [k for k in row if k not in self.columns]
+        if new:
+            self._widen(self.columns + [str(k) for k in new])
+        if self._fh is None:
+            self._fh = open(self.path, "a", newline="")
+        csv.writer(self._fh).writerow([_cell(row.get(c)) for c in self.columns])
+        self._fh.flush()
+        self.rows += 1
+
+    def _widen(self, columns: list[str]) -> None:
+        """Rewrite the file with a wider header (rare: a key that earlier rows did not have)."""
+        self.close()
+        old = self.read_rows()
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        for r in old:
+            w.writerow([r.get(c, "") for c in columns])
+        atomic_write_text(self.path, buf.getvalue())
+        self.columns = columns
+
+    def read_rows(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def truncate(self, rows: int) -> int:
+        """Keep the first ``rows`` data rows; returns how many were dropped."""
+        self.close()
+        if self.rows <= rows:
+            return 0
+        kept = self.read_rows()[:rows]
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.columns)
+        for r in kept:
+            w.writerow([r.get(c, "") for c in self.columns])
+        atomic_write_text(self.path, buf.getvalue())
+        dropped, self.rows = self.rows - rows, rows
+        return dropped
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+# --------------------------------------------------------------------------------------------------
+# writer
+
+
+class RunWriter:
+    """Creates and fills one run folder; the sink that recorders write through.
+
+    Use :meth:`create` for a new run and :meth:`reopen` to resume one. Nothing already in the folder
+    is overwritten except the files this writer owns (manifest, config after a resume, summary,
+    checkpoint), and those only atomically.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self.manifest = manifest
+        self._tables: dict[str, _Table] = {}
+
+    # -- opening -----------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, out_dir: str | Path, cfg: Config, *, command: Optional[list[str]] = None,
+               device: Optional[str] = None, extra: Optional[dict[str, Any]] = None) -> "RunWriter":
+        """Make ``out_dir/<run id>/`` (never an existing one), write ``manifest.json`` then ``config.yaml``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        base = make_run_id(cfg)
+        path, counter = out / base, 1
+        while True:
+            try:
+                path.mkdir(exist_ok=False)  # atomic: two processes never get the same folder
+                break
+            except FileExistsError:
+                counter += 1
+                path = out / f"{base}-{counter}"
+        manifest = {
+            "id": path.name,
+            "status": "running",
+            "created": _now(),
+            "started": _now(),
+            "finished": None,
+            "command": list(command) if command is not None else list(sys.argv),
+            "cwd": os.getcwd(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "git": git_info(),
+            "versions": _versions(),
+            "device": device,
+            "seeds": {"train.seed": cfg.train.seed},
+            "config_name": cfg.name,
+            "method": cfg.method.name,
+            "pattern": cfg.method.pattern,
+            "resumes": [],
+            "error": None,
+        }
+        if extra:
+            manifest.update(extra)
+        writer = cls(path, manifest)
+        writer.write_manifest()
+        writer.write_config(cfg)
+        return writer
+
+    @classmethod
+    def reopen(cls, run_dir: str | Path, *, command: Optional[list[str]] = None,
+               device: Optional[str] = None, from_step: Optional[int] = None) -> "RunWriter":
+        """Continue an existing run folder: status back to running, ``DONE`` removed, a resume entry."""
+        reader = load_run(run_dir)
+        manifest = dict(reader.manifest)
+        entry = {"time": _now(), "from_step": from_step, "previous_status": manifest.get("status"),
+                 "command": list(command) if command is not None else list(sys.argv), "device": device,
+                 "pid": os.getpid(), "git": git_info()}
+        manifest.setdefault("resumes", []).append(entry)
+        manifest.update(status="running", finished=None, error=None)
+        writer = cls(reader.path, manifest)
+        done = writer.path / DONE
+        if done.exists():
+            done.unlink()  # our own marker: the run is not complete until the resumed part is
+        writer.write_manifest()
+        return writer
+
+    # -- files -------------------------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    def write_manifest(self) -> None:
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def update_manifest(self, **fields: Any) -> None:
+        self.manifest.update(fields)
+        self.write_manifest()
+
+    def write_config(self, cfg: Config) -> None:
+        atomic_write_text(self.path / CONFIG, dump_yaml(cfg))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def append(self, table: str, row: Mapping[str, Any]) -> None:
+        """Append ``row`` to ``<table>.csv`` (the sink interface of docs/contracts.md)."""
+        if not _TABLE_NAME.match(table):
+            raise ValueError(f"bad table name {table!r}: use letters, digits, '_', '-', '.'")
+        if table not in self._tables:
+            self._tables[table] = _Table(self.path / f"{table}.csv")
+        self._tables[table].append(row)
+
+    def append_rows(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self.append(table, row)
+
+    def save_arrays(self, name: str, arrays: Mapping[str, Any]) -> None:
+        """Save named arrays (numpy or torch) to ``blocks/<name>.npz`` (the sink interface)."""
+        if not _TABLE_NAME.match(name):
+            raise ValueError(f"bad array file name {name!r}")
+        folder = self.path / "blocks"
+        folder.mkdir(exist_ok=True)
+        plain = {}
+        for key, value in arrays.items():
+            if hasattr(value, "detach"):
+                value = value.detach().cpu().numpy()
+            plain[key] = np.asarray(value)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **plain)
+        atomic_write_bytes(folder / f"{name}.npz", buf.getvalue())
+
+    def table_rows(self) -> dict[str, int]:
+        """Rows per table now (``<table>.csv`` files in the folder), for a checkpoint."""
+        counts = {p.stem: _Table(p).rows for p in self.path.glob("*.csv") if p.stem not in self._tables}
+        counts.update({name: t.rows for name, t in self._tables.items()})
+        return counts
+
+    def truncate_tables(self, counts: Mapping[str, int]) -> dict[str, int]:
+        """Cut every table back to ``counts`` rows (tables not named keep 0 rows beyond a header).
+
+        Returns the number of rows dropped per table (only those with drops).
+        """
+        dropped = {}
+        for p in sorted(self.path.glob("*.csv")):
+            table = self._tables.get(p.stem) or _Table(p)
+            n = table.truncate(int(counts.get(p.stem, 0)))
+            self._tables[p.stem] = table
+            if n:
+                dropped[p.stem] = n
+        return dropped
+
+    def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        path = self.path / CHECKPOINT
+        path.parent.mkdir(exist_ok=True)
+        atomic_torch_save(state, path)
+        return path
+
+    # -- endings -----------------------------------------------------------------------------------
+    def complete(self, summary: dict[str, Any]) -> None:
+        """``summary.json``, status completed, then ``DONE`` (last)."""
+        self.close()
+        self.write_json(SUMMARY, summary)
+        self.update_manifest(status="completed", finished=_now())
+        atomic_write_text(self.path / DONE, self.manifest["finished"] + "\n")
+
+    def fail(self, error: BaseException, traceback_text: Optional[str] = None) -> None:
+        self.close()
+        self.update_manifest(status="failed", finished=_now(), error=f"{type(error).__name__}: {error}",
+                             traceback=traceback_text)
+
+    def interrupt(self) -> None:
+        self.close()
+        self.update_manifest(status="interrupted", finished=_now(), error="KeyboardInterrupt")
+
+    def close(self) -> None:
+        for t in self._tables.values():
+            t.close()
+
+
+class NullWriter:
+    """The writer of a non-zero rank under torchrun: same interface, writes nothing."""
+
+    path: Optional[Path] = None
+    id: Optional[str] = None
+    manifest: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+# --------------------------------------------------------------------------------------------------
+# reader
+
+
+class RunReader:
+    """Read-only view of a run folder: manifest, resolved config, tables, summary, checkpoint."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not (self.path / MANIFEST).is_file():
+            what = "does not exist" if not self.path.exists() else "is not a run folder (no manifest.json)"
+            raise RunNotFoundError(f"{self.path}: {what}")
+
+    @property
+    def id(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / MANIFEST).read_text())
+
+    @property
+    def status(self) -> str:
+        return self.manifest.get("status", "unknown")
+
+    @property
+    def done(self) -> bool:
+        return (self.path / DONE).exists()
+
+    @property
+    def config_dict(self) -> dict:
+        import yaml
+
+        return yaml.safe_load((self.path / CONFIG).read_text()) or {}
+
+    @property
+    def config(self) -> Config:
+        # The file holds a resolved config; its patterns are strings (dump_yaml quotes them).
+        return from_dict(self.config_dict, str(self.path / CONFIG))
+
+    @property
+    def summary(self) -> Optional[dict[str, Any]]:
+        p = self.path / SUMMARY
+        return json.loads(p.read_text()) if p.exists() else None
+
+    @property
+    def checkpoint_path(self) -> Optional[Path]:
+        p = self.path / CHECKPOINT
+        return p if p.exists() else None
+
+    def tables(self) -> list[str]:
+        return sorted(p.stem for p in self.path.glob("*.csv"))
+
+    def rows(self, name: str) -> list[dict[str, str]]:
+        """``<name>.csv`` as a list of dicts of strings (no pandas needed); [] when absent."""
+        return _Table(self.path / f"{name}.csv").read_rows()
+
+    def table(self, name: str):
+        """``<name>.csv`` as a pandas DataFrame (empty when absent)."""
+        import pandas as pd
+
+        p = self.path / f"{name}.csv"
+        return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
+
+    def arrays(self, name: str) -> dict[str, np.ndarray]:
+        with np.load(self.path / "blocks" / f"{name}.npz") as z:
+            return {k: z[k] for k in z.files}
+
+    def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
+        import torch
+
+        if self.checkpoint_path is None:
+            raise RunNotFoundError(f"{self.path}: no checkpoint ({CHECKPOINT}) to resume from")
+        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+
+    def __repr__(self) -> str:
+        return f"RunReader({str(self.path)!r}, status={self.status!r})"
+
+
+def load_run(path: str | Path) -> RunReader:
+    """Open a run folder for reading; :class:`RunNotFoundError` if ``path`` is not one."""
+    return RunReader(path)
+
+
+def find_runs(out_dir: str | Path) -> list[RunReader]:
+    """Every run folder directly under ``out_dir``, sorted by id (oldest first)."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        return []
+    return [RunReader(p) for p in sorted(out.iterdir()) if (p / MANIFEST).is_file()]
+
+
+def config_equal(a: Config | dict, b: Config | dict) -> bool:
+    """Whether two configs resolve to the same values."""
+    return (to_dict(a) if not isinstance(a, dict) else a) == (to_dict(b) if not isinstance(b, dict) else b)

@@ -1,0 +1,742 @@
+"""The one training loop, for every method (it never asks which method it runs).
+
+``train(cfg)`` builds data, model and method, trains with SGD, evaluates, and writes a run folder
+(``bame.runs``). The step order is the one of docs/contracts.md::
+
+    method.before_step(step); ledger.begin_step()
+    loss = criterion(model(x), y); loss.backward()          # (fp16: scaled, then unscaled here)
+    method.after_backward(step)                              # sees unscaled gradients
+    ledger.charge_adaptation(...) if the method adapted
+    optimizer.step(); scheduler.step()
+    method.after_optimizer_step(step)
+    ledger.end_step(); recorders.on_step_end(step)
+
+Lengths (one rule, in optimizer steps; ``S`` = ``len(train_loader)`` steps per epoch):
+
+- **schedule length** = ``ceil(train.epochs * S)``: the LR schedule and the method's windows
+  (``MethodContext.total_steps``) follow it. When ``train.epochs <= 0`` (only allowed with
+  ``train.max_steps``) the schedule length is ``train.max_steps``.
+- **run length** = ``min(schedule length, train.max_steps)``: where this run stops. A run stopped by
+  ``max_steps`` is the prefix of the full schedule, and can be resumed to a larger ``max_steps``.
+
+Evaluation (top-1 and cross-entropy on the test set, without label smoothing) runs every
+``train.eval_every_epochs`` and at the end, with the FLOPs ledger paused and without moving any RNG,
+so it never changes the training trajectory. Checkpoints (``checkpoints/last.pt``) are written at
+every epoch end, every ``train.checkpoint_every_steps`` and at the end; a resumed run continues from
+the last one and reproduces the uninterrupted run exactly on the same machine (the epoch's shuffled
+order is rebuilt from the loader's RNG state at the epoch start and the consumed batches skipped).
+
+Distributed: everything rank-dependent goes through :class:`DistContext`; only rank 0 writes, and
+``torch.distributed`` is used only when it is initialised (torchrun).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+
+from .config import Config, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from .runs import NullWriter, RunReader, RunWriter, load_run
+from .seed import capture_rng, deterministic_mode, restore_rng, rng_neutral, seed_everything
+
+__all__ = ["train", "RunResult", "DistContext", "Schedule", "plan_schedule", "LRFactor", "param_groups",
+           "resolve_device", "ResumeError", "resume_config"]
+
+CHECKPOINT_FORMAT = 1
+FLOPS_CONVENTION = "MACs (multiply-accumulates); FLOPs = 2 x MACs"
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
+              nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+class ResumeError(ValueError):
+    """A run folder that cannot be resumed as asked (changed config, nothing left to do, no checkpoint)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# small pieces (pure, tested on their own)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank and world size of this process (1 process unless torchrun initialised torch.distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def current(cls) -> "DistContext":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over ranks in place (identity for one process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Lengths in optimizer steps (see the module docstring for the rule)."""
+
+    steps_per_epoch: int
+    schedule_steps: int  # LR schedule and method windows
+    run_steps: int  # where this run stops
+    warmup_steps: int
+    eval_interval_steps: int  # 0: evaluate only at the end
+
+
+def plan_schedule(tc: TrainConfig, steps_per_epoch: int) -> Schedule:
+    """Schedule length = ceil(epochs * steps_per_epoch) (max_steps when epochs <= 0); run length = min(that, max_steps)."""
+    if steps_per_epoch < 1:
+        raise ValueError("the training set gives no batch: is it empty, or smaller than one batch with drop_last?")
+    if tc.epochs > 0:
+        # ceil: a fractional epoch still takes its partial steps (rounded first: 1.1 * 10 is 11.000000000000002)
+        schedule = max(1, math.ceil(round(tc.epochs * steps_per_epoch, 6)))
+    elif tc.max_steps is not None:
+        schedule = tc.max_steps
+    else:
+        raise ConfigError(["train.epochs: must be > 0 (or set train.max_steps)"])
+    run = min(schedule, tc.max_steps) if tc.max_steps is not None else schedule
+    warmup = round(tc.warmup_epochs * steps_per_epoch)
+    eval_every = max(1, round(tc.eval_every_epochs * steps_per_epoch)) if tc.eval_every_epochs > 0 else 0
+    return Schedule(steps_per_epoch, schedule, run, warmup, eval_every)
+
+
+class LRFactor:
+    """LR multiplier at optimizer step ``t`` (0-based): linear warm-up, then cosine / step / constant.
+
+    Warm-up: ``(t + 1) / warmup_steps`` for ``t < warmup_steps``. Cosine: ``0.5 (1 + cos(pi p))`` with
+    ``p = (t - warmup) / (total - warmup)``. Step: ``gamma ** #{milestones m : t >= m * total}``.
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` can save it.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0,
+                 milestones: tuple[float, ...] = (), gamma: float = 0.1) -> None:
+        self.kind = kind
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = [float(m) for m in milestones]
+        self.gamma = float(gamma)
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            p = min(1.0, (t - self.warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        if self.kind == "step":
+            return self.gamma ** sum(1 for m in self.milestones if t >= m * self.total_steps)
+        if self.kind == "constant":
+            return 1.0
+        raise ValueError(f"unknown lr_schedule {self.kind!r}")
+
+
+def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_decay: float,
+                 no_decay_bn_bias: bool) -> list[dict[str, Any]]:
+    """SGD groups: ``decay``; ``no_decay`` (norm parameters and biases); ``self_decayed`` (wd 0: the
+    method applies masked decay to them). Empty groups are left out; shared parameters appear once."""
+    mine = {id(p) for p in self_decayed}
+    seen: set[int] = set()
+    groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "self_decayed": []}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or not p.requires_grad:
+                continue
+            seen.add(id(p))
+            if id(p) in mine:
+                groups["self_decayed"].append(p)
+            elif no_decay_bn_bias and (isinstance(module, NORM_TYPES) or name == "bias"):
+                groups["no_decay"].append(p)
+            else:
+                groups["decay"].append(p)
+    missing = mine - seen
+    if missing:
+        raise ValueError(f"{len(missing)} self-decayed parameters of the method are not in the model")
+    wd = {"decay": weight_decay, "no_decay": 0.0, "self_decayed": 0.0}
+    return [{"params": ps, "weight_decay": wd[k], "name": k} for k, ps in groups.items() if ps]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda (current device, or LOCAL_RANK under torchrun) when available, else cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"train.device: {name!r} asked for but CUDA is not available (use 'auto' or 'cpu')"])
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+RESUMABLE_CHANGES = ("train.max_steps",)
+
+
+def resume_config(run_dir: str | Path, overrides: Optional[list[str]] = None,
+                  cfg: Optional[Config] = None) -> Config:
+    """The config a resume of ``run_dir`` uses: the saved one plus ``overrides`` (or ``cfg``).
+
+    Only ``train.max_steps`` may differ from the saved config; any other change raises
+    :class:`ResumeError` naming each changed key.
+    """
+    reader = load_run(run_dir)
+    saved = reader.config_dict
+    if cfg is None:
+        data = apply_overrides(saved, overrides) if overrides else saved
+        cfg = from_dict(data, f"{reader.path / 'config.yaml'}" + (" + --set" if overrides else ""))
+    elif overrides:
+        cfg = from_dict(apply_overrides(to_dict(cfg), overrides), "<config> + --set")
+    old, new = _flatten(to_dict(from_dict(saved, str(reader.path / "config.yaml")))), _flatten(to_dict(cfg))
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ResumeError(f"{reader.path}: cannot resume with a changed config ({'; '.join(changed)}); "
+                          f"only {', '.join(RESUMABLE_CHANGES)} may change")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns: where the run is and its headline numbers."""
+
+    run_dir: Optional[Path]
+    run_id: Optional[str]
+    status: str
+    steps: int
+    epochs: float
+    test_acc: Optional[float]
+    test_loss: Optional[float]
+    best_test_acc: Optional[float]
+    train_loss: Optional[float]
+    ideal_macs: int
+    executed_macs: int
+    wall_time_s: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def reader(self) -> RunReader:
+        """The run folder, for its tables (``.table('metrics')`` is a DataFrame)."""
+        if self.run_dir is None:
+            raise ValueError("this process wrote no run folder (not rank 0)")
+        return load_run(self.run_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loop
+
+
+def _unpack_loaders(loaders: Any) -> tuple[Any, Any]:
+    if isinstance(loaders, (tuple, list)):
+        return loaders[0], loaders[1]
+    return loaders.train, loaders.test
+
+
+class _Trainer:
+    """State of one training run; ``train()`` is its only user."""
+
+    def __init__(self, cfg: Config, dist: DistContext, device: torch.device, verbose: bool, progress: bool):
+        self.cfg, self.dist, self.device = cfg, dist, device
+        self.verbose, self.progress = verbose and dist.is_main, progress and dist.is_main
+        tc = cfg.train
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp) if device.type == "cuda" else None
+        if tc.amp != "off" and device.type != "cuda":
+            warnings.warn(f"train.amp={tc.amp!r} needs CUDA; training in float32 on {device}", stacklevel=3)
+        self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
+        self.writer: Any = NullWriter()
+        self.step = 0
+        self.epoch_rng: Optional[dict] = None  # RNG state at the start of the current epoch
+        self.wall_offset = 0.0  # wall time of earlier segments (resume)
+        self.phase_totals: dict[str, list[int]] = {}  # phase -> [ideal, executed] MACs
+        self.best_test_acc: Optional[float] = None
+        self.last_test: dict[str, Optional[float]] = {"loss": None, "acc": None}
+        self.last_train: dict[str, Optional[float]] = {"loss": None, "acc": None}
+        self.last_step_ideal = 0
+        self.scalars: dict[str, float] = {}
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def build(self) -> None:
+        """Data, model, method, optimizer, scheduler, ledger (everything but the run folder)."""
+        from . import data as data_mod
+        from . import methods as methods_mod
+        from . import models as models_mod
+        from .flops import FlopsLedger
+
+        cfg, tc = self.cfg, self.cfg.train
+        self.bundle = data_mod.build_datasets(cfg.data)
+        loaders = data_mod.make_loaders(self.bundle, tc.batch_size, tc.eval_batch_size, cfg.data.num_workers,
+                                        tc.seed, distributed=self.dist.distributed,
+                                        pin_memory=self.device.type == "cuda")
+        self.train_loader, self.test_loader = _unpack_loaders(loaders)
+        self.sched = plan_schedule(tc, len(self.train_loader))
+        try:
+            model = models_mod.create(cfg.model.name, num_classes=self.bundle.num_classes,
+                                      in_channels=self.bundle.in_channels)
+        except ValueError as err:
+            raise ConfigError([f"model.name: {err}"]) from None
+        model = model.to(self.device)
+        ctx = methods_mod.MethodContext(total_steps=self.sched.schedule_steps,
+                                        steps_per_epoch=self.sched.steps_per_epoch,
+                                        weight_decay=tc.weight_decay, seed=tc.seed)
+        try:
+            self.method = methods_mod.create_method(cfg.method, ctx)
+        except ValueError as err:
+            raise ConfigError([f"method.name: {err}"]) from None
+        model = self.method.prepare(model)
+        # After prepare: the method reads masks through its layers (layer.mask), never stale copies.
+        self.model = model.to(memory_format=self.memory_format) if tc.channels_last else model
+        groups = param_groups(self.model, self.method.self_decayed_parameters(), tc.weight_decay,
+                              tc.no_decay_bn_bias)
+        self.optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
+                                         weight_decay=tc.weight_decay)
+        self.method.attach_optimizer(self.optimizer)
+        self.lr_factor = LRFactor(tc.lr_schedule, self.sched.schedule_steps, self.sched.warmup_steps,
+                                  tc.step_milestones, tc.step_gamma)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
+        self.ledger = FlopsLedger(self.model, enabled=self.cfg.instrument.flops)
+
+    def attach_writer(self, writer: Any) -> None:
+        from .instrument import Recorders
+
+        self.writer = writer
+        self.recorders = Recorders(self.cfg.instrument, self.model, self.method, writer)
+
+    def write_sparsify(self) -> None:
+        report = getattr(self.method, "report", None)
+        if report is not None:
+            rows = report.to_rows()
+        else:
+            rows = [dict(name=n, kind="conv" if isinstance(m, nn.Conv2d) else "linear",
+                         shape="x".join(map(str, m.weight.shape)), sparse=False,
+                         reason=f"method {self.cfg.method.name!r} keeps every layer dense")
+                    for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self.writer.append_rows("sparsify", rows)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        spe = self.sched.steps_per_epoch
+        into = self.step % spe
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "method": self.method.state_dict(),
+            "ledger": self.ledger.state_dict(),
+            "recorders": self.recorders.state_dict(),
+            "rng": capture_rng(self.train_loader),
+            "epoch_rng": self.epoch_rng if into else None,
+            "step": self.step,
+            "epoch": self.step // spe,
+            "batches_into_epoch": into,
+            "steps_per_epoch": spe,
+            "schedule_steps": self.sched.schedule_steps,
+            "wall_time_s": self.wall_time(),
+            "phase_totals": self.phase_totals,
+            "best_test_acc": self.best_test_acc,
+            "last_test": self.last_test,
+            "last_train": self.last_train,
+            "tables": self.writer.table_rows() if self.dist.is_main else {},
+            "config": to_dict(self.cfg),
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.dist.is_main:
+            self.writer.save_checkpoint(self.state())
+            self.writer.update_manifest(checkpoint_step=self.step)
+
+    def load(self, ckpt: dict[str, Any]) -> None:
+        """Restore everything from a checkpoint (RNG last)."""
+        if ckpt.get("steps_per_epoch") != self.sched.steps_per_epoch:
+            raise ResumeError(f"the checkpoint has {ckpt.get('steps_per_epoch')} steps per epoch, this data gives "
+                              f"{self.sched.steps_per_epoch}: the data set or batch size changed")
+        self.model.load_state_dict(ckpt["model"])
+        self.method.load_state_dict(ckpt["method"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.ledger.load_state_dict(ckpt["ledger"])
+        self.recorders.load_state_dict(ckpt["recorders"])
+        self.step = int(ckpt["step"])
+        self.epoch_rng = ckpt.get("epoch_rng")
+        self.wall_offset = float(ckpt.get("wall_time_s", 0.0))
+        self.phase_totals = {k: list(v) for k, v in ckpt.get("phase_totals", {}).items()}
+        self.best_test_acc = ckpt.get("best_test_acc")
+        self.last_test = ckpt.get("last_test", self.last_test)
+        self.last_train = ckpt.get("last_train", self.last_train)
+        restore_rng(ckpt["rng"], self.train_loader)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        return self.wall_offset + (time.perf_counter() - self.t0)
+
+    def say(self, msg: str) -> None:
+        if self.verbose:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device, non_blocking=True)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 and mean cross-entropy on the test set; no FLOPs charged, no RNG moved."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        count = torch.zeros((), dtype=torch.int64, device=self.device)
+        with self.ledger.paused(), rng_neutral(self.device):
+            for x, y in self.test_loader:
+                x, y = self._to_device(x, y)
+                with self.autocast():
+                    out = self.model(x)
+                loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
+                correct += (out.argmax(1) == y).sum()
+                count += y.numel()
+        self.dist.all_sum(loss_sum), self.dist.all_sum(correct), self.dist.all_sum(count)
+        self.model.train(was_training)
+        n = max(1, int(count))
+        return {"loss": float(loss_sum) / n, "acc": int(correct) / n}
+
+    # -- rows --------------------------------------------------------------------------------------
+    def _row(self, split: str, loss: Optional[float], acc: Optional[float]) -> dict[str, Any]:
+        row = {
+            "step": self.step,
+            "epoch": self.step / self.sched.steps_per_epoch,
+            "split": split,
+            "lr": self.lr(),
+            "loss": loss,
+            "acc": acc,
+            "wall_time_s": round(self.wall_time(), 3),
+            "step_ideal_macs": self.last_step_ideal if split == "train" else None,
+            "cum_ideal_macs": self.ledger.total_ideal_macs,
+            "cum_executed_macs": self.ledger.total_executed_macs,
+        }
+        if split == "train":
+            row.update(self.scalars)
+        return row
+
+    def flush_flops(self) -> None:
+        # ``epoch``: the (0-based) epoch of the last step taken; ``step``: steps completed.
+        rows = self.ledger.epoch_rows(max(0, self.step - 1) // self.sched.steps_per_epoch, self.step)
+        self.writer.append_rows("flops", rows)
+
+    def run_eval(self) -> None:
+        res = self.evaluate()
+        self.last_test = res
+        if self.best_test_acc is None or res["acc"] > self.best_test_acc:
+            self.best_test_acc = res["acc"]
+        self.writer.append("metrics", self._row("test", res["loss"], res["acc"]))
+        self.say(f"step {self.step}/{self.sched.run_steps} (epoch {self.step / self.sched.steps_per_epoch:.2f}): "
+                 f"test acc {res['acc']:.4f} loss {res['loss']:.4f}, train loss {_num(self.last_train['loss'])}")
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def epochs(self) -> Iterator[Iterator]:
+        """One batch iterator per epoch from ``self.step`` on; a resume mid-epoch rebuilds the epoch's
+        shuffled order from its starting RNG state and skips the batches already consumed."""
+        loader, spe = self.train_loader, self.sched.steps_per_epoch
+        while self.step < self.sched.run_steps:
+            epoch, into = divmod(self.step, spe)
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            if into == 0:
+                self.epoch_rng = capture_rng(loader)
+                yield iter(loader)
+                continue
+            if self.epoch_rng is None:
+                raise ResumeError("the checkpoint lacks the RNG state of its epoch start")
+            now = capture_rng(loader)
+            restore_rng(self.epoch_rng, loader)
+            it = iter(loader)
+            for _ in range(into):  # fetch and drop: the workers' RNG streams advance as before
+                next(it)
+            restore_rng(now, loader)
+            yield it
+
+    def train_loop(self) -> None:
+        tc, sched = self.cfg.train, self.sched
+        model, method, opt, ledger = self.model, self.method, self.optimizer, self.ledger
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sched.run_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
+                   desc=self.writer.id or "train", unit="step")
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = torch.zeros((), dtype=torch.int64, device=self.device)
+        model.train()
+        try:
+            for batches in self.epochs():
+                for x, y in batches:
+                    step = self.step
+                    x, y = self._to_device(x, y)
+                    method.before_step(step)
+                    ledger.begin_step()
+                    opt.zero_grad(set_to_none=True)
+                    with self.autocast():
+                        out = model(x)
+                        loss = self.criterion(out, y)
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                        self.scaler.unscale_(opt)  # the method must see true gradients
+                    else:
+                        loss.backward()
+                    method.after_backward(step)
+                    if method.last_adaptation is not None:
+                        ledger.charge_adaptation(method.last_adaptation.scoring_elementwise_ops)
+                    if self.scaler is not None:
+                        self.scaler.step(opt)
+                        self.scaler.update()
+                    else:
+                        opt.step()
+                    self.scheduler.step()
+                    method.after_optimizer_step(step)
+                    cost = ledger.end_step()
+                    self.last_step_ideal = cost.ideal_macs
+                    for phase, (ideal, executed) in cost.by_phase.items():
+                        tot = self.phase_totals.setdefault(str(getattr(phase, "value", phase)), [0, 0])
+                        tot[0] += int(ideal)
+                        tot[1] += int(executed)
+                    scalars = self.recorders.on_step_end(step)
+                    if scalars:
+                        self.scalars.update(scalars)
+                    with torch.no_grad():
+                        loss_sum += loss.detach().double() * y.numel()
+                        correct += (out.detach().argmax(1) == y).sum()
+                        seen += y.numel()
+                    self.step = step + 1
+                    bar.update(1)
+                    self.after_step(bar, loss_sum, correct, seen)
+                    if self.step >= sched.run_steps:
+                        break
+        finally:
+            bar.close()
+
+    def after_step(self, bar: Any, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor) -> None:
+        """Logging, evaluation and checkpoints due after the step just taken."""
+        tc, sched, s = self.cfg.train, self.sched, self.step
+        epoch_end = s % sched.steps_per_epoch == 0
+        last = s >= sched.run_steps
+        if s % tc.log_every_steps == 0 or epoch_end or last:
+            stats = torch.stack([loss_sum, correct.double(), seen.double()])
+            self.dist.all_sum(stats)
+            n = max(1.0, float(stats[2]))
+            self.last_train = {"loss": float(stats[0]) / n, "acc": float(stats[1]) / n}
+            loss_sum.zero_(), correct.zero_(), seen.zero_()
+            self.writer.append("metrics", self._row("train", self.last_train["loss"], self.last_train["acc"]))
+            bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.lr():.4g}", refresh=False)
+        if (sched.eval_interval_steps and s % sched.eval_interval_steps == 0) or last:
+            self.run_eval()
+        if epoch_end or last or (tc.checkpoint_every_steps and s % tc.checkpoint_every_steps == 0):
+            self.flush_flops()
+            self.save_checkpoint()
+
+    def summary(self) -> dict[str, Any]:
+        ideal, executed = int(self.ledger.total_ideal_macs), int(self.ledger.total_executed_macs)
+        report = getattr(self.method, "report", None)
+        return {
+            "run_id": self.writer.id,
+            "status": "completed",
+            "config_name": self.cfg.name,
+            "method": self.cfg.method.name,
+            "pattern": self.cfg.method.pattern,
+            "seed": self.cfg.train.seed,
+            "steps": self.step,
+            "epochs": self.step / self.sched.steps_per_epoch,
+            "steps_per_epoch": self.sched.steps_per_epoch,
+            "schedule_steps": self.sched.schedule_steps,
+            "final": {"test_acc": self.last_test["acc"], "test_loss": self.last_test["loss"],
+                      "train_loss": self.last_train["loss"], "train_acc": self.last_train["acc"]},
+            "best_test_acc": self.best_test_acc,
+            "flops": {
+                "convention": FLOPS_CONVENTION,
+                "enabled": self.cfg.instrument.flops,
+                "ideal_macs": ideal,
+                "executed_macs": executed,
+                "ideal_flops": 2 * ideal,
+                "executed_flops": 2 * executed,
+                "by_phase": {k: {"ideal_macs": v[0], "executed_macs": v[1]} for k, v in self.phase_totals.items()},
+            },
+            "sparsify": {"sparse_layers": len(report.sparse_names), "dense_layers": len(report.dense_names)}
+            if report is not None else None,
+            "wall_time_s": round(self.wall_time(), 3),
+            "device": describe_device(self.device),
+            "world_size": self.dist.world_size,
+        }
+
+    def result(self, status: str, summary: Optional[dict] = None) -> RunResult:
+        return RunResult(
+            run_dir=self.writer.path, run_id=self.writer.id, status=status, steps=self.step,
+            epochs=self.step / self.sched.steps_per_epoch, test_acc=self.last_test["acc"],
+            test_loss=self.last_test["loss"], best_test_acc=self.best_test_acc,
+            train_loss=self.last_train["loss"], ideal_macs=int(self.ledger.total_ideal_macs),
+            executed_macs=int(self.ledger.total_executed_macs), wall_time_s=self.wall_time(),
+            summary=summary or {})
+
+
+def _num(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _coerce_config(cfg: Any) -> Config:
+    if isinstance(cfg, Config):
+        return cfg
+    if isinstance(cfg, dict):
+        return from_dict(cfg)
+    if isinstance(cfg, (str, Path)):
+        return load_config(cfg)
+    raise TypeError(f"config must be a Config, a dict or a YAML path, got {type(cfg).__name__}")
+
+
+def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "runs",
+          resume: str | Path | None = None, *, overrides: Optional[list[str]] = None,
+          command: Optional[list[str]] = None, progress: Optional[bool] = None,
+          verbose: bool = True) -> RunResult:
+    """Train one run and write its folder under ``out_dir``; returns a :class:`RunResult`.
+
+    ``cfg``: a :class:`Config`, a dict or a YAML path (``overrides`` are ``key=value`` strings applied
+    on top). ``resume``: a run folder to continue in place from its last checkpoint; the config is
+    then the saved one (``cfg``/``overrides`` may only change ``train.max_steps``). ``progress``
+    overrides ``train.progress``. Raises :class:`ConfigError` / :class:`ResumeError` /
+    ``bame.data.DatasetNotFoundError`` before any folder is made; an exception during training marks
+    the run ``failed`` (Ctrl-C: ``interrupted``) and propagates.
+    """
+    if resume is not None:
+        cfg = resume_config(resume, overrides, None if cfg is None else _coerce_config(cfg))
+    else:
+        if cfg is None:
+            raise TypeError("train() needs a config (or resume=RUN_DIR)")
+        cfg = _coerce_config(cfg)
+        if overrides:
+            cfg = from_dict(apply_overrides(to_dict(cfg), overrides), "<config> + --set")
+    dist = DistContext.current()
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    show = cfg.train.progress if progress is None else progress
+    command = list(command) if command is not None else list(sys.argv)
+
+    with deterministic_mode(cfg.train.deterministic, device):
+        seed_everything(cfg.train.seed)
+        trainer = _Trainer(cfg, dist, device, verbose, show)
+        trainer.build()  # data / model / method errors leave no folder behind
+        ckpt = None
+        if resume is not None:
+            reader = load_run(resume)
+            ckpt = reader.load_checkpoint("cpu")
+            if int(ckpt["step"]) >= trainer.sched.run_steps:
+                raise ResumeError(f"{reader.path}: the checkpoint is at step {ckpt['step']} and the run length "
+                                  f"is {trainer.sched.run_steps}: nothing to do (raise train.max_steps, "
+                                  f"e.g. --set train.max_steps={int(ckpt['step']) * 2})")
+        if dist.is_main:
+            if resume is None:
+                writer = RunWriter.create(out_dir, cfg, command=command, device=describe_device(device),
+                                          extra={"world_size": dist.world_size, "schedule": vars(trainer.sched)})
+            else:
+                writer = RunWriter.reopen(resume, command=command, device=describe_device(device),
+                                          from_step=int(ckpt["step"]))
+        else:
+            writer = NullWriter()
+        trainer.t0 = time.perf_counter()
+        try:
+            trainer.attach_writer(writer)
+            if ckpt is None:
+                trainer.write_sparsify()
+                trainer.say(f"run {writer.id}: {trainer.sched.run_steps} steps "
+                            f"({trainer.sched.steps_per_epoch}/epoch, schedule {trainer.sched.schedule_steps}) "
+                            f"on {describe_device(device)} -> {writer.path}")
+            else:
+                trainer.load(ckpt)
+                if dist.is_main:
+                    dropped = writer.truncate_tables(ckpt.get("tables", {}))
+                    writer.manifest["resumes"][-1]["dropped_rows"] = dropped
+                    writer.manifest["resumes"][-1]["max_steps"] = cfg.train.max_steps
+                    writer.write_config(cfg)  # max_steps may have changed
+                    writer.write_manifest()
+                trainer.say(f"resuming {writer.id} at step {trainer.step} -> {trainer.sched.run_steps}")
+            del ckpt
+            trainer.train_loop()
+            summary = trainer.summary()
+            if dist.is_main:
+                writer.complete(summary)
+            trainer.say(f"done: {writer.id}: test acc {_num(trainer.last_test['acc'])}, "
+                        f"{2 * int(trainer.ledger.total_ideal_macs):.4g} ideal training FLOPs, "
+                        f"{trainer.wall_time():.1f}s")
+            return trainer.result("completed", summary)
+        except KeyboardInterrupt:
+            if dist.is_main:
+                writer.interrupt()
+            raise
+        except BaseException as err:
+            if dist.is_main:
+                writer.fail(err, traceback.format_exc())
+            raise
+        finally:
+            writer.close()
+            detach = getattr(trainer.ledger, "detach", None)
+            if detach is not None:
+                detach()

@@ -1,0 +1,133 @@
+"""The `bame` command line: train / resume / sweep / inspect end to end, and one-line user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bame.cli import main
+from bame.methods import METHODS
+from bame.runs import find_runs, load_run
+
+from test_train import QUICK, SMALL, _failing, collaborators  # noqa: F401  (fixture: fakes for missing modules)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sets(*extra: str) -> list[str]:
+    return ["--set", *SMALL, *extra]
+
+
+def train(tmp_path: Path, *extra: str) -> Path:
+    assert main(["train", "--config", str(QUICK), "--out", str(tmp_path), *sets(*extra)]) == 0
+    (run,) = [r for r in find_runs(tmp_path)][-1:]
+    return run.path
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.startswith("bame: error: ")
+    return err
+
+
+def test_train_and_inspect(tmp_path, capsys):
+    run = train(tmp_path, "train.max_steps=9")
+    out = capsys.readouterr().out
+    assert str(run) in out
+    r = load_run(run)
+    assert r.done and r.status == "completed"
+    assert r.manifest["command"][:2] == ["bame", "train"]
+    assert main(["inspect", str(run)]) == 0
+    text = capsys.readouterr().out
+    for piece in ("status    completed", "quick: synthetic / lenet5 / bame 2:4 / seed 0", "test top-1",
+                  "FLOPs = 2 x MACs", "wall time", "sparsify  5 decisions: 2 sparse, 3 dense", "9 / 16 steps"):
+        assert piece in text, piece
+    assert main(["inspect", str(tmp_path)]) == 0  # a folder of runs: one line each
+    table = capsys.readouterr().out
+    assert r.id in table and "completed" in table
+
+
+def test_resume_through_the_cli(tmp_path, capsys):
+    run = train(tmp_path, "train.max_steps=3", "method.name=srste")
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=6"]) == 0
+    r = load_run(run)
+    assert r.done and r.summary["steps"] == 6 and len(r.manifest["resumes"]) == 1
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_steps=7", "train.lr=0.3"]) == 2
+    err = one_line_error(capsys)
+    assert "train.lr" in err and "only train.max_steps may change" in err
+
+
+def test_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(METHODS, "static", _failing(KeyboardInterrupt, at_step=1))
+    code = main(["train", "--config", str(QUICK), "--out", str(tmp_path), *sets("method.name=static")])
+    assert code == 130
+    assert "bame train --resume" in capsys.readouterr().err
+    (run,) = find_runs(tmp_path)
+    assert run.status == "interrupted" and not run.done
+    assert main(["inspect", str(run.path)]) == 0
+    assert "status    interrupted" in capsys.readouterr().out
+
+
+def test_sweep_runs_the_grid_and_skips_completed(tmp_path, capsys):
+    argv = ["sweep", "--config", str(QUICK), "--methods", "static,dense", "--patterns", "2:4", "--seeds", "0",
+            "--out", str(tmp_path), "--set", *SMALL, "train.max_steps=2"]
+    assert main(argv) == 0
+    assert "2 run, 0 skipped" in capsys.readouterr().out
+    runs = find_runs(tmp_path)
+    assert sorted(r.config.method.name for r in runs) == ["dense", "static"]
+    assert all(r.done for r in runs)
+    argv[argv.index("--seeds") + 1] = "0,1"
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "1 run, 1 skipped" not in out and "2 run, 2 skipped" in out
+    assert len(find_runs(tmp_path)) == 4
+
+
+def test_sweep_validates_the_whole_grid_first(tmp_path, capsys):
+    code = main(["sweep", "--config", str(QUICK), "--methods", "bame", "--patterns", "2:4,3:2", "--out",
+                 str(tmp_path)])
+    assert code == 2 and "method.pattern" in capsys.readouterr().err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in one_line_error(capsys)
+
+    assert main(["train", "--config", str(QUICK), "--set", "train.batchsize=3"]) == 2
+    assert "did you mean 'train.batch_size'" in one_line_error(capsys)
+
+    assert main(["train", "--config", str(QUICK), "--set", "method.pattern=5:4"]) == 2
+    assert "method.pattern" in one_line_error(capsys)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  pattern: 1:16\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "quote it" in one_line_error(capsys)
+
+    assert main(["train", "--config", str(QUICK), "--out", str(tmp_path / "runs"), "--set",
+                 "data.name=fashion-mnist", f"data.root={tmp_path / 'data'}"]) == 2
+    err = one_line_error(capsys)
+    assert "fashion-mnist" in err and "bame data get fashion-mnist" in err
+    assert not (tmp_path / "runs").exists()  # no folder for a run that could not start
+
+    assert main(["inspect", str(tmp_path / "no-run")]) == 2
+    assert "does not exist" in one_line_error(capsys)
+    assert main(["train", "--resume", str(tmp_path / "no-run")]) == 2
+    assert "does not exist" in one_line_error(capsys)
+
+    assert main(["train"]) == 2
+    assert "--config" in one_line_error(capsys)
+
+
+def test_python_dash_m_bame():
+    out = subprocess.run([sys.executable, "-m", "bame", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    for cmd in ("train", "sweep", "inspect", "data", "flops"):
+        assert cmd in out.stdout
