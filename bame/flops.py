@@ -1,0 +1,640 @@
+"""Exact training FLOPs: a per-step ledger (layer x phase x ideal/executed) and ``bame flops``.
+
+Convention: every count is in multiply-accumulates (MACs); FLOPs = 2 x MACs (:data:`CONVENTION`).
+Only conv and linear layers are counted (batch norm, activations, pooling and the optimizer are not).
+
+The ledger is charged from the calls that really ran, never from a proportionality rule:
+
+- N:M layers (:class:`bame.layers.NMLayer`) through their ``observer`` attribute: the autograd
+  functions report one :class:`bame.autograd.PhaseCost` per phase that ran (forward, input
+  gradient, weight gradient) with its ideal and executed MACs.
+- plain ``nn.Conv2d`` / ``nn.Linear`` through a forward hook (forward MACs =
+  ``weight.numel() * positions``, ``positions`` = batch x output pixels for a conv, rows for a linear;
+  right for grouped convs too since the weight holds ``Cin/groups`` inputs per output) and a tensor
+  hook on the output, which charges the input gradient (if the layer's input required grad: the
+  first layer's input gradient is never computed, so never charged) and the weight gradient (if the
+  weight requires grad) when the backward reaches the layer.
+
+Two views: ``ideal`` (work on the weights actually used: ``nnz(W*m) x positions`` forward and input
+gradient, ``|P| x positions`` weight gradient) and ``executed`` (what the kernels run here computed:
+masked dense kernels execute dense work). Each (layer, phase) also records ``nm_on_reduction``:
+whether the phase's sparse operand is N:M along that phase's own reduction axis, so that N:M hardware
+could accelerate it (see :meth:`FlopsLedger._flag`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Optional
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .autograd import PhaseCost
+from .layers import NMLayer
+from .nm import is_nm
+
+__all__ = ["CONVENTION", "PHASES", "ADAPTATION", "ADAPTATION_LAYER", "StepCost", "FlopsLedger",
+           "conv_output_hw", "conv2d_macs", "linear_macs", "StepCosts", "model_step_costs",
+           "DataShape", "data_shape", "add_flops_parser", "cli_flops"]
+
+CONVENTION = "MACs (multiply-accumulates); FLOPs = 2 x MACs"
+FORWARD, INPUT_GRAD, WEIGHT_GRAD, ADAPTATION = "forward", "input_grad", "weight_grad", "adaptation"
+PHASES = (FORWARD, INPUT_GRAD, WEIGHT_GRAD)  # the phases of a conv/linear layer, in execution order
+ALL_PHASES = PHASES + (ADAPTATION,)
+ADAPTATION_LAYER = "(adaptation)"  # the ledger's 'layer' name of the mask-adaptation line
+_PHASE_ORDER = {p: i for i, p in enumerate(ALL_PHASES)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure functions of shapes (fvcore style): forward MACs of one call
+
+
+def conv_output_hw(hw: Sequence[int], kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
+    """Output ``(H, W)`` of a 2-D convolution (PyTorch's floor rule) with numeric padding."""
+    k, s, p, d = (_pair(v) for v in (kernel_size, stride, padding, dilation))
+    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))  # type: ignore
+
+
+def conv2d_macs(input_shape: Sequence[int], weight_shape: Sequence[int], stride=1, padding=0, dilation=1,
+                groups: int = 1, nnz: Optional[int] = None) -> int:
+    """Forward MACs of ``conv2d(x[B, Cin, H, W], w[Cout, Cin/groups, kh, kw])``.
+
+    Every output element of every output channel uses the ``Cin/groups * kh * kw`` weights of its
+    row, so the count is ``nnz * B * Hout * Wout`` with ``nnz = weight.numel()`` for a dense weight
+    (pass the non-zeros of ``W*m`` for a sparse one). The input gradient costs the same, and so does a
+    weight gradient computed at ``nnz`` positions.
+    """
+    b, cin, h, w = input_shape
+    cout, cin_g, kh, kw = weight_shape
+    if cin != cin_g * groups:
+        raise ValueError(f"conv2d_macs: input channels {cin} != weight's {cin_g} x groups {groups}")
+    hout, wout = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
+    n = cout * cin_g * kh * kw if nnz is None else int(nnz)
+    return n * b * hout * wout
+
+
+def linear_macs(input_shape: Sequence[int], weight_shape: Sequence[int], nnz: Optional[int] = None) -> int:
+    """Forward MACs of ``linear(x[..., K], w[Cout, K])``: ``nnz * prod(leading dims of x)``."""
+    cout, k = weight_shape
+    if input_shape[-1] != k:
+        raise ValueError(f"linear_macs: input features {input_shape[-1]} != weight's {k}")
+    rows = math.prod(input_shape[:-1])
+    return (cout * k if nnz is None else int(nnz)) * rows
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)  # type: ignore
+
+
+# --------------------------------------------------------------------------------------------------
+# The ledger
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """Work of one training step, in MACs (FLOPs = 2 x MACs), adaptation included."""
+
+    ideal_macs: int
+    executed_macs: int
+    by_phase: dict[str, tuple[int, int]]  # phase -> (ideal, executed); every phase present
+    by_layer: dict[tuple[str, str], tuple[int, int, bool]] = field(default_factory=dict)
+    # (layer, phase) -> (ideal, executed, nm_on_reduction), only the pairs that were charged
+
+
+@dataclass
+class _Attached:
+    module: nn.Module
+    nm: bool
+    handle: Any = None  # forward-hook handle (plain layers)
+    observer: Any = None  # the closure set as ``module.observer`` (N:M layers)
+
+
+class FlopsLedger:
+    """Charges every conv/linear call of ``model`` per step, layer and phase (see the module docstring).
+
+    ``enabled=False`` attaches nothing and counts nothing (every method still works and returns 0).
+    Attach it after ``method.prepare(model)`` swapped in the N:M layers; ``begin_step`` re-scans the
+    model, so a layer swapped in later is picked up at the next step.
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        self.model = model
+        self.enabled = bool(enabled)
+        self._layers: dict[str, _Attached] = {}
+        self._order: dict[str, int] = {}  # layer name -> position in model.named_modules()
+        self._paused = 0
+        self._live = self.enabled
+        # (layer, phase) -> [ideal, executed, nm_on_reduction]: this step / since the last epoch_rows
+        self._step: dict[tuple[str, str], list] = {}
+        self._epoch: dict[tuple[str, str], list] = {}
+        self.total_ideal_macs = 0
+        self.total_executed_macs = 0
+        self.total_by_phase: dict[str, list[int]] = {p: [0, 0] for p in ALL_PHASES}
+        self.steps = 0
+        self._flag_cache: dict[tuple[str, str], tuple[tuple[int, int], bool]] = {}
+        if self.enabled:
+            self._attach()
+
+    # -- attaching -------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Attach to every conv/linear of the model; re-attach where a layer was replaced."""
+        seen = set()
+        for i, (name, module) in enumerate(self.model.named_modules()):
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            seen.add(name)
+            self._order[name] = i
+            cur = self._layers.get(name)
+            if cur is not None and cur.module is module:
+                continue
+            if cur is not None:
+                self._detach_one(cur)
+            self._layers[name] = self._attach_one(name, module)
+        for name in [n for n in self._layers if n not in seen]:
+            self._detach_one(self._layers.pop(name))
+
+    def _attach_one(self, name: str, module: nn.Module) -> _Attached:
+        if isinstance(module, NMLayer):
+            def observer(cost: PhaseCost, _name=name, _layer=module) -> None:
+                self._on_nm_cost(_name, _layer, cost)
+            if not self._paused:
+                module.observer = observer
+            return _Attached(module, True, observer=observer)
+
+        def hook(mod, inputs, output, _name=name) -> None:
+            self._on_plain_forward(_name, mod, inputs, output)
+        return _Attached(module, False, handle=module.register_forward_hook(hook))
+
+    @staticmethod
+    def _detach_one(att: _Attached) -> None:
+        if att.handle is not None:
+            att.handle.remove()
+        if att.nm and getattr(att.module, "observer", None) is att.observer:
+            att.module.observer = None
+
+    def detach(self) -> None:
+        """Remove every hook and observer; the ledger then charges nothing more (totals stay)."""
+        for att in self._layers.values():
+            self._detach_one(att)
+        self._layers.clear()
+        self._live = False
+
+    # -- charging --------------------------------------------------------------------------------
+    def _charge(self, layer: str, phase: str, ideal: int, executed: int, flag: bool) -> None:
+        acc = self._step.get((layer, phase))
+        if acc is None:
+            self._step[(layer, phase)] = [int(ideal), int(executed), bool(flag)]
+        else:
+            acc[0] += int(ideal)
+            acc[1] += int(executed)
+            acc[2] = acc[2] and bool(flag)
+
+    def _on_nm_cost(self, name: str, layer: NMLayer, cost: PhaseCost) -> None:
+        if not self._live:
+            return
+        phase = cost.phase.value
+        self._charge(name, phase, cost.ideal_macs, cost.executed_macs, self._flag(name, layer, phase))
+
+    def _on_plain_forward(self, name: str, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if not self._live or self._paused or not torch.is_tensor(output):
+            return
+        # conv output [B, Cout, H, W] (or unbatched [Cout, H, W]); linear output [..., Cout]
+        cout = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        positions = output.numel() // cout
+        macs = module.weight.numel() * positions
+        self._charge(name, FORWARD, macs, macs, False)
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return
+        need_input = bool(inputs) and torch.is_tensor(inputs[0]) and inputs[0].requires_grad
+        need_weight = module.weight.requires_grad
+        if not (need_input or need_weight):
+            return
+
+        def on_grad(_grad, _name=name) -> None:
+            if not self._live:
+                return
+            if need_input:
+                self._charge(_name, INPUT_GRAD, macs, macs, False)
+            if need_weight:
+                self._charge(_name, WEIGHT_GRAD, macs, macs, False)
+        output.register_hook(on_grad)
+
+    def _flag(self, name: str, layer: NMLayer, phase: str) -> bool:
+        """``nm_on_reduction`` of ``phase`` for an N:M layer.
+
+        - forward reduces over K: is the mask N:M along K (in the layer's layout)?
+        - input_grad computes ``dY @ (W*m)`` and reduces over Cout: is ``(W*m)^T``, viewed as
+          ``[K, Cout]``, N:M along Cout (a transposable mask)? False when Cout/groups % M != 0.
+        - weight_grad reduces over batch x positions; neither operand is N:M along that axis (SPARSE
+          mode only samples the output at ``P``, an SDDMM that N:M hardware does not accelerate), so
+          always False, in every mode.
+
+        Cached per mask version (``id`` and ``_version`` of the buffer: in-place writes bump it; a
+        write through ``.data`` would not and is not supported).
+        """
+        pattern = layer.pattern
+        if phase == WEIGHT_GRAD or pattern.is_dense:
+            return False
+        mask = layer.mask
+        key = (id(mask), mask._version)
+        hit = self._flag_cache.get((name, phase))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        n, m = pattern.n, pattern.m
+        if phase == FORWARD:
+            flag = is_nm(mask, n, m, layer.layout)
+        else:
+            cout = mask.shape[0]
+            groups = getattr(layer, "groups", 1)
+            flag = (cout // groups) % m == 0 and is_nm(mask.reshape(cout, -1).t(), n, m)
+        self._flag_cache[(name, phase)] = (key, bool(flag))
+        return bool(flag)
+
+    def charge_adaptation(self, ops: int) -> None:
+        """Book the element-wise work of scoring and selection (its own line, phase ``adaptation``)."""
+        if self.enabled and ops:
+            self._charge(ADAPTATION_LAYER, ADAPTATION, int(ops), int(ops), False)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing run inside is charged (evaluation); a forward run inside is not charged on backward."""
+        self._paused += 1
+        if self._paused == 1:
+            for att in self._layers.values():
+                if att.nm and getattr(att.module, "observer", None) is att.observer:
+                    att.module.observer = None
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            if self._paused == 0 and self._live:
+                for att in self._layers.values():
+                    if att.nm:
+                        att.module.observer = att.observer
+
+    # -- steps and totals ------------------------------------------------------------------------
+    def begin_step(self) -> None:
+        """Start a step: picks up layers swapped in since the last step. Work charged since the last
+        ``end_step`` (outside ``paused``) is kept and counted in this step."""
+        if self._live:
+            self._attach()
+
+    def end_step(self) -> StepCost:
+        """Close the step: fold its work into the epoch rows and the cumulative totals; return it."""
+        by_phase = {p: [0, 0] for p in ALL_PHASES}
+        for (layer, phase), (ideal, executed, flag) in self._step.items():
+            by_phase[phase][0] += ideal
+            by_phase[phase][1] += executed
+            acc = self._epoch.get((layer, phase))
+            if acc is None:
+                self._epoch[(layer, phase)] = [ideal, executed, flag]
+            else:
+                acc[0] += ideal
+                acc[1] += executed
+                acc[2] = acc[2] and flag
+        ideal = sum(v[0] for v in by_phase.values())
+        executed = sum(v[1] for v in by_phase.values())
+        for p, (i, e) in by_phase.items():
+            self.total_by_phase[p][0] += i
+            self.total_by_phase[p][1] += e
+        self.total_ideal_macs += ideal
+        self.total_executed_macs += executed
+        cost = StepCost(ideal, executed, {p: (v[0], v[1]) for p, v in by_phase.items()},
+                        {k: (v[0], v[1], v[2]) for k, v in self._step.items()})
+        self._step = {}
+        if self.enabled:
+            self.steps += 1
+        return cost
+
+    def _sort_key(self, key: tuple[str, str]) -> tuple[int, int]:
+        layer, phase = key
+        return (self._order.get(layer, sys.maxsize), _PHASE_ORDER.get(phase, len(_PHASE_ORDER)))
+
+    def epoch_rows(self, epoch: int, step: int) -> list[dict]:
+        """Rows ``epoch, step, layer, phase, ideal_macs, executed_macs, nm_on_reduction`` for the work of
+        the steps closed since the last call (layers in model order, phases in execution order); a
+        (layer, phase) that did no work has no row. ``nm_on_reduction`` holds for every call counted."""
+        rows = [dict(epoch=epoch, step=step, layer=layer, phase=phase, ideal_macs=v[0], executed_macs=v[1],
+                     nm_on_reduction=v[2])
+                for (layer, phase), v in sorted(self._epoch.items(), key=lambda kv: self._sort_key(kv[0]))]
+        self._epoch = {}
+        return rows
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Cumulative totals and the not yet reported epoch rows (for a mid-epoch resume)."""
+        return {
+            "convention": CONVENTION,
+            "steps": self.steps,
+            "total_ideal_macs": self.total_ideal_macs,
+            "total_executed_macs": self.total_executed_macs,
+            "total_by_phase": {p: list(v) for p, v in self.total_by_phase.items()},
+            "pending_rows": [[layer, phase, v[0], v[1], v[2]] for (layer, phase), v in self._epoch.items()],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state.get("steps", 0))
+        self.total_ideal_macs = int(state["total_ideal_macs"])
+        self.total_executed_macs = int(state["total_executed_macs"])
+        self.total_by_phase = {p: [0, 0] for p in ALL_PHASES}
+        for p, v in state.get("total_by_phase", {}).items():
+            self.total_by_phase[p] = [int(v[0]), int(v[1])]
+        self._epoch = {(layer, phase): [int(i), int(e), bool(f)]
+                       for layer, phase, i, e, f in state.get("pending_rows", [])}
+
+
+# --------------------------------------------------------------------------------------------------
+# One measured step of a whole model (used by ``bame flops`` and the tests)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """One normal step and one adaptation step of the same model, measured at ``batch``."""
+
+    batch: int
+    step: StepCost
+    adapt: StepCost
+
+
+def _measure(model: nn.Module, x: torch.Tensor) -> StepCost:
+    ledger = FlopsLedger(model)
+    try:
+        ledger.begin_step()
+        out = model(x)
+        out = out if torch.is_tensor(out) else out[0]
+        out.float().sum().backward()
+        return ledger.end_step()
+    finally:
+        ledger.detach()
+
+
+def model_step_costs(model: nn.Module, input_shape: Sequence[int], method=None, *,
+                     device: str | torch.device = "cpu") -> StepCosts:
+    """Measure one training step of ``model`` on a random batch of ``input_shape`` (``[B, C, H, W]``).
+
+    With ``method``, ``method.prepare(model)`` makes the model sparse first (in place). The step is a
+    real forward + backward (loss: the sum of the outputs) with a :class:`FlopsLedger` attached, images
+    not requiring grad. ``step``: every N:M layer's ``grad_mask`` cleared (``P = m``); ``adapt``: every
+    ``grad_mask`` set to ``~mask`` (BAME's first adaptation step with every block a candidate and none
+    frozen). Grad masks, gradients and the train/eval mode are restored afterwards; the model runs in
+    eval mode so batch-norm statistics do not move.
+    """
+    if method is not None:
+        model = method.prepare(model)
+    model.to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(tuple(input_shape), generator=gen).to(device)
+    nm = [m for m in model.modules() if isinstance(m, NMLayer)]
+    saved_grad_masks = [m.grad_mask.clone() for m in nm]
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    try:
+        costs = []
+        for adapt in (False, True):
+            with torch.no_grad():
+                for m in nm:
+                    m.grad_mask.copy_(~m.mask if adapt else torch.zeros_like(m.mask))
+            for p in model.parameters():
+                p.grad = None
+            costs.append(_measure(model, x))
+    finally:
+        with torch.no_grad():
+            for m, g in zip(nm, saved_grad_masks):
+                m.grad_mask.copy_(g)
+        for p, g in saved_grads:
+            p.grad = g
+        model.train(was_training)
+    return StepCosts(int(input_shape[0]), costs[0], costs[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# ``bame flops``
+
+
+@dataclass(frozen=True)
+class DataShape:
+    num_classes: int
+    in_channels: int
+    image_size: int
+    train_size: int  # images in the training split (before train_subset)
+
+
+def data_shape(data_cfg) -> DataShape:
+    """Classes, channels, image size and training-set size of ``cfg.data``, without loading the data."""
+    name = data_cfg.name
+    if name in ("mnist", "fashion-mnist"):
+        return DataShape(10, 1, 32 if data_cfg.pad_to_32 else 28, 60_000)
+    if name == "cifar10":
+        return DataShape(10, 3, 32, 50_000)
+    if name == "cifar100":
+        return DataShape(100, 3, 32, 50_000)
+    if name == "imagenet":
+        return DataShape(1000, 3, data_cfg.image_size, 1_281_167)
+    if name == "synthetic":
+        return DataShape(data_cfg.synthetic_num_classes, data_cfg.synthetic_channels,
+                         data_cfg.synthetic_image_size, data_cfg.synthetic_train_size)
+    raise ValueError(f"bame flops: no shape known for data.name={name!r}")
+
+
+def _run_length(cfg, shape: DataShape):
+    """The run's :class:`bame.train.Schedule`: steps per epoch as the training loader gives them
+    (``drop_last``: ``floor(train images / batch)``), schedule and run lengths by ``plan_schedule``."""
+    from .train import plan_schedule
+
+    n = shape.train_size if cfg.data.train_subset is None else min(shape.train_size, cfg.data.train_subset)
+    return plan_schedule(cfg.train, n // cfg.train.batch_size)
+
+
+def _adaptation_plan(method, run_steps: int) -> list[dict[str, int]]:
+    """Per adaptation step before ``run_steps``, each layer's block budget, from the method's own schedule
+    (``is_adaptation_step`` / ``budgets``; a method without them adapts nothing)."""
+    is_adapt, budgets = getattr(method, "is_adaptation_step", None), getattr(method, "budgets", None)
+    if is_adapt is None or budgets is None:
+        return []
+    return [budgets(s) for s in range(run_steps) if is_adapt(s)]
+
+
+def add_flops_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``bame flops --config FILE [--set key=value ...] [--json]`` to ``subparsers``."""
+    p = subparsers.add_parser(
+        "flops", help="exact conv/linear training MACs of one step and of the whole run",
+        description="Measure one normal and one adaptation training step of the configured model and "
+                    "method with the FLOPs ledger (a real forward+backward on a random batch), and the "
+                    f"whole-run total under the config's schedule. Counts are {CONVENTION}.")
+    p.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
+    p.add_argument("--set", dest="set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. method.pattern=1:16 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=cli_flops)
+    return p
+
+
+def flops_report(cfg, measure_batch: int = 2) -> dict:
+    """The ``bame flops`` report of a config as a dict (what ``--json`` prints).
+
+    Measured (never estimated): one step of the dense model with dense backward (``dense_step_macs``),
+    one normal step of the method's model (``step_macs``) and one adaptation step with every block of
+    every N:M layer a candidate (``adapt_step_macs``), each a real forward+backward at batch
+    ``min(batch, measure_batch)`` scaled linearly to the config's batch. The whole run assumes no block
+    freezes: on each adaptation step of the method's schedule, a layer with a non-zero block budget
+    costs its adaptation-step weight gradient, the others their normal one. ASP-like methods (a
+    ``prune_step`` attribute) cost the prepared (dense-phase) step before it and the step measured after
+    ``method.before_step(prune_step)`` from it on.
+    """
+    from . import models
+    from .methods import MethodContext, create_method
+
+    shape = data_shape(cfg.data)
+    sched = _run_length(cfg, shape)
+    batch = cfg.train.batch_size
+    b = min(batch, measure_batch)
+    input_shape = (b, shape.in_channels, shape.image_size, shape.image_size)
+    torch.manual_seed(cfg.train.seed)
+    dense_model = models.create(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels)
+    model = models.create(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels)
+    model.load_state_dict(dense_model.state_dict())
+    dense = model_step_costs(dense_model, input_shape)
+    method = create_method(cfg.method, MethodContext(total_steps=sched.schedule_steps,
+                                                     steps_per_epoch=sched.steps_per_epoch,
+                                                     weight_decay=cfg.train.weight_decay, seed=cfg.train.seed))
+    sparse = model_step_costs(model, input_shape, method)
+    prune_step = getattr(method, "prune_step", None)
+    before_prune = None
+    if prune_step is not None and prune_step < sched.run_steps:
+        before_prune = sparse
+        method.before_step(prune_step)
+        sparse = model_step_costs(model, input_shape)
+    adapts = hasattr(method, "is_adaptation_step") and hasattr(method, "budgets")
+    if not adapts:  # a method that never adapts: its 'adaptation step' is a normal step
+        sparse = StepCosts(sparse.batch, sparse.step, sparse.step)
+
+    def scale(macs: int) -> int:  # MACs are linear in batch; every count is a multiple of b
+        return macs // b * batch
+
+    nm_names = {n: m for n, m in model.named_modules() if isinstance(m, NMLayer)}
+    layers = []
+    for name, mod in model.named_modules():
+        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+            continue
+        entry = dict(layer=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear",
+                     shape=list(mod.weight.shape), sparse=name in nm_names,
+                     pattern=str(mod.pattern) if name in nm_names else None,
+                     backward=mod.backward_mode.value if name in nm_names else "dense")
+        for key, cost in (("dense", dense.step), ("step", sparse.step), ("adapt", sparse.adapt)):
+            entry[key] = {ph: dict(ideal=scale(cost.by_layer[(name, ph)][0]),
+                                   executed=scale(cost.by_layer[(name, ph)][1]),
+                                   nm_on_reduction=cost.by_layer[(name, ph)][2])
+                          for ph in PHASES if (name, ph) in cost.by_layer}
+        layers.append(entry)
+
+    step_i, step_e = scale(sparse.step.ideal_macs), scale(sparse.step.executed_macs)
+    adapt_i, adapt_e = scale(sparse.adapt.ideal_macs), scale(sparse.adapt.executed_macs)
+    dense_i = scale(dense.step.ideal_macs)
+    run = sched.run_steps
+    total_i, total_e = run * step_i, run * step_e
+    plan = _adaptation_plan(method, run)
+    extra = {n: [scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][k] - sparse.step.by_layer[(n, WEIGHT_GRAD)][k])
+                 for k in (0, 1)] for n in nm_names if (n, WEIGHT_GRAD) in sparse.step.by_layer}
+    for budgets in plan:
+        for n, (xi, xe) in extra.items():
+            if budgets.get(n, 1) > 0:
+                total_i, total_e = total_i + xi, total_e + xe
+    notes = [f"measured with one real forward+backward at batch {b} and scaled linearly to batch {batch} "
+             "(MACs are linear in batch)",
+             "conv and linear layers only (no batch norm, activations, pooling, optimizer); the adaptation "
+             "line (element-wise scoring and selection) is booked by the ledger during training, not here",
+             ("adaptation step: every block of every N:M layer a candidate (the first adaptation step, nothing "
+              "frozen); whole run: no block freezes, a layer whose block budget rounds to 0 computes no "
+              "candidate gradient") if adapts else f"{cfg.method.name} never adapts the mask: "
+             "adapt_step_macs = step_macs"]
+    rep = dict(
+        convention=CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
+        input_shape=[batch, shape.in_channels, shape.image_size, shape.image_size], measured_batch=b,
+        method=cfg.method.name, pattern=cfg.method.pattern,
+        dense_step_macs=dense_i, step_macs=step_i, step_executed_macs=step_e,
+        adapt_step_macs=adapt_i, adapt_step_executed_macs=adapt_e,
+        step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in PHASES},
+        adapt_step_by_phase={ph: scale(sparse.adapt.by_phase[ph][0]) for ph in PHASES},
+        dense_step_by_phase={ph: scale(dense.step.by_phase[ph][0]) for ph in PHASES},
+        steps_per_epoch=sched.steps_per_epoch, schedule_steps=sched.schedule_steps, run_steps=run,
+        adaptation_steps=len(plan),
+        dense_run_total_macs=run * dense_i, layers=layers, notes=notes)
+    if before_prune is not None:
+        pre_i, pre_e = scale(before_prune.step.ideal_macs), scale(before_prune.step.executed_macs)
+        total_i += prune_step * (pre_i - step_i)
+        total_e += prune_step * (pre_e - step_e)
+        rep.update(prune_step=prune_step, before_prune_step_macs=pre_i, before_prune_step_executed_macs=pre_e)
+        notes.append(f"{cfg.method.name}: steps before {prune_step} cost before_prune_step_macs "
+                     f"({_fmt(pre_i)}), the rest step_macs")
+    rep.update(run_total_macs=total_i, run_total_executed_macs=total_e)
+    return rep
+
+
+def _fmt(macs: float) -> str:
+    """``1234567`` -> ``1.235M`` (SI prefixes)."""
+    for unit, div in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(macs) >= div:
+            return f"{macs / div:.3f}{unit}"
+    return f"{macs:.0f}"
+
+
+def format_report(rep: dict) -> str:
+    """The human-readable table of :func:`flops_report`."""
+    lines = [f"bame flops: {rep['model']} on {rep['data']} (input {'x'.join(map(str, rep['input_shape']))}), "
+             f"method {rep['method']} {rep['pattern']}",
+             f"counts: {rep['convention']}"]
+    lines += [f"note: {n}" for n in rep["notes"]]
+    lines.append("")
+    head = (f"{'layer':<34} {'shape':<16} {'kind':<9} {'forward':>10} {'input_grad':>10} {'weight_grad':>11} "
+            f"{'w_grad@adapt':>12} {'executed':>10}  nm_on_reduction(f/i/w)")
+    lines += ["per layer, one step (ideal MACs unless 'executed'):", head, "-" * len(head)]
+    for e in rep["layers"]:
+        st, ad = e["step"], e["adapt"]
+        get = lambda d, ph, k="ideal": d.get(ph, {}).get(k, 0)  # noqa: E731
+        executed = sum(get(st, ph, "executed") for ph in PHASES)
+        flags = "/".join("y" if st.get(ph, {}).get("nm_on_reduction") else "-" for ph in PHASES)
+        kind = e["pattern"] if e["sparse"] else "dense"
+        lines.append(f"{e['layer'][:34]:<34} {'x'.join(map(str, e['shape'])):<16} {kind:<9} "
+                     f"{_fmt(get(st, FORWARD)):>10} {_fmt(get(st, INPUT_GRAD)):>10} {_fmt(get(st, WEIGHT_GRAD)):>11} "
+                     f"{_fmt(get(ad, WEIGHT_GRAD)):>12} {_fmt(executed):>10}  {flags}")
+    d = rep["dense_step_macs"]
+    ratio = lambda x: f"{x / d:.3f} of dense" if d else ""  # noqa: E731
+    lines += ["",
+              f"one step, all phases (batch {rep['input_shape'][0]}):",
+              f"  dense model, dense backward:   {_fmt(d):>10} MACs",
+              f"  normal step   ideal {_fmt(rep['step_macs']):>10}  executed {_fmt(rep['step_executed_macs']):>10}"
+              f"  ({ratio(rep['step_macs'])})",
+              f"  adaptation    ideal {_fmt(rep['adapt_step_macs']):>10}  executed "
+              f"{_fmt(rep['adapt_step_executed_macs']):>10}  ({ratio(rep['adapt_step_macs'])})",
+              *([f"  before step {rep['prune_step']}: ideal {_fmt(rep['before_prune_step_macs']):>10}  executed "
+                 f"{_fmt(rep['before_prune_step_executed_macs']):>10}"] if "prune_step" in rep else []),
+              "",
+              f"whole run: {rep['run_steps']} steps ({rep['steps_per_epoch']} per epoch, schedule "
+              f"{rep['schedule_steps']}), {rep['adaptation_steps']} adaptation steps:",
+              f"  ideal {_fmt(rep['run_total_macs'])} MACs = {_fmt(2 * rep['run_total_macs'])} FLOPs; executed "
+              f"{_fmt(rep['run_total_executed_macs'])} MACs; dense run {_fmt(rep['dense_run_total_macs'])} MACs"
+              + (f" ({rep['dense_run_total_macs'] / rep['run_total_macs']:.2f}x the ideal sparse run)"
+                 if rep['run_total_macs'] else "")]
+    return "\n".join(lines)
+
+
+def cli_flops(args: argparse.Namespace) -> int:
+    """``bame flops``: print the report of ``args.config`` (+ ``args.set``); returns the exit code."""
+    from .config import load_config
+
+    cfg = load_config(args.config, list(getattr(args, "set", None) or []))
+    rep = flops_report(cfg)
+    if getattr(args, "json", False):
+        json.dump(rep, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print(format_report(rep))
+    return 0

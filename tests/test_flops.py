@@ -1,0 +1,461 @@
+"""The FLOPs ledger against closed forms, torch's FlopCounterMode and fvcore; sparse counts; the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import warnings
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from bame import models
+from bame.autograd import Backward, WeightGradKernel
+from bame.flops import (ADAPTATION, ADAPTATION_LAYER, CONVENTION, FlopsLedger, add_flops_parser,
+                        conv2d_macs, linear_macs, model_step_costs)
+from bame.layers import LayerPolicy, NMConv2d, NMLayer, NMLinear, sparsify
+
+PHASES = ("forward", "input_grad", "weight_grad")
+
+# (model, image size, batch): torchvision's ResNet-50 at its natural 224, batch 1 to stay fast on a CPU
+DENSE_CASES = [("resnet20", 32, 2), ("resnet32", 32, 2), ("mobilenet_v2", 32, 2), ("resnet50", 224, 1)]
+
+
+def _step(model: nn.Module, x: torch.Tensor, ledger: FlopsLedger):
+    ledger.begin_step()
+    model(x).sum().backward()
+    return ledger.end_step()
+
+
+def _convs_and_linears(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _flop_counter_divides_grouped_wgrad_by_groups() -> bool:
+    """torch's FlopCounterMode (<= 2.14 at least) counts a grouped conv's weight gradient as if the conv
+    were dense (``groups`` x too much; fixed upstream by pytorch/pytorch#183405). Probe which one we have."""
+    conv = nn.Conv2d(4, 4, 1, groups=4, bias=False)
+    x = torch.randn(1, 4, 1, 1)
+    with FlopCounterMode(display=False) as fc:
+        conv(x).sum().backward()
+    fwd = 2 * conv.weight.numel()  # forward = weight grad = 4 MACs; no input grad
+    return fc.get_total_flops() == 2 * fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# dense models: ledger == FlopCounterMode (forward + backward) and == fvcore (forward)
+
+
+@pytest.mark.parametrize("name,size,batch", DENSE_CASES)
+def test_dense_model_matches_flop_counter_mode_and_fvcore(name, size, batch):
+    torch.manual_seed(0)
+    model = models.create(name, num_classes=10, in_channels=3).eval()  # eval: BN stats fixed; counts equal
+    x = torch.randn(batch, 3, size, size)
+    ledger = FlopsLedger(model)
+    with FlopCounterMode(display=False) as fc:
+        cost = _step(model, x, ledger)
+    ledger.detach()
+
+    # FlopCounterMode counts FLOPs = 2 x MACs of mm/addmm/conv ops, and the first conv's input gradient
+    # only when the images require grad (they do not here, and the ledger charges none either).
+    layers = _convs_and_linears(model)
+    first = layers[0][0]
+    assert (first, "input_grad") not in cost.by_layer
+    overcount = 0  # FlopCounterMode's grouped-conv weight-gradient bug, made explicit
+    if not _flop_counter_divides_grouped_wgrad_by_groups():
+        overcount = sum((m.groups - 1) * cost.by_layer[(n, "weight_grad")][0]
+                        for n, m in layers if isinstance(m, nn.Conv2d) and m.groups > 1)
+    assert 2 * (cost.ideal_macs + overcount) == fc.get_total_flops()
+    assert cost.ideal_macs == cost.executed_macs
+
+    # every layer: weight grad == forward; input grad == forward except the first layer
+    for n, _ in layers:
+        fwd = cost.by_layer[(n, "forward")][0]
+        assert cost.by_layer[(n, "weight_grad")][0] == fwd
+        if n != first:
+            assert cost.by_layer[(n, "input_grad")][0] == fwd
+    assert cost.by_phase["forward"][0] == cost.by_phase["weight_grad"][0]
+    assert cost.by_phase["input_grad"][0] == cost.by_phase["forward"][0] - cost.by_layer[(first, "forward")][0]
+
+    # fvcore counts one "flop" per MAC; conv + linear only
+    from fvcore.nn import FlopCountAnalysis
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fa = FlopCountAnalysis(model, x[:1]).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        ops = fa.by_operator()
+    fv = sum(v for k, v in ops.items() if k in ("conv", "linear", "addmm", "matmul", "mm"))
+    assert cost.by_phase["forward"][0] == fv * batch
+
+
+def test_first_layer_input_grad_counted_when_images_require_grad():
+    torch.manual_seed(0)
+    model = models.create("resnet20", num_classes=10, in_channels=3).eval()
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    ledger = FlopsLedger(model)
+    with FlopCounterMode(display=False) as fc:
+        cost = _step(model, x, ledger)
+    first = _convs_and_linears(model)[0][0]
+    assert cost.by_layer[(first, "input_grad")][0] == cost.by_layer[(first, "forward")][0]
+    assert cost.by_phase["input_grad"][0] == cost.by_phase["forward"][0]
+    assert 2 * cost.ideal_macs == fc.get_total_flops()
+
+
+def test_closed_forms_and_grouped_convs():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, dilation=1),  # plain
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),  # depthwise
+        nn.Conv2d(8, 12, (3, 1), stride=(1, 2), padding=(1, 0), groups=2),  # grouped
+    )
+    x = torch.randn(3, 4, 11, 9)
+    ledger = FlopsLedger(net)
+    cost = _step(net, x, ledger)
+    shapes = [(3, 4, 11, 9)]
+    expected = []
+    h = x
+    for conv in net:
+        expected.append(conv2d_macs(tuple(h.shape), tuple(conv.weight.shape), conv.stride, conv.padding,
+                                    conv.dilation, conv.groups))
+        h = conv(h)
+        shapes.append(tuple(h.shape))
+    for i, e in enumerate(expected):
+        assert cost.by_layer[(str(i), "forward")][0] == e
+        assert cost.by_layer[(str(i), "weight_grad")][0] == e
+    assert ("0", "input_grad") not in cost.by_layer
+    assert cost.by_layer[("1", "input_grad")][0] == expected[1]
+    # depthwise: one weight per output channel per kernel tap
+    assert expected[1] == 8 * 9 * 3 * shapes[2][2] * shapes[2][3]
+
+    lin = nn.Linear(6, 4)
+    xl = torch.randn(2, 5, 6, requires_grad=True)
+    ledger = FlopsLedger(lin)
+    cost = _step(lin, xl, ledger)
+    assert cost.by_phase["forward"][0] == linear_macs((2, 5, 6), (4, 6)) == 4 * 6 * 10
+    assert cost.by_phase["input_grad"][0] == cost.by_phase["weight_grad"][0] == 240
+
+
+def test_conv2d_macs_validates_channels():
+    with pytest.raises(ValueError, match="input channels"):
+        conv2d_macs((1, 4, 8, 8), (8, 3, 3, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# sparse models
+
+
+def _sparse_resnet20(pattern="2:4", mode=Backward.SPARSE, kernel=WeightGradKernel.MASKED_DENSE, **policy):
+    torch.manual_seed(0)
+    model = models.create("resnet20", num_classes=10, in_channels=3).eval()
+    dense = models.create("resnet20", num_classes=10, in_channels=3).eval()
+    dense.load_state_dict(model.state_dict())
+    sparsify(model, pattern, policy=LayerPolicy(**policy), backward_mode=mode, weight_grad_kernel=kernel)
+    return model, dense
+
+
+def _dense_forward(dense: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    ledger = FlopsLedger(dense)
+    cost = _step(dense, x, ledger)
+    return {n: cost.by_layer[(n, "forward")][0] for n, _ in _convs_and_linears(dense)}
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:16"])
+def test_sparse_forward_is_n_over_m_of_dense(pattern):
+    n, m = map(int, pattern.split(":"))
+    model, dense = _sparse_resnet20(pattern)
+    x = torch.randn(2, 3, 32, 32)
+    dense_fwd = _dense_forward(dense, x)
+    cost = _step(model, x, FlopsLedger(model))
+    nm = dict((name, layer) for name, layer in model.named_modules() if isinstance(layer, NMLayer))
+    assert len(nm) == len(dense_fwd) - 2  # every conv/linear but the stem and the classifier
+    for name, d in dense_fwd.items():
+        ideal, executed, flag = cost.by_layer[(name, "forward")]
+        assert executed == d  # masked dense kernel: dense work
+        if name in nm:
+            assert ideal * m == d * n
+            assert ideal == int(nm[name].mask.sum()) * d // nm[name].weight.numel()
+            assert flag is True
+            assert cost.by_layer[(name, "input_grad")][0] == ideal
+            assert cost.by_layer[(name, "weight_grad")][:2] == (ideal, d)  # P = m; masked dense kernel
+        else:
+            assert ideal == d and flag is False
+
+
+@pytest.mark.parametrize("kernel", list(WeightGradKernel))
+def test_sparse_weight_grad_counts_mask_or_grad_mask(kernel):
+    model, dense = _sparse_resnet20("2:4", kernel=kernel)
+    x = torch.randn(2, 3, 32, 32)
+    dense_fwd = _dense_forward(dense, x)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in model.named_modules():
+            if isinstance(layer, NMLayer):
+                layer.grad_mask.copy_(torch.rand(layer.weight.shape, generator=gen) < 0.2)
+    cost = _step(model, x, FlopsLedger(model))
+    for name, layer in model.named_modules():
+        if not isinstance(layer, NMLayer):
+            continue
+        positions = dense_fwd[name] // layer.weight.numel()
+        ideal, executed, flag = cost.by_layer[(name, "weight_grad")]
+        assert ideal == int((layer.mask | layer.grad_mask).sum()) * positions
+        assert executed == (ideal if kernel is WeightGradKernel.GATHER else dense_fwd[name])
+        assert flag is False
+
+
+@pytest.mark.parametrize("mode", [Backward.DENSE, Backward.STE, Backward.SRSTE])
+def test_dense_weight_grad_modes_count_dense_work(mode):
+    model, dense = _sparse_resnet20("2:4", mode=mode)
+    x = torch.randn(2, 3, 32, 32)
+    dense_fwd = _dense_forward(dense, x)
+    cost = _step(model, x, FlopsLedger(model))
+    for name, d in dense_fwd.items():
+        assert cost.by_layer[(name, "weight_grad")] == (d, d, False)
+
+
+def test_first_layer_input_grad_is_never_charged_even_when_sparse():
+    torch.manual_seed(0)
+    model = nn.Sequential(NMConv2d(4, 8, 3, pattern="2:4"), nn.ReLU(), NMConv2d(8, 8, 3, pattern="2:4"))
+    first = "0"
+    cost = _step(model, torch.randn(2, 4, 8, 8), FlopsLedger(model))
+    assert cost.by_layer[("2", "input_grad")][0] > 0
+    assert (first, "forward") in cost.by_layer and (first, "weight_grad") in cost.by_layer
+    assert (first, "input_grad") not in cost.by_layer
+
+
+def test_paused_charges_nothing():
+    model, _ = _sparse_resnet20("2:4")
+    x = torch.randn(2, 3, 32, 32)
+    ledger = FlopsLedger(model)
+    with ledger.paused():
+        with torch.no_grad():
+            model(x)
+        out = model(x)  # a forward under paused with grad: its backward is not charged either
+    out.sum().backward()
+    with ledger.paused(), ledger.paused():  # nested pauses
+        model(x).sum().backward()
+    cost = ledger.end_step()
+    assert cost.ideal_macs == cost.executed_macs == 0 and cost.by_layer == {}
+    assert ledger.total_ideal_macs == 0
+    assert all(layer.observer is not None for layer in model.modules() if isinstance(layer, NMLayer))
+    cost = _step(model, x, ledger)
+    assert cost.ideal_macs > 0
+
+
+def _transposable_2_4(cout: int, k: int) -> torch.Tensor:
+    """A 2:4 mask that is 2:4 along rows and along columns: keep (i + j) % 4 in {0, 1}."""
+    i = torch.arange(cout).unsqueeze(1)
+    j = torch.arange(k).unsqueeze(0)
+    return ((i + j) % 4) < 2
+
+
+def test_nm_on_reduction_flags():
+    torch.manual_seed(0)
+    net = nn.Sequential(NMLinear(16, 8, pattern="2:4"), nn.ReLU(), NMLinear(8, 6, pattern="2:4"), nn.ReLU(),
+                        nn.Linear(6, 3))
+    x = torch.randn(4, 16, requires_grad=True)
+    ledger = FlopsLedger(net)
+    cost = _step(net, x, ledger)
+    assert cost.by_layer[("0", "forward")][2] is True
+    assert cost.by_layer[("0", "weight_grad")][2] is False
+    assert cost.by_layer[("2", "input_grad")][2] is False  # Cout = 6 is not a multiple of M = 4
+    assert all(cost.by_layer[("4", ph)][2] is False for ph in PHASES)  # dense layer
+    # a magnitude mask of random weights is (almost surely) not transposable; a constructed one is
+    assert cost.by_layer[("0", "input_grad")][2] is False
+    net[0].set_mask(_transposable_2_4(8, 16))
+    cost = _step(net, x, ledger)  # the cache sees the new mask version
+    assert cost.by_layer[("0", "input_grad")][2] is True
+    assert cost.by_layer[("0", "forward")][2] is True
+    # a mask that breaks N:M along K (all ones) is recorded honestly
+    with torch.no_grad():
+        net[0].mask.fill_(True)
+    cost = _step(net, x, ledger)
+    assert cost.by_layer[("0", "forward")][2] is False and cost.by_layer[("0", "input_grad")][2] is False
+    # epoch rows: the flag holds only if it held for every call in the epoch
+    rows = {(r["layer"], r["phase"]): r for r in ledger.epoch_rows(0, 3)}
+    assert rows[("0", "forward")]["nm_on_reduction"] is False
+
+
+def test_nm_grouped_conv_counts():
+    torch.manual_seed(0)
+    conv = NMConv2d(8, 8, 3, padding=1, groups=2, pattern="2:4")  # K = 4*9 = 36
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    cost = _step(conv, x, FlopsLedger(conv))
+    dense = conv2d_macs((2, 8, 6, 6), tuple(conv.weight.shape), 1, 1, 1, 2)
+    assert cost.by_layer[("", "forward")][:2] == (dense // 2, dense)
+    assert cost.by_layer[("", "input_grad")][:2] == (dense // 2, dense)
+    assert cost.by_layer[("", "weight_grad")][:2] == (dense // 2, dense)
+
+
+# --------------------------------------------------------------------------------------------------
+# ledger bookkeeping
+
+
+def _tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                         NMConv2d(8, 8, 3, padding=1, pattern="2:4"), nn.AdaptiveAvgPool2d(1), nn.Flatten(1),
+                         nn.Linear(8, 4))
+
+
+def test_epoch_rows_totals_adaptation_and_state_dict_round_trip():
+    net = _tiny()
+    x = torch.randn(2, 3, 8, 8)
+    ledger = FlopsLedger(net)
+    c1 = _step(net, x, ledger)
+    ledger.begin_step()
+    net(x).sum().backward()
+    ledger.charge_adaptation(1234)
+    c2 = ledger.end_step()
+    assert c2.by_phase[ADAPTATION] == (1234, 1234)
+    assert c2.ideal_macs == c1.ideal_macs + 1234
+    assert ledger.total_ideal_macs == c1.ideal_macs + c2.ideal_macs
+    assert ledger.total_executed_macs == c1.executed_macs + c2.executed_macs
+
+    state = ledger.state_dict()
+    assert state["convention"] == CONVENTION
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    net2 = _tiny()
+    resumed = FlopsLedger(net2)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert json.loads(json.dumps(state)) == state  # plain types only
+
+    rows = ledger.epoch_rows(0, 2)
+    assert rows == resumed.epoch_rows(0, 2)
+    assert [r["layer"] for r in rows] == ["0", "0", "2", "2", "2", "5", "5", "5", ADAPTATION_LAYER]
+    assert [r["phase"] for r in rows[:2]] == ["forward", "weight_grad"]  # first conv: no input grad
+    by = {(r["layer"], r["phase"]): r for r in rows}
+    assert by[("2", "forward")]["ideal_macs"] == 2 * c1.by_layer[("2", "forward")][0]
+    assert by[(ADAPTATION_LAYER, ADAPTATION)]["ideal_macs"] == 1234
+    assert sum(r["ideal_macs"] for r in rows) == ledger.total_ideal_macs
+    assert set(rows[0]) == {"epoch", "step", "layer", "phase", "ideal_macs", "executed_macs", "nm_on_reduction"}
+    assert ledger.epoch_rows(1, 2) == []
+    assert (resumed.total_ideal_macs, resumed.total_executed_macs, resumed.steps) == (
+        ledger.total_ideal_macs, ledger.total_executed_macs, 2)
+
+    # the resumed ledger continues exactly like the original
+    c3 = _step(net, x, ledger)
+    c3b = _step(net2, x, resumed)
+    assert c3.ideal_macs == c3b.ideal_macs
+    assert resumed.total_ideal_macs == ledger.total_ideal_macs
+
+
+def test_disabled_detach_and_layers_swapped_in_later():
+    net = _tiny()
+    x = torch.randn(2, 3, 8, 8)
+    off = FlopsLedger(net, enabled=False)
+    cost = _step(net, x, off)
+    assert cost.ideal_macs == 0 and off.total_ideal_macs == 0 and off.epoch_rows(0, 1) == []
+    assert net[2].observer is None and not net[0]._forward_hooks
+
+    ledger = FlopsLedger(net)
+    assert net[2].observer is not None and len(net[0]._forward_hooks) == 1
+    ledger.detach()
+    assert net[2].observer is None and not net[0]._forward_hooks
+    assert _step(net, x, ledger).ideal_macs == 0
+
+    ledger = FlopsLedger(net)
+    before = _step(net, x, ledger)
+    sparsify(net, "2:4", policy=LayerPolicy(first_conv_dense=False, classifier_dense=False))
+    after = _step(net, x, ledger)  # begin_step re-attached to the swapped layers
+    assert isinstance(net[5], NMLayer) and net[5].observer is not None
+    assert not isinstance(net[0], NMLayer)  # K = 27 is not a multiple of 4: stays dense
+    assert after.by_layer[("5", "forward")][0] * 2 == before.by_layer[("5", "forward")][0]
+    assert after.by_layer[("0", "forward")] == before.by_layer[("0", "forward")]
+
+
+def test_model_step_costs_adaptation_step_and_dense_reference():
+    model, dense = _sparse_resnet20("2:4")
+    dense_costs = model_step_costs(dense, (2, 3, 32, 32))
+    costs = model_step_costs(model, (2, 3, 32, 32))
+    assert dense_costs.step.by_phase == dense_costs.adapt.by_phase  # no N:M layer: nothing to adapt
+    d = dense_costs.step
+    first = _convs_and_linears(dense)[0][0]
+    assert d.ideal_macs == 3 * d.by_phase["forward"][0] - d.by_layer[(first, "forward")][0]
+    # adaptation step: every candidate block -> the weight gradient is dense everywhere
+    assert costs.adapt.by_phase["weight_grad"][0] == d.by_phase["weight_grad"][0]
+    assert costs.adapt.by_phase["forward"] == costs.step.by_phase["forward"]
+    assert costs.step.by_phase["weight_grad"][0] < d.by_phase["weight_grad"][0]
+    # grad masks and gradients restored
+    assert all(not layer.grad_mask.any() for layer in model.modules() if isinstance(layer, NMLayer))
+    assert all(p.grad is None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------------
+# schedule helper and the CLI
+
+
+def _run_cli(argv: list[str]) -> str:
+    parser = argparse.ArgumentParser(prog="bame")
+    add_flops_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert args.func(args) == 0
+    return out.getvalue()
+
+
+def _config(tmp_path, method: str) -> str:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data: {name: synthetic, synthetic_image_size: 16, synthetic_train_size: 1003}\n"
+                   "model: {name: resnet20}\n"
+                   f"method: {{name: {method}, pattern: '2:4', asp_prune_fraction: 0.25, "
+                   "bame: {interval_steps: 10}}\n"
+                   "train: {epochs: 2, batch_size: 100}\n")
+    return str(cfg)
+
+
+def test_cli_flops_json_and_table(tmp_path):
+    cfg = _config(tmp_path, "bame")
+    rep = json.loads(_run_cli(["flops", "--config", cfg, "--set", "train.batch_size=5",
+                               "method.bame.rho_decay=constant", "--json"]))
+    assert rep["convention"] == CONVENTION
+    assert rep["measured_batch"] == 2 and rep["input_shape"] == [5, 3, 16, 16]
+    # drop_last: 1003 // 5 = 200 steps per epoch; adaptation at 0, 10, ..., 190 (t_f = 200)
+    assert (rep["steps_per_epoch"], rep["run_steps"], rep["adaptation_steps"]) == (200, 400, 20)
+    assert rep["dense_step_macs"] > rep["adapt_step_macs"] > rep["step_macs"] > 0
+    # constant rho: every layer has candidates on every adaptation step
+    assert rep["run_total_macs"] == 380 * rep["step_macs"] + 20 * rep["adapt_step_macs"]
+    assert rep["run_total_executed_macs"] == 400 * rep["step_executed_macs"]  # masked dense kernels
+    assert rep["dense_run_total_macs"] == 400 * rep["dense_step_macs"]
+    # the pass at batch 2 scaled to batch 5 equals a direct measurement at batch 5
+    dense5 = model_step_costs(models.create("resnet20", 10, 3), (5, 3, 16, 16))
+    assert rep["dense_step_macs"] == dense5.step.ideal_macs
+    layer = next(e for e in rep["layers"] if e["sparse"])
+    assert set(layer["step"]) == set(PHASES) and layer["step"]["forward"]["nm_on_reduction"] is True
+    assert layer["adapt"]["weight_grad"]["ideal"] == layer["dense"]["weight_grad"]["ideal"]
+    assert sum(sum(ph["ideal"] for ph in e["step"].values()) for e in rep["layers"]) == rep["step_macs"]
+
+    # cosine rho: late adaptation steps leave small layers without candidates
+    cos = json.loads(_run_cli(["flops", "--config", cfg, "--set", "train.batch_size=5", "--json"]))
+    assert 400 * cos["step_macs"] < cos["run_total_macs"] < 380 * cos["step_macs"] + 20 * cos["adapt_step_macs"]
+
+    table = _run_cli(["flops", "--config", cfg])
+    assert CONVENTION in table and "scaled linearly" in table and "layer1.0.conv1" in table
+
+
+@pytest.mark.parametrize("method", ["dense", "static", "ste", "srste", "asp"])
+def test_cli_flops_other_methods(tmp_path, method):
+    rep = json.loads(_run_cli(["flops", "--config", _config(tmp_path, method), "--json"]))
+    dense, step = rep["dense_step_macs"], rep["step_macs"]
+    assert rep["adaptation_steps"] == 0 and rep["adapt_step_macs"] == step or method == "asp"
+    if method == "dense":
+        assert step == dense
+    elif method == "static":
+        assert step < dense and rep["run_total_macs"] == rep["run_steps"] * step
+    elif method in ("ste", "srste"):  # 2 f_S + f_D on the N:M layers
+        assert step_phase(rep, "weight_grad") == rep["dense_step_by_phase"]["weight_grad"]
+        assert step_phase(rep, "forward") < rep["dense_step_by_phase"]["forward"]
+    else:  # asp: dense until the prune step (a quarter of 2 x 10 steps = step 5), sparse after
+        assert (rep["run_steps"], rep["prune_step"]) == (20, 5)
+        assert rep["before_prune_step_macs"] == dense
+        assert rep["run_total_macs"] == 5 * dense + 15 * step and step < dense
+
+
+def step_phase(rep: dict, phase: str) -> int:
+    return rep["step_by_phase"][phase]
