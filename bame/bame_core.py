@@ -179,7 +179,7 @@ class OBFState:
 
     @classmethod
     def initial(cls, num_blocks: int, groups_per_block: int, m: int,
-                device: torch.device | str | None = None) -> "OBFState":
+                device: torch.device | str | None = None) -> OBFState:
         z = dict(device=device)
         return cls(torch.zeros(num_blocks, dtype=torch.float32, **z),
                    torch.zeros(num_blocks, dtype=torch.int64, **z),
@@ -188,7 +188,7 @@ class OBFState:
                    torch.zeros(num_blocks, groups_per_block, m, dtype=torch.bool, **z),
                    torch.zeros(num_blocks, dtype=torch.bool, **z))
 
-    def to(self, device: torch.device | str) -> "OBFState":
+    def to(self, device: torch.device | str) -> OBFState:
         return OBFState(*(t.to(device) for t in self.tensors()))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:

@@ -9,6 +9,7 @@ nothing after ``t_f``), and the baselines against their defining behaviour.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -149,12 +150,13 @@ class BameChecker:
                 assert not cand_blocks[frozen].any(), "frozen blocks got a candidate gradient"
                 if adapting and m.budgets(step)[name] > 0:
                     assert cand_blocks[~frozen].all()
-                self.before[name] = dict(w=w.clone(), g=g.clone(), mask=layer.mask.clone(), cand=cand.clone(),
-                                         frozen=frozen.clone())
+                # CPU copies: the records the method hands out are CPU tensors
+                self.before[name] = dict(w=w.cpu().clone(), g=g.cpu().clone(), mask=layer.mask.cpu().clone(),
+                                         frozen=frozen.cpu().clone())
         elif stage == "after_backward":
             rec = m.last_adaptation
             assert (rec is not None) == (m.is_adaptation_step(step))
-            for name, layer in layers:
+            for _, layer in layers:
                 assert (layer.weight.grad[~layer.mask] == 0).all()  # masked to the old mask
             if rec is not None:
                 assert rec.scoring_elementwise_ops > 0
@@ -163,8 +165,9 @@ class BameChecker:
             for name, layer in layers:
                 b = self.before[name]
                 pruned = ~b["mask"]
-                assert torch.equal(layer.weight.detach()[pruned], b["w"][pruned]), "optimizer moved a pruned weight"
-                b["w_opt"] = layer.weight.detach().clone()
+                w_opt = layer.weight.detach().cpu()
+                assert torch.equal(w_opt[pruned], b["w"][pruned]), "optimizer moved a pruned weight"
+                b["w_opt"] = w_opt.clone()
         elif stage == "end":
             rec = m.last_adaptation
             for name, layer in layers:
@@ -172,20 +175,21 @@ class BameChecker:
                 n = layer.pattern.n
                 assert (group_counts(layer.mask, layer.pattern.m, layer.layout) == n).all()
                 assert (layer.masked_weight()[~layer.mask] == 0).all()
-                changed = to_blocks(layer.mask != b["mask"], grid, layer.layout).flatten(1).any(1)
+                mask, weight = layer.mask.cpu(), layer.weight.detach().cpu()
+                changed = to_blocks(mask != b["mask"], grid, layer.layout).flatten(1).any(1)
                 assert not changed[b["frozen"]].any(), "a frozen block changed"
                 if rec is None:
                     assert not changed.any(), f"step {step}: mask changed off an adaptation step"
                     continue
                 self.changed_steps.append(step)
                 self.frozen_seen = max(self.frozen_seen, int(m.obf[name].frozen.sum()))
-                moved = layer.mask != b["mask"]
+                moved = mask != b["mask"]
                 if self.run.method.bcfg.regrow == "stored":
-                    assert torch.equal(layer.weight.detach(), b["w_opt"])  # swaps never touch stored values
+                    assert torch.equal(weight, b["w_opt"])  # swaps never touch stored values
                 else:
-                    grown = layer.mask & ~b["mask"]
-                    assert (layer.weight.detach()[grown] == 0).all()
-                mom = run.opt.state[layer.weight]["momentum_buffer"]
+                    grown = mask & ~b["mask"]
+                    assert (weight[grown] == 0).all()
+                mom = run.opt.state[layer.weight]["momentum_buffer"].cpu()
                 assert (mom[moved] == 0).all(), "momentum survived a swap"
                 la = next(la for la in rec.layers if la.layer == name)
                 assert la.selected_blocks == int(changed.sum())
@@ -199,7 +203,7 @@ class BameChecker:
                 # each changed block made exactly that swap: one out, one in, same group
                 wb, gb = to_blocks(b["w"], grid, layer.layout), to_blocks(b["g"], grid, layer.layout)
                 old_b = to_blocks(b["mask"], grid, layer.layout)
-                new_b = to_blocks(layer.mask, grid, layer.layout)
+                new_b = to_blocks(mask, grid, layer.layout)
                 drop, grow = (old_b & ~new_b)[changed], (new_b & ~old_b)[changed]  # [C, G, m]
                 assert (drop.flatten(1).sum(1) == 1).all() and (grow.flatten(1).sum(1) == 1).all()
                 assert torch.equal(drop.sum(-1), grow.sum(-1))  # in the same group
@@ -229,7 +233,7 @@ def test_bame_invariants_every_step():
     for _ in range(TOTAL):
         run.one_step(checker)
         if run.step == run.method.t_f:
-            masks_at_tf = {n: l.mask.clone() for n, l in run.layers()}
+            masks_at_tf = {n: lay.mask.clone() for n, lay in run.layers()}
     assert run.method.t_f == 20
     assert checker.changed_steps and set(checker.changed_steps) <= {0, 5, 10, 15}
     for name, layer in run.layers():  # after t_f nothing changes and no candidate gradient is computed
@@ -269,7 +273,7 @@ def test_oscillating_blocks_freeze_and_then_stay_put():
     run.run(TOTAL, checker)
     assert checker.events_seen > 0
     assert checker.frozen_seen > 0  # and BameChecker checked they never changed afterwards
-    for name, layer in run.layers():
+    for name in run.method.obf:
         st = run.method.obf[name]
         f = bame_core.effective_frequency(st, 0.2)
         # frozen exactly where the rule says so (frozen flags are sticky, the rule held when they were set)
@@ -279,10 +283,10 @@ def test_oscillating_blocks_freeze_and_then_stay_put():
 def test_frozen_blocks_get_no_candidate_gradient_and_never_change():
     run = Run(method_cfg("bame", rho=1.0, rho_decay="constant"))
     state = run.method.state_dict()
-    for name, s in state["layers"].items():
+    for _, s in state["layers"].items():
         s["frozen"][::2] = True
     run.method.load_state_dict(state)
-    frozen_masks = {n: to_blocks(l.mask, run.method.grids[n], l.layout)[::2].clone() for n, l in run.layers()}
+    frozen_masks = {n: to_blocks(lay.mask, run.method.grids[n], lay.layout)[::2].clone() for n, lay in run.layers()}
     checker = BameChecker(run)
     run.run(TOTAL, checker)
     for name, layer in run.layers():
@@ -311,7 +315,7 @@ def test_regrow_zero_vs_stored():
         run.forward_backward(0)
         run.method.after_backward(0)
         run.opt.step()
-        before = {n: (l.mask.clone(), l.weight.detach().clone()) for n, l in run.layers()}
+        before = {n: (lay.mask.clone(), lay.weight.detach().clone()) for n, lay in run.layers()}
         run.method.after_optimizer_step(0)
         grown_vals = []
         for name, layer in run.layers():
@@ -333,8 +337,8 @@ def test_momentum_is_reset_at_both_ends_of_a_swap():
     run.forward_backward(5)
     run.method.after_backward(5)
     run.opt.step()
-    old = {n: l.mask.clone() for n, l in run.layers()}
-    momentum = {n: run.opt.state[l.weight]["momentum_buffer"].clone() for n, l in run.layers()}
+    old = {n: lay.mask.clone() for n, lay in run.layers()}
+    momentum = {n: run.opt.state[lay.weight]["momentum_buffer"].clone() for n, lay in run.layers()}
     run.method.after_optimizer_step(5)
     for name, layer in run.layers():
         dropped, grown = old[name] & ~layer.mask, layer.mask & ~old[name]
@@ -353,7 +357,6 @@ def test_rho_follows_the_cosine_schedule_in_records_and_budgets():
             rhos[r.step] = r.method.last_adaptation.rho
             budgets[r.step] = {la.layer: la.candidate_blocks > 0 for la in r.method.last_adaptation.layers}
     run.run(TOTAL, probe)
-    import math
     assert sorted(rhos) == [0, 5, 10, 15]
     for s, v in rhos.items():
         assert v == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * s / 20)))
@@ -385,7 +388,7 @@ def test_state_dict_round_trip_reproduces_the_next_steps_exactly():
     b.restore(snap)
     assert b.step == 7
     b.run(TOTAL - 7)
-    for (na, la), (nb, lb) in zip(a.layers(), b.layers()):
+    for (_, la), (_, lb) in zip(a.layers(), b.layers()):
         assert torch.equal(la.mask, lb.mask) and torch.equal(la.weight, lb.weight)
     for name in a.method.obf:
         for x, y in zip(a.method.obf[name].tensors(), b.method.obf[name].tensors()):
@@ -409,11 +412,11 @@ def test_non_finite_gradient_skips_the_adaptation():
     run.forward_backward(0)
     name, layer = run.layers()[0]
     layer.weight.grad[0, 0, 0, 0] = float("inf")
-    masks = {n: l.mask.clone() for n, l in run.layers()}
+    masks = {n: lay.mask.clone() for n, lay in run.layers()}
     run.method.after_backward(0)
     assert all(la.selected_blocks == 0 for la in run.method.last_adaptation.layers)
     run.method.after_optimizer_step(0)  # (the loop's grad scaler would skip the optimizer step)
-    assert all(torch.equal(l.mask, masks[n]) for n, l in run.layers())
+    assert all(torch.equal(lay.mask, masks[n]) for n, lay in run.layers())
 
 
 def test_bad_block_tiling_names_the_layer():
@@ -437,13 +440,13 @@ def test_dense_leaves_the_model_untouched():
 @pytest.mark.parametrize("mask_init", ["magnitude", "random"])
 def test_static_mask_never_changes_and_pruned_weights_never_move(mask_init):
     run = Run(replace(method_cfg("static"), mask_init=mask_init))
-    masks = {n: l.mask.clone() for n, l in run.layers()}
-    for name, layer in run.layers():
+    masks = {n: lay.mask.clone() for n, lay in run.layers()}
+    for _, layer in run.layers():
         assert layer.backward_mode is Backward.SPARSE
         assert (group_counts(layer.mask, 4) == 2).all()
         magnitude = nm_mask(layer.weight.abs(), 2, 4)
         assert torch.equal(layer.mask, magnitude) == (mask_init == "magnitude")
-    w0 = {n: l.weight.detach().clone() for n, l in run.layers()}
+    w0 = {n: lay.weight.detach().clone() for n, lay in run.layers()}
 
     def probe(stage, r):
         if stage == "backward":
@@ -459,7 +462,7 @@ def test_static_mask_never_changes_and_pruned_weights_never_move(mask_init):
         assert torch.equal(layer.mask, masks[name])
         assert torch.equal(layer.weight.detach()[~layer.mask], w0[name][~layer.mask])
         assert not torch.equal(layer.weight.detach()[layer.mask], w0[name][layer.mask])
-    assert {id(p) for p in run.method.self_decayed_parameters()} == {id(l.weight) for _, l in run.layers()}
+    assert {id(p) for p in run.method.self_decayed_parameters()} == {id(lay.weight) for _, lay in run.layers()}
 
 
 @pytest.mark.parametrize("name", ["ste", "srste"])
@@ -491,7 +494,7 @@ def test_ste_and_srste_gradient_formula(name):
     lam = 2e-4 if name == "srste" else 0.0
     # reference: plain autograd with W*m as a leaf gives g = dL/d(W*m)
     layers = run.layers()
-    effs = {n: (l.weight.detach() * l.mask).requires_grad_() for n, l in layers}
+    effs = {n: (lay.weight.detach() * lay.mask).requires_grad_() for n, lay in layers}
     x, y = batch(0)
     h = x
     for module in run.model:
@@ -524,7 +527,7 @@ def test_asp_prunes_at_the_configured_point():
                     assert (group_counts(layer.mask, 4) == 2).all() and layer.backward_mode is Backward.SPARSE
                     assert (layer.weight.grad[~layer.mask] == 0).all()
         if stage == "end" and r.step == 9:
-            seen["w9"] = {n: l.weight.detach().clone() for n, l in r.layers()}
+            seen["w9"] = {n: lay.weight.detach().clone() for n, lay in r.layers()}
         if stage == "optimizer" and r.step >= 10:
             for n, layer in r.layers():
                 assert torch.equal(layer.weight.detach()[~layer.mask], seen["w9"][n][~layer.mask])
@@ -550,7 +553,7 @@ def test_asp_resume_restores_the_sparse_phase():
     snap = a.snapshot()
     b = Run(cfg, total=20)
     b.restore(snap)
-    assert b.method.pruned and all(l.backward_mode is Backward.SPARSE for _, l in b.layers())
+    assert b.method.pruned and all(lay.backward_mode is Backward.SPARSE for _, lay in b.layers())
     a.run(4)
     b.run(4)
     for (_, la), (_, lb) in zip(a.layers(), b.layers()):
