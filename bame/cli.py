@@ -8,6 +8,7 @@
     bame inspect runs/<id>        (or a folder of runs: one line each)
     bame data ...                  (bame.data)
     bame flops ...                 (bame.flops)
+    bame export RUN_DIR            (bame.export)
 
 User mistakes (a missing file, a bad key or pattern, a data set not on disk, a missing run folder)
 print one line per problem and exit with status 2, without a traceback.
@@ -50,7 +51,33 @@ def _command(argv: Optional[Sequence[str]]) -> list[str]:
 # train
 
 
+def _init_distributed() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, else gloo); True if joined here."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    joined = _init_distributed()
+    try:
+        return _train(args)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     sets = _flatten_sets(args.set)
@@ -180,6 +207,9 @@ def describe_run(run: RunReader) -> str:
         fl = s["flops"]
         lines.append(f"FLOPs     ideal {fl['ideal_macs']:.4g} MACs = {fl['ideal_flops']:.4g} FLOPs; executed "
                      f"{fl['executed_macs']:.4g} MACs = {fl['executed_flops']:.4g} FLOPs  ({fl['convention']})")
+        if fl.get("dense_macs"):
+            lines.append(f"            dense training of the same model for the same steps: {fl['dense_macs']:.4g} MACs; "
+                         f"ideal = {fl['ideal_x_dense']:.3f} x dense")
         for phase, v in sorted(fl.get("by_phase", {}).items()):
             lines.append(f"            {phase:<12} ideal {v['ideal_macs']:.4g}  executed {v['executed_macs']:.4g} MACs")
         lines.append(f"wall time {s['wall_time_s']:.1f} s on {s.get('device')}")
@@ -296,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_optional_parser(sub, "data", "data", "add_data_parser", "list and fetch data sets")
     _add_optional_parser(sub, "flops", "flops", "add_flops_parser", "count training FLOPs")
+    _add_optional_parser(sub, "export", "export", "add_export_parser", "export a run's N:M layers compressed")
     return parser
 
 
@@ -328,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _err(str(err).strip().replace("\n", " "))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _err("interrupted (resume a run with: bame train --resume RUN_DIR)")
+        _err("interrupted")
         return EXIT_INTERRUPTED
 
 

@@ -54,7 +54,6 @@ __all__ = ["train", "RunResult", "DistContext", "Schedule", "plan_schedule", "LR
            "resolve_device", "ResumeError", "resume_config"]
 
 CHECKPOINT_FORMAT = 1
-FLOPS_CONVENTION = "MACs (multiply-accumulates); FLOPs = 2 x MACs"
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
@@ -293,7 +292,6 @@ class _Trainer:
         self.step = 0
         self.epoch_rng: Optional[dict] = None  # RNG state at the start of the current epoch
         self.wall_offset = 0.0  # wall time of earlier segments (resume)
-        self.phase_totals: dict[str, list[int]] = {}  # phase -> [ideal, executed] MACs
         self.best_test_acc: Optional[float] = None
         self.last_test: dict[str, Optional[float]] = {"loss": None, "acc": None}
         self.last_train: dict[str, Optional[float]] = {"loss": None, "acc": None}
@@ -342,6 +340,13 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.ledger = FlopsLedger(self.model, enabled=self.cfg.instrument.flops)
+        # Training forwards go through ``self.net``: the model itself, or its DDP wrapper under torchrun
+        # (gradients are all-reduced during backward, so the method's after_backward sees global ones).
+        # Hooks, checkpoints and evaluation use the bare model.
+        self.net = self.model
+        if self.dist.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
 
     def attach_writer(self, writer: Any) -> None:
         from .instrument import Recorders
@@ -381,7 +386,6 @@ class _Trainer:
             "steps_per_epoch": spe,
             "schedule_steps": self.sched.schedule_steps,
             "wall_time_s": self.wall_time(),
-            "phase_totals": self.phase_totals,
             "best_test_acc": self.best_test_acc,
             "last_test": self.last_test,
             "last_train": self.last_train,
@@ -410,7 +414,6 @@ class _Trainer:
         self.step = int(ckpt["step"])
         self.epoch_rng = ckpt.get("epoch_rng")
         self.wall_offset = float(ckpt.get("wall_time_s", 0.0))
-        self.phase_totals = {k: list(v) for k, v in ckpt.get("phase_totals", {}).items()}
         self.best_test_acc = ckpt.get("best_test_acc")
         self.last_test = ckpt.get("last_test", self.last_test)
         self.last_train = ckpt.get("last_train", self.last_train)
@@ -520,7 +523,7 @@ class _Trainer:
 
     def train_loop(self) -> None:
         tc, sched = self.cfg.train, self.sched
-        model, method, opt, ledger = self.model, self.method, self.optimizer, self.ledger
+        model, method, opt, ledger = self.net, self.method, self.optimizer, self.ledger
         from tqdm.auto import tqdm
 
         bar = tqdm(total=sched.run_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
@@ -557,10 +560,6 @@ class _Trainer:
                     method.after_optimizer_step(step)
                     cost = ledger.end_step()
                     self.last_step_ideal = cost.ideal_macs
-                    for phase, (ideal, executed) in cost.by_phase.items():
-                        tot = self.phase_totals.setdefault(str(getattr(phase, "value", phase)), [0, 0])
-                        tot[0] += int(ideal)
-                        tot[1] += int(executed)
                     scalars = self.recorders.on_step_end(step)
                     if scalars:
                         self.scalars.update(scalars)
@@ -595,9 +594,25 @@ class _Trainer:
             self.flush_flops()
             self.save_checkpoint()
 
+    def dense_step_macs(self) -> Optional[int]:
+        """MACs of one dense training step of the same architecture at this batch size (counted by the
+        ledger on a batch of one, scaled linearly: MACs are linear in the batch), for ``x dense`` ratios."""
+        from . import models as models_mod
+        from .flops import model_step_costs
+
+        b = self.bundle
+        with rng_neutral(self.device):
+            dense = models_mod.create(self.cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels)
+            costs = model_step_costs(dense, (1, b.in_channels, b.image_size, b.image_size))
+        return int(costs.step.ideal_macs) * self.cfg.train.batch_size
+
     def summary(self) -> dict[str, Any]:
+        from .flops import CONVENTION
+
         ideal, executed = int(self.ledger.total_ideal_macs), int(self.ledger.total_executed_macs)
+        dense = self.dense_step_macs() * self.step if self.cfg.instrument.flops else None
         report = getattr(self.method, "report", None)
+        by_phase = getattr(self.ledger, "total_by_phase", {})
         return {
             "run_id": self.writer.id,
             "status": "completed",
@@ -613,13 +628,16 @@ class _Trainer:
                       "train_loss": self.last_train["loss"], "train_acc": self.last_train["acc"]},
             "best_test_acc": self.best_test_acc,
             "flops": {
-                "convention": FLOPS_CONVENTION,
+                "convention": CONVENTION,
                 "enabled": self.cfg.instrument.flops,
                 "ideal_macs": ideal,
                 "executed_macs": executed,
                 "ideal_flops": 2 * ideal,
                 "executed_flops": 2 * executed,
-                "by_phase": {k: {"ideal_macs": v[0], "executed_macs": v[1]} for k, v in self.phase_totals.items()},
+                "by_phase": {k: {"ideal_macs": int(v[0]), "executed_macs": int(v[1])} for k, v in by_phase.items()},
+                # dense training of the same model for the same steps (per process), and the ratio
+                "dense_macs": dense,
+                "ideal_x_dense": ideal / dense if dense else None,
             },
             "sparsify": {"sparse_layers": len(report.sparse_names), "dense_layers": len(report.dense_names)}
             if report is not None else None,
@@ -636,6 +654,13 @@ class _Trainer:
             train_loss=self.last_train["loss"], ideal_macs=int(self.ledger.total_ideal_macs),
             executed_macs=int(self.ledger.total_executed_macs), wall_time_s=self.wall_time(),
             summary=summary or {})
+
+
+def _ending_note(writer: RunWriter, status: str, step: int) -> str:
+    ckpt = writer.manifest.get("checkpoint_step")
+    how = (f"continue from its checkpoint at step {ckpt} with: bame train --resume {writer.path}"
+           if ckpt is not None else "it has no checkpoint yet")
+    return f"run {writer.id} {status} at step {step} (manifest status {status!r}, no DONE); {how}"
 
 
 def _num(x: Optional[float]) -> str:
@@ -730,10 +755,12 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
         except KeyboardInterrupt:
             if dist.is_main:
                 writer.interrupt()
+                trainer.say(_ending_note(writer, "interrupted", trainer.step))
             raise
         except BaseException as err:
             if dist.is_main:
                 writer.fail(err, traceback.format_exc())
+                trainer.say(_ending_note(writer, "failed", trainer.step))
             raise
         finally:
             writer.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -13,9 +13,6 @@ from bame.methods import METHODS
 from bame.runs import find_runs, load_run
 
 from test_train import QUICK, SMALL, _failing, collaborators  # noqa: F401  (fixture: fakes for missing modules)
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def sets(*extra: str) -> list[str]:
     return ["--set", *SMALL, *extra]
@@ -43,7 +40,7 @@ def test_train_and_inspect(tmp_path, capsys):
     assert r.manifest["command"][:2] == ["bame", "train"]
     assert main(["inspect", str(run)]) == 0
     text = capsys.readouterr().out
-    for piece in ("status    completed", "quick: synthetic / lenet5 / bame 2:4 / seed 0", "test top-1",
+    for piece in ("x dense", "status    completed", "quick: synthetic / lenet5 / bame 2:4 / seed 0", "test top-1",
                   "FLOPs = 2 x MACs", "wall time", "sparsify  5 decisions: 2 sparse, 3 dense", "9 / 16 steps"):
         assert piece in text, piece
     assert main(["inspect", str(tmp_path)]) == 0  # a folder of runs: one line each
@@ -63,11 +60,12 @@ def test_resume_through_the_cli(tmp_path, capsys):
 
 
 def test_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(METHODS, "static", _failing(KeyboardInterrupt, at_step=1))
+    monkeypatch.setitem(METHODS, "static", _failing(KeyboardInterrupt, at_step=9))
     code = main(["train", "--config", str(QUICK), "--out", str(tmp_path), *sets("method.name=static")])
     assert code == 130
-    assert "bame train --resume" in capsys.readouterr().err
     (run,) = find_runs(tmp_path)
+    out = capsys.readouterr()
+    assert "interrupted" in out.err and f"bame train --resume {run.path}" in out.out
     assert run.status == "interrupted" and not run.done
     assert main(["inspect", str(run.path)]) == 0
     assert "status    interrupted" in capsys.readouterr().out
@@ -125,9 +123,11 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert "--config" in one_line_error(capsys)
 
 
-def test_python_dash_m_bame():
-    out = subprocess.run([sys.executable, "-m", "bame", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0
-    for cmd in ("train", "sweep", "inspect", "data", "flops"):
-        assert cmd in out.stdout
+def test_python_dash_m_bame(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bame", "--help"])
+    with pytest.raises(SystemExit) as info:
+        runpy.run_module("bame", run_name="__main__")
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("train", "sweep", "inspect", "data", "flops", "export"):
+        assert cmd in out

@@ -122,6 +122,7 @@ def test_quick_run_writes_a_complete_folder(tmp_path):
     s = r.summary
     assert s["steps"] == 10 and s["schedule_steps"] == 16 and s["flops"]["ideal_flops"] == 2 * res.ideal_macs
     assert "FLOPs = 2 x MACs" in s["flops"]["convention"]
+    assert 0 < s["flops"]["ideal_x_dense"] < 1 and s["flops"]["dense_macs"] > res.ideal_macs
     f = r.table("flops")
     assert f["ideal_macs"].sum() == res.ideal_macs  # the per-layer rows add up to the total
     assert sorted(set(f["step"])) == [8, 10] and sorted(set(f["epoch"])) == [0, 1]
@@ -226,6 +227,23 @@ def test_resume_after_a_crash_mid_epoch_drops_rows_after_the_checkpoint(tmp_path
     assert steps == list(range(1, 13))  # the row of step 10 (logged before the crash) is not doubled
 
 
+def test_grad_scaler_unscales_before_the_method_sees_gradients(tmp_path, monkeypatch):
+    """fp16 AMP's GradScaler, run on the CPU: a power-of-two loss scale is exact in float32, so the run
+    equals the unscaled one only if bame's after_backward (masked decay, scores) sees unscaled grads."""
+    cfg = quick("train.max_steps=10")
+    plain = run(cfg, tmp_path / "plain")
+    build = train_mod._Trainer.build
+
+    def build_with_scaler(self):
+        build(self)
+        self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+
+    monkeypatch.setattr(train_mod._Trainer, "build", build_with_scaler)
+    scaled = run(cfg, tmp_path / "scaled")
+    assert load_run(scaled.run_dir).load_checkpoint()["scaler"]["scale"] == 2.0 ** 12
+    _assert_same_run(plain.run_dir, scaled.run_dir)
+
+
 def test_resume_refuses_changed_config_and_nothing_to_do(tmp_path):
     res = run(quick("method.name=static", "train.max_steps=2"), tmp_path)
     with pytest.raises(train_mod.ResumeError, match=r"train\.lr: 0\.05 -> 0\.2"):
@@ -239,4 +257,5 @@ def test_train_accepts_a_path_and_overrides(tmp_path):
     res = bame.train(QUICK, out_dir=tmp_path, overrides=SMALL + ["train.max_steps=2", "method.name=dense"],
                      verbose=False)
     assert res.steps == 2 and math.isfinite(res.train_loss)
+    assert res.summary["flops"]["ideal_x_dense"] == 1.0  # the ledger's dense count matches the dense reference
     assert json.loads((res.run_dir / "manifest.json").read_text())["method"] == "dense"
