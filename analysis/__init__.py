@@ -36,7 +36,7 @@ from .readers import (
 from .report import write_report
 from .tables import comparable_keys, format_paper_table, paper_table, to_markdown
 
-__all__ = [  # noqa: RUF022 - grouped by module
+__all__ = [
     # readers
     "FLOPS_CONVENTION", "NotARunFolderError", "find_run_folders", "run_path", "load_runs",
     "load_manifest", "load_config", "load_summary", "load_metrics", "load_flops", "load_masks",

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .readers import (
     PHASES,
@@ -33,6 +34,7 @@ from .readers import (
     load_masks,
     load_metrics,
     load_runs,
+    load_sparsify,
     run_path,
 )
 from .tables import DENSE_PATTERN, _method_rank, _pattern_rank, comparable_keys
@@ -54,7 +56,7 @@ PHASE_LABELS = {"forward": "forward", "input_grad": "input gradient", "weight_gr
                 "adaptation": "mask adaptation"}
 _PHASE_COLORS = {"forward": "#4C72B0", "input_grad": "#55A868", "weight_grad": "#C44E52",
                  "adaptation": "#8172B2"}
-RunsLike = Union[str, Path, pd.DataFrame]  # noqa: UP007 - a runtime alias
+RunsLike = Union[str, Path, pd.DataFrame]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,10 +115,7 @@ def _empty(ax: Any, text: str) -> None:
 
 def has_data(fig: Figure) -> bool:
     """Whether a figure plots anything (lines, images, bars or collections) beyond a message."""
-    for ax in fig.axes:
-        if ax.lines or ax.images or ax.patches or ax.collections:
-            return True
-    return False
+    return any(ax.lines or ax.images or ax.patches or ax.collections for ax in fig.axes)
 
 
 def _mean_band(ax: Any, curves: list[pd.DataFrame], x: str, y: str, color: Any, label: str,
@@ -312,7 +311,7 @@ def _frozen_curve(run: pd.Series) -> pd.DataFrame:
 
 
 def _per_step_plot(df: pd.DataFrame, curve_fn: Any, ycol: str, ylabel: str, title: str,
-                   empty_text: str, logy: bool = False) -> Figure:
+                   empty_text: str, logy: bool = False, ylim_fraction: bool = False) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if df.empty:
         _empty(ax, "no runs")
@@ -336,6 +335,11 @@ def _per_step_plot(df: pd.DataFrame, curve_fn: Any, ycol: str, ylabel: str, titl
         return fig
     if logy:
         ax.set_yscale("symlog", linthresh=1.0)
+    if ylim_fraction:
+        top = max((float(np.nanmax(line.get_ydata())) for line in ax.lines if len(line.get_ydata())),
+                  default=0.0)
+        ax.set_ylim(0.0, max(0.01, 1.1 * top))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -353,38 +357,62 @@ def frozen_fraction(runs: RunsLike, completed_only: bool = True) -> Figure:
     """
     return _per_step_plot(_runs(runs, completed_only), _frozen_curve, "frozen_fraction",
                           "fraction of blocks frozen", "Oscillation-aware block freezing",
-                          "no adaptation.csv in these runs (BAME only)")
+                          "no adaptation.csv in these runs (BAME only)", ylim_fraction=True)
+
+
+def _nm_weights(run: pd.Series, masks: pd.DataFrame) -> float:
+    """Number of N:M weights of a run: from sparsify.csv shapes, else from masks.csv ratios."""
+    sp = load_sparsify(run)
+    if {"sparse", "shape"} <= set(sp.columns):
+        sparse = sp[sp["sparse"].astype(str).str.lower() == "true"]
+        if len(sparse):
+            return float(sum(np.prod([int(d) for d in str(shape).split("x")]) for shape in sparse["shape"]))
+    sized = (masks["flips"] / masks["flip_fraction"]).where(masks["flip_fraction"] > 0)
+    return float(sized.groupby(masks["layer"]).max().sum())
 
 
 def _flips_curve(run: pd.Series, value: str) -> pd.DataFrame:
-    m = load_masks(run)
-    if m.empty:
+    """Flips per training step (0-based, as in masks.csv), zeros filled in for steps without rows.
+
+    masks.csv only has rows for steps where some mask changed; a run records flips at all when its
+    metrics rows carry ``sad_fraction`` (the recorder's scalar for runs with N:M layers).
+    """
+    masks = load_masks(run)
+    metrics = load_metrics(run)
+    recorded = "sad_fraction" in metrics and metrics["sad_fraction"].notna().any()
+    if masks.empty and not recorded:
         return pd.DataFrame(columns=["step", value])
-    if value == "flips":
-        g = m.groupby("step")["flips"].sum()
-    else:
-        # weights per layer = flips / flip_fraction; a layer with no flip does not tell its size,
-        # so the fraction is the flip-weighted ratio over layers that report one
-        size = (m["flips"] / m["flip_fraction"]).where(m["flip_fraction"] > 0)
-        sized = m.assign(size=size).groupby("layer")["size"].max()
-        m = m.assign(size=m["layer"].map(sized))
-        g = m.groupby("step")["flips"].sum() / m.groupby("step")["size"].sum()
-    return pd.DataFrame({"step": g.index.to_numpy(), value: g.to_numpy(float)})
+    steps = run.get("steps") if isinstance(run, pd.Series) else None
+    if steps is None or not np.isfinite(float(steps)):
+        steps = max(float(metrics["step"].max()) if len(metrics) else 0.0,
+                    float(masks["step"].max()) + 1 if len(masks) else 0.0)
+    flips = masks.groupby("step")["flips"].sum().reindex(np.arange(int(steps)), fill_value=0).astype(float)
+    if value == "flip_fraction":
+        n = _nm_weights(run, masks)
+        flips = flips / n if n > 0 else flips * math.nan
+    elif value == "cumulative":
+        flips = flips.cumsum()
+    return pd.DataFrame({"step": flips.index.to_numpy(), value: flips.to_numpy(float)})
 
 
 def mask_flips(runs: RunsLike, value: str = "flips", completed_only: bool = True,
-               logy: bool = True) -> Figure:
-    """Mask flips (SAD between consecutive logged masks), all N:M layers together, over training.
+               logy: bool | None = None) -> Figure:
+    """Mask flips (SAD: mask entries changed by a step), all N:M layers together, at every step.
 
-    ``value='flips'``: the number of mask entries that changed since the previous logged step
-    (sum over layers of masks.csv ``flips``); ``value='flip_fraction'``: the same over the number
-    of mask entries. Dense runs have no masks.csv and are left out.
+    ``value``: ``'flips'`` (count per step, from masks.csv; steps without rows changed nothing and
+    are drawn as 0), ``'flip_fraction'`` (the count over the run's N:M weights) or ``'cumulative'``
+    (flips since the start). Runs without N:M layers (dense) are left out; a run with N:M layers
+    whose masks never changed (static) is a line at 0. ``logy`` defaults to a symlog axis for
+    counts.
     """
-    if value not in ("flips", "flip_fraction"):
-        raise ValueError(f"value must be 'flips' or 'flip_fraction', got {value!r}")
-    ylabel = "mask flips (SAD)" if value == "flips" else "fraction of mask entries flipped"
-    return _per_step_plot(_runs(runs, completed_only), lambda r: _flips_curve(r, value), value, ylabel,
-                          "Mask flips per logged step", "no masks.csv in these runs", logy=logy)
+    labels = {"flips": "mask flips per step (SAD)", "flip_fraction": "fraction of N:M weights flipped",
+              "cumulative": "cumulative mask flips"}
+    if value not in labels:
+        raise ValueError(f"value must be one of {list(labels)}, got {value!r}")
+    if logy is None:
+        logy = value != "flip_fraction"
+    return _per_step_plot(_runs(runs, completed_only), lambda r: _flips_curve(r, value), value, labels[value],
+                          "Mask flips", "no mask flips recorded in these runs (no N:M layers?)", logy=logy)
 
 
 # --------------------------------------------------------------------------------------------------

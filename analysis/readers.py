@@ -44,7 +44,7 @@ __all__ = [
 
 FLOPS_CONVENTION = "FLOPs counted as multiply-accumulates (MACs); FLOPs = 2 x MACs."
 
-RunLike = Union[str, Path, Mapping[str, Any], pd.Series]  # noqa: UP007 - a runtime alias
+RunLike = Union[str, Path, Mapping[str, Any], pd.Series]
 
 # Columns of each table, from docs/contracts.md: an absent optional table reads as an empty frame
 # with these columns, so that callers can filter and group without special cases.
@@ -384,11 +384,15 @@ def _summary_fields(summary: dict) -> dict[str, float]:
         v = _first(flat, *keys)
         if v is not None:
             out[name] = _num(v)
+    if flat.get("flops.enabled") is False:
+        # the ledger was off: its zeros are no count
+        for name in ("ideal_macs", "executed_macs", "dense_macs", "ideal_x_dense"):
+            out[name] = math.nan
     return out
 
 
 # manifest entries copied into load_runs (as ``manifest.<key>``, nested ones flattened)
-_MANIFEST_KEYS = ("created", "started", "finished", "git", "device", "host", "config_name", "error", "versions")
+_MANIFEST_KEYS = ("id", "created", "started", "finished", "git", "device", "host", "config_name", "error", "versions")
 
 
 def _run_row(folder: Path, root: Path) -> dict[str, Any]:
@@ -396,7 +400,7 @@ def _run_row(folder: Path, root: Path) -> dict[str, Any]:
     summary = load_summary(folder)
     config = load_config(folder)
     row: dict[str, Any] = {
-        "run_id": str(_first(manifest, "run_id", "id", "name") or folder.name),
+        "run_id": folder.name,  # the writer names the folder by its id; manifest.id may be stale in a copy
         "path": str(folder),
         "relpath": str(folder.relative_to(root)) if folder != root else ".",
         "status": _status(folder, manifest),
@@ -414,6 +418,10 @@ def _run_row(folder: Path, root: Path) -> dict[str, Any]:
     row.update(cfg)
     # summary.json wins; the last rows of metrics.csv fill what it lacks (and unfinished runs)
     merged = {**_last_eval(load_metrics(folder)), **_summary_fields(summary)}
+    if cfg.get("instrument.flops") is False:
+        # the ledger was off: the zeros it left are no count
+        for name in ("ideal_macs", "executed_macs", "dense_macs", "ideal_x_dense"):
+            merged[name] = math.nan
     for name in ("acc", "loss", "best_acc", "ideal_macs", "executed_macs", "dense_macs", "ideal_x_dense",
                  "wall_time_s", "steps"):
         row[name] = merged.get(name, math.nan)
@@ -437,7 +445,8 @@ RUN_COLUMNS = ["run_id", "path", "relpath", "status", "done", "has_summary", "me
 def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder found under ``root`` (recursively), incomplete runs included.
 
-    Columns: ``run_id``, ``path``, ``relpath``, ``status`` (completed | running | failed |
+    Columns: ``run_id`` (the folder's name; its path under ``root`` where two folders share a
+    name), ``path``, ``relpath``, ``status`` (completed | running | failed |
     interrupted | unknown, from manifest.json and DONE), ``done``; every config key flattened with
     dots (``method.name``, ``method.pattern``, ``train.seed``, ``data.name``, ``model.name``,
     ``method.bame.rho``...); final numbers from summary.json (falling back to the last rows of
@@ -450,6 +459,10 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     rows = [_run_row(folder, root) for folder in find_run_folders(root)]
     df = pd.DataFrame(rows)
+    if len(df) and df["run_id"].duplicated(keep=False).any():
+        # the same folder name in two sub-folders: tell them apart by their path under root
+        dup = df["run_id"].duplicated(keep=False)
+        df.loc[dup, "run_id"] = df.loc[dup, "relpath"]
     for col in RUN_COLUMNS:
         if col not in df:
             df[col] = pd.Series([math.nan] * len(df), dtype=float if col not in ("run_id", "path") else object)

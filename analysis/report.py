@@ -72,7 +72,9 @@ def write_report(runs_root: str | Path, out_dir: str | Path, title: str = "BAME 
              figures.phase_breakdown(done))
         emit("phase_breakdown_executed", "Training FLOPs per phase (executed by this machine's kernels)",
              figures.phase_breakdown(done, view="executed"))
-        emit("mask_flips", "Mask flips (SAD) per logged step, all N:M layers", figures.mask_flips(done))
+        emit("mask_flips", "Mask flips (SAD) per training step, all N:M layers", figures.mask_flips(done))
+        emit("mask_flips_cumulative", "Cumulative mask flips, all N:M layers",
+             figures.mask_flips(done, value="cumulative"))
         emit("frozen_fraction", "Fraction of blocks frozen by OBF", figures.frozen_fraction(done))
         for _, run in done[done["method.name"] == "bame"].iterrows():
             emit(f"oscillation_{run['run_id']}", f"Block oscillation frequency per layer, run "

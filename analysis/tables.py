@@ -234,7 +234,7 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g", index: bool = False,
     numeric = [pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
                for c in df.columns]
     # a formatted numeric column ('71.2 ± 0.3', '0.42x') is right-aligned too
-    for j, c in enumerate(df.columns):
+    for j in range(len(headers)):
         if not numeric[j] and len(df) and all(_looks_numeric(r[j]) for r in body):
             numeric[j] = True
     widths = [max([len(h)] + [len(r[j]) for r in body] + [3]) for j, h in enumerate(headers)]

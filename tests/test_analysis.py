@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+from pathlib import Path
 
 import matplotlib
 
@@ -23,111 +25,46 @@ import yaml
 import analysis
 from analysis.readers import accuracy_percent
 
-LAYERS = ("layer1.0.conv1", "fc")
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "configs" / "quick.yaml"
+METHODS = ("bame", "srste", "static", "dense")
+SEEDS = (0, 1)
+# quick.yaml, smaller still: 2 epochs of 4 steps of 32 images, BAME adapting at steps 0 and 2
+SHORTER = ("data.synthetic_train_size=128", "train.batch_size=32", "data.synthetic_test_size=64")
 
 
-# --------------------------------------------------------------------------------------------------
-# hand-written run folders (contract of docs/contracts.md)
-
-
-def write_run(root, method="bame", pattern="2:4", seed=0, status="completed", epochs=3, steps_per_epoch=4,
-              accs=None, extra_cfg=None):
-    """A small run folder as bame/runs.py writes it; returns its path."""
-    rng = np.random.default_rng(seed + 17 * len(method))
-    run_id = f"20250101-000000-fake-{method}-{pattern.replace(':', 'of')}-s{seed}"
-    path = root / run_id
-    path.mkdir(parents=True)
-    (path / "manifest.json").write_text(json.dumps({"id": run_id, "status": status, "git": {"commit": "abc"}}))
-    cfg = {"name": "fake", "data": {"name": "synthetic", "train_subset": None},
-           "model": {"name": "lenet5"},
-           "method": {"name": method, "pattern": pattern, "bame": {"rho": 0.05}},
-           "train": {"seed": seed, "epochs": epochs, "lr": 0.1}}
-    for dotted, value in (extra_cfg or {}).items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    density = 1.0 if method == "dense" else int(pattern.split(":")[0]) / int(pattern.split(":")[1])
-    per_step = {"forward": 1000 * density, "input_grad": 1000 * density,
-                "weight_grad": 1000 * (1.0 if method in ("dense", "srste", "ste") else density)}
-    metrics, flops, masks, adapt = [], [], [], []
-    cum = cum_ex = 0.0
-    accs = accs or [0.3 + 0.1 * e + 0.01 * rng.random() for e in range(epochs)]
-    step = 0
-    for epoch in range(epochs):
-        ep_macs = {p: 0.0 for p in per_step}
-        ep_adapt = 0.0
-        for _ in range(steps_per_epoch):
-            step += 1
-            step_macs = sum(per_step.values())
-            if method == "bame" and step % 2 == 0:
-                step_macs += 7
-                ep_adapt += 7
-            for p, v in per_step.items():
-                ep_macs[p] += v
-            cum += step_macs
-            cum_ex += 3000
-            metrics.append({"step": step, "epoch": step / steps_per_epoch, "split": "train", "lr": 0.1,
-                            "loss": 2.0 / step, "acc": 0.5, "wall_time_s": 0.1 * step,
-                            "step_ideal_macs": step_macs, "cum_ideal_macs": cum, "cum_executed_macs": cum_ex})
-            if method != "dense":
-                for layer in LAYERS:
-                    masks.append({"step": step, "layer": layer, "flips": int(rng.integers(0, 5)),
-                                  "flip_fraction": 0.0})
-            if method == "bame" and step % 2 == 0:
-                for layer in LAYERS:
-                    adapt.append({"step": step, "layer": layer, "rho": 0.05, "num_blocks": 8,
-                                  "candidate_blocks": 8, "frozen_blocks": min(8, step // 2),
-                                  "selected_blocks": 1, "swaps": 1, "oscillation_events": 0, "score_mean": 0.1,
-                                  "score_max": 0.2, "freq_mean": 0.1 * step, "freq_p90": 0.2,
-                                  "frozen_fraction": min(8, step // 2) / 8})
-                (path / "blocks").mkdir(exist_ok=True)
-                np.savez(path / "blocks" / f"step_{step:08d}.npz",
-                         **{f"{layer}.{f}": v for layer in LAYERS for f, v in (
-                             ("frequency", rng.random(8)), ("frozen", rng.random(8) > 0.5),
-                             ("last_score", rng.random(8)), ("changes", rng.integers(0, 4, 8)))})
-        metrics.append({"step": step, "epoch": float(epoch + 1), "split": "test", "lr": 0.1, "loss": 1.0,
-                        "acc": accs[epoch], "wall_time_s": 0.1 * step, "step_ideal_macs": float("nan"),
-                        "cum_ideal_macs": cum, "cum_executed_macs": cum_ex})
-        for layer in LAYERS:
-            for p, v in ep_macs.items():
-                flops.append({"epoch": epoch + 1, "step": step, "layer": layer, "phase": p,
-                              "ideal_macs": v / len(LAYERS), "executed_macs": 1000.0 * steps_per_epoch / len(LAYERS),
-                              "nm_on_reduction": p != "weight_grad"})
-        if ep_adapt:
-            flops.append({"epoch": epoch + 1, "step": step, "layer": "", "phase": "adaptation",
-                          "ideal_macs": ep_adapt, "executed_macs": ep_adapt, "nm_on_reduction": False})
-    for m in masks:
-        m["flip_fraction"] = m["flips"] / 100.0
-    pd.DataFrame(metrics).to_csv(path / "metrics.csv", index=False)
-    pd.DataFrame(flops).to_csv(path / "flops.csv", index=False)
-    if masks:
-        pd.DataFrame(masks).to_csv(path / "masks.csv", index=False)
-    if adapt:
-        pd.DataFrame(adapt).to_csv(path / "adaptation.csv", index=False)
-    if status == "completed":
-        (path / "summary.json").write_text(json.dumps({
-            "test_acc": accs[-1], "test_loss": 1.0, "total_ideal_macs": cum, "total_executed_macs": cum_ex,
-            "wall_time_s": 0.1 * step}))
-        (path / "DONE").write_text("done\n")
-    return path
+def _make_partial_copy(src: Path, dst: Path, upto_step: int) -> Path:
+    """A copy of a finished run as it looked while still training at ``upto_step``."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    (dst / "DONE").unlink()
+    (dst / "summary.json").unlink()
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(id=dst.name, status="running", finished=None)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    for table in ("metrics", "masks", "adaptation", "flops"):
+        path = dst / f"{table}.csv"
+        if path.exists():
+            df = pd.read_csv(path)
+            df[df["step"] <= upto_step].to_csv(path, index=False)
+    return dst
 
 
 @pytest.fixture(scope="session")
-def fake_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fake_runs")
-    for method in ("bame", "srste", "static", "dense"):
-        for seed in (0, 1):
-            write_run(root / "sweep", method=method, seed=seed)
-    write_run(root / "sweep", method="bame", seed=2, status="running")
+def runs_root(tmp_path_factory):
+    """Real run folders: configs/quick.yaml for bame, srste, static, dense with 2 seeds each (a few
+    seconds in all on a CPU), and one unfinished run (a finished one cut back to mid-training)."""
+    from bame.cli import main
+
+    root = tmp_path_factory.mktemp("runs")
+    out = root / "quick"
+    for method in METHODS:
+        for seed in SEEDS:
+            rc = main(["train", "--config", str(QUICK), "--out", str(out), "--no-progress",
+                       "--set", f"method.name={method}", f"train.seed={seed}", *SHORTER])
+            assert rc == 0, (method, seed)
+    src = next(p for p in sorted(out.iterdir()) if "-bame-" in p.name)
+    _make_partial_copy(src, root / "unfinished" / (src.name + "-partial"), upto_step=4)
     return root
-
-
-@pytest.fixture(scope="session")
-def runs_root(fake_root):
-    return fake_root
 
 
 @pytest.fixture(scope="session")
@@ -167,8 +104,28 @@ def test_load_runs_one_row_per_folder_with_config_and_final_numbers(runs, runs_r
 
 
 def test_incomplete_runs_are_listed_with_their_status(runs):
-    assert (runs["status"] != "completed").sum() >= 1
     assert set(runs["status"]) <= {"completed", "running", "failed", "interrupted", "unknown"}
+    (partial,) = [r for _, r in runs.iterrows() if r["status"] != "completed"]
+    assert partial["status"] == "running" and not partial["done"] and not partial["has_summary"]
+    # without summary.json, its numbers so far come from metrics.csv
+    metrics = analysis.load_metrics(partial)
+    test = metrics[metrics["split"] == "test"]
+    assert math.isclose(partial["top1"], 100 * test["acc"].iloc[-1])
+    assert partial["ideal_macs"] == metrics["cum_ideal_macs"].iloc[-1]
+    assert partial["method.name"] == "bame" and partial["relpath"].startswith("unfinished")
+
+
+def test_summary_totals_agree_with_the_flops_and_metrics_tables(runs):
+    """The three records of a run's FLOPs (summary.json, flops.csv, metrics.csv) say the same."""
+    for _, row in runs[runs["status"] == "completed"].iterrows():
+        summary = analysis.load_summary(row)
+        flops = analysis.load_flops(row)
+        assert flops["ideal_macs"].sum() == row["ideal_macs"] == summary["flops"]["ideal_macs"]
+        assert flops["executed_macs"].sum() == row["executed_macs"]
+        by_phase = analysis.phase_totals(row)
+        for phase, macs in summary["flops"]["by_phase"].items():
+            assert by_phase[phase] == 2 * macs["ideal_macs"], (row["run_id"], phase)
+        assert row["ideal_x_dense"] == pytest.approx(summary["flops"]["ideal_x_dense"])
 
 
 def test_per_run_tables_accept_a_path_or_a_row(runs):
@@ -255,24 +212,43 @@ def test_paper_table_mean_and_std_equal_hand_computation(runs):
                             by.loc[method, "train_flops"] / by.loc["dense", "train_flops"])
     assert math.isclose(by.loc["bame", "flops_x_srste"], by.loc["bame", "train_flops"] / by.loc["srste", "train_flops"])
     assert math.isnan(by.loc["dense", "flops_x_srste"])  # no SR-STE "at the dense pattern"
+    # the dense run's count is the dense-equivalent count each run's ledger reports
+    for method in ("bame", "static", "srste"):
+        sel = done[done["method.name"] == method]
+        assert by.loc[method, "flops_x_dense"] == pytest.approx(sel["ideal_x_dense"].mean(), rel=1e-9)
     assert "MACs" in table.attrs["caption"] and "2 x MACs" in table.attrs["caption"]
     # order: dense first, bame last
     assert table["method"].iloc[0] == "dense" and table["method"].iloc[-1] == "bame"
 
 
-def test_paper_table_keeps_runs_with_different_settings_apart(tmp_path):
-    for seed in (0, 1):
-        write_run(tmp_path, method="bame", seed=seed, accs=[0.5, 0.6, 0.7])
-        write_run(tmp_path, method="bame", seed=seed + 10, accs=[0.5, 0.6, 0.8],
-                  extra_cfg={"method.bame.rho": 0.3})
-        write_run(tmp_path, method="dense", seed=seed, accs=[0.5, 0.6, 0.9])
+def _copy_with(row: pd.Series, dst: Path, **config: object) -> Path:
+    """A copy of a real run folder whose config.yaml says ``config`` (dotted keys) instead."""
+    path = shutil.copytree(row["path"], dst, ignore=shutil.ignore_patterns("checkpoints", "blocks"))
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    for dotted, value in config.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def test_paper_table_keeps_runs_with_different_settings_apart(runs, tmp_path):
+    done = runs[runs["status"] == "completed"]
+    for _, row in done[done["method.name"].isin(["bame", "dense"])].iterrows():
+        _copy_with(row, tmp_path / row["run_id"])
+        if row["method.name"] == "bame":  # an ablation: same seeds, another rho
+            _copy_with(row, tmp_path / (row["run_id"] + "-rho"), **{"method.bame.rho": 0.5})
     table = analysis.paper_table(analysis.load_runs(tmp_path))
     assert table.attrs["group_keys"] == ["method.bame.rho"]
     bame = table[table["method"] == "bame"].set_index("method.bame.rho")
-    assert bame.loc[0.05, "top1_mean"] == pytest.approx(70.0)
-    assert bame.loc[0.3, "top1_mean"] == pytest.approx(80.0)
-    # both ablations still find the dense reference
+    assert sorted(bame.index) == [0.2, 0.5] and (bame["n_seeds"] == 2).all()
+    # both ablations still find the dense reference (a dense run ignores method options)
     assert bame["flops_x_dense"].notna().all()
+    assert table[table["method"] == "dense"]["n_seeds"].tolist() == [2]
+    assert "rho" in analysis.to_markdown(table).splitlines()[0]
 
 
 def test_to_markdown_writes_a_table_without_tabulate(runs):
@@ -347,21 +323,38 @@ def test_phase_breakdown_bars_add_up_to_the_table_flops(runs):
     assert "adaptation" not in phases["dense"]
 
 
-def test_mask_flips_plots_each_sparse_run(runs):
+def test_mask_flips_plots_every_step_of_each_sparse_run(runs):
     fig = analysis.mask_flips(runs)
     lines = _lines_by_gid(fig)
     done = runs[runs["status"] == "completed"]
     for _, row in done.iterrows():
-        masks = analysis.load_masks(row)
-        if row["method.name"] == "dense":
+        if row["method.name"] == "dense":  # no N:M layers, no flips recorded
             assert row["run_id"] not in lines
             continue
-        expected = masks.groupby("step")["flips"].sum()
+        # masks.csv has rows only for steps that changed a mask: the others are zeros
+        masks = analysis.load_masks(row)
+        expected = np.zeros(int(row["steps"]))
+        for step, flips in masks.groupby("step")["flips"].sum().items():
+            expected[step] = flips
         x, y = lines[row["run_id"]].get_data()
-        np.testing.assert_array_equal(x, expected.index.to_numpy())
-        np.testing.assert_allclose(y, expected.to_numpy(float))
-    frac = analysis.mask_flips(runs, value="flip_fraction")
-    assert analysis.has_data(frac)
+        np.testing.assert_array_equal(x, np.arange(int(row["steps"])))
+        np.testing.assert_allclose(y, expected)
+        if row["method.name"] == "static":
+            assert not y.any()
+        else:
+            assert y.any()
+        # the recorder's running count in metrics.csv agrees with masks.csv
+        metrics = analysis.load_metrics(row)
+        assert metrics["cum_mask_flips"].dropna().iloc[-1] == expected.sum()
+    cumulative = _lines_by_gid(analysis.mask_flips(runs, value="cumulative"))
+    frac = _lines_by_gid(analysis.mask_flips(runs, value="flip_fraction"))
+    srste = done[done["method.name"] == "srste"].iloc[0]
+    counts = lines[srste["run_id"]].get_ydata()
+    np.testing.assert_allclose(cumulative[srste["run_id"]].get_ydata(), np.cumsum(counts))
+    masks = analysis.load_masks(srste)
+    n_weights = (masks["flips"] / masks["flip_fraction"]).where(masks["flip_fraction"] > 0).groupby(
+        masks["layer"]).max().sum()
+    np.testing.assert_allclose(frac[srste["run_id"]].get_ydata(), counts / n_weights)
     with pytest.raises(ValueError, match="flip_fraction"):
         analysis.mask_flips(runs, value="nope")
 
@@ -396,15 +389,15 @@ def test_oscillation_heatmaps_show_the_block_frequencies(runs):
             assert np.asarray(im.get_array()).shape[0] <= 2
 
 
-def test_oscillation_heatmap_falls_back_to_adaptation_csv(tmp_path):
-    path = write_run(tmp_path, method="bame")
-    for f in (path / "blocks").iterdir():
-        f.unlink()
+def test_oscillation_heatmap_falls_back_to_adaptation_csv(runs, tmp_path):
+    row = runs[(runs["method.name"] == "bame") & (runs["status"] == "completed")].iloc[0]
+    path = shutil.copytree(row["path"], tmp_path / "no-snapshots", ignore=shutil.ignore_patterns("blocks"))
     fig = analysis.oscillation_heatmaps(path)
     (im,) = fig.axes[0].images
     a = analysis.load_adaptation(path)
     assert im.get_gid() == "adaptation.csv:freq_mean"
-    assert np.asarray(im.get_array()).shape == (a["layer"].nunique(), a["step"].nunique())
+    expected = a.pivot_table(index="layer", columns="step", values="freq_mean", sort=False)
+    np.testing.assert_allclose(np.asarray(im.get_array()), expected.to_numpy())
 
 
 def test_figures_of_no_data_say_so(tmp_path):
