@@ -38,7 +38,7 @@ from torch import nn
 
 from .autograd import PhaseCost
 from .layers import NMLayer
-from .nm import is_nm
+from .nm import group_counts
 
 __all__ = ["CONVENTION", "PHASES", "ADAPTATION", "ADAPTATION_LAYER", "StepCost", "FlopsLedger",
            "conv_output_hw", "conv2d_macs", "linear_macs", "StepCosts", "model_step_costs",
@@ -138,7 +138,9 @@ class FlopsLedger:
         self.total_executed_macs = 0
         self.total_by_phase: dict[str, list[int]] = {p: [0, 0] for p in ALL_PHASES}
         self.steps = 0
-        self._flag_cache: dict[tuple[str, str], tuple[tuple[int, int], bool]] = {}
+        # (layer, phase) -> (mask version key, flag); a flag is a 0-dim bool tensor until end_step reads it
+        self._flag_cache: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
+        self._pending: list[tuple[tuple[str, str], torch.Tensor]] = []  # flags not read yet (no host sync)
         if self.enabled:
             self._attach()
 
@@ -187,14 +189,33 @@ class FlopsLedger:
         self._live = False
 
     # -- charging --------------------------------------------------------------------------------
-    def _charge(self, layer: str, phase: str, ideal: int, executed: int, flag: bool) -> None:
-        acc = self._step.get((layer, phase))
+    def _charge(self, layer: str, phase: str, ideal: int, executed: int, flag) -> None:
+        """Add work to this step; ``flag`` is a bool or a 0-dim bool tensor read at ``end_step``."""
+        key = (layer, phase)
+        acc = self._step.get(key)
         if acc is None:
-            self._step[(layer, phase)] = [int(ideal), int(executed), bool(flag)]
+            acc = self._step[key] = [0, 0, True]
+        acc[0] += int(ideal)
+        acc[1] += int(executed)
+        if torch.is_tensor(flag):
+            self._pending.append((key, flag))
         else:
-            acc[0] += int(ideal)
-            acc[1] += int(executed)
             acc[2] = acc[2] and bool(flag)
+
+    def _resolve_flags(self) -> None:
+        """Read every pending flag with one host sync; cache the values as plain bools."""
+        if not self._pending:
+            return
+        tensors = [t for _, t in self._pending]
+        values = torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+        by_id = {id(t): bool(v) for t, v in zip(tensors, values)}
+        for (key, _), v in zip(self._pending, values):
+            if key in self._step:
+                self._step[key][2] = self._step[key][2] and bool(v)
+        for k, (version, flag) in list(self._flag_cache.items()):
+            if torch.is_tensor(flag) and id(flag) in by_id:
+                self._flag_cache[k] = (version, by_id[id(flag)])
+        self._pending = []
 
     def _on_nm_cost(self, name: str, layer: NMLayer, cost: PhaseCost) -> None:
         if not self._live:
@@ -226,7 +247,7 @@ class FlopsLedger:
                 self._charge(_name, WEIGHT_GRAD, macs, macs, False)
         output.register_hook(on_grad)
 
-    def _flag(self, name: str, layer: NMLayer, phase: str) -> bool:
+    def _flag(self, name: str, layer: NMLayer, phase: str):
         """``nm_on_reduction`` of ``phase`` for an N:M layer.
 
         - forward reduces over K: is the mask N:M along K (in the layer's layout)?
@@ -237,7 +258,8 @@ class FlopsLedger:
           always False, in every mode.
 
         Cached per mask version (``id`` and ``_version`` of the buffer: in-place writes bump it; a
-        write through ``.data`` would not and is not supported).
+        write through ``.data`` would not and is not supported). A new mask's flag is computed on the
+        mask's device without a host sync and read, with every other, at ``end_step``.
         """
         pattern = layer.pattern
         if phase == WEIGHT_GRAD or pattern.is_dense:
@@ -248,14 +270,15 @@ class FlopsLedger:
         if hit is not None and hit[0] == key:
             return hit[1]
         n, m = pattern.n, pattern.m
-        if phase == FORWARD:
-            flag = is_nm(mask, n, m, layer.layout)
-        else:
-            cout = mask.shape[0]
-            groups = getattr(layer, "groups", 1)
-            flag = (cout // groups) % m == 0 and is_nm(mask.reshape(cout, -1).t(), n, m)
-        self._flag_cache[(name, phase)] = (key, bool(flag))
-        return bool(flag)
+        with torch.no_grad():
+            if phase == FORWARD:
+                flag = (group_counts(mask, m, layer.layout) <= n).all()
+            elif (mask.shape[0] // getattr(layer, "groups", 1)) % m == 0:
+                flag = (group_counts(mask.reshape(mask.shape[0], -1).t(), m) <= n).all()
+            else:
+                flag = False
+        self._flag_cache[(name, phase)] = (key, flag)
+        return flag
 
     def charge_adaptation(self, ops: int) -> None:
         """Book the element-wise work of scoring and selection (its own line, phase ``adaptation``)."""
@@ -288,6 +311,7 @@ class FlopsLedger:
 
     def end_step(self) -> StepCost:
         """Close the step: fold its work into the epoch rows and the cumulative totals; return it."""
+        self._resolve_flags()
         by_phase = {p: [0, 0] for p in ALL_PHASES}
         for (layer, phase), (ideal, executed, flag) in self._step.items():
             by_phase[phase][0] += ideal
