@@ -340,7 +340,7 @@ def _per_step_plot(df: pd.DataFrame, curve_fn: Any, ycol: str, ylabel: str, titl
                   default=0.0)
         ax.set_ylim(0.0, max(0.01, 1.1 * top))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("training step")
+    ax.set_xlabel("training step (0-based index of the step)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

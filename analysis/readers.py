@@ -5,8 +5,8 @@ machine without torch. A *run folder* is a directory holding ``manifest.json`` (
 ``bame/runs.py``); ``DONE`` marks a finished run. Every loader takes a run as a path or as a row of
 :func:`load_runs` (anything with a ``path`` entry).
 
-Units: accuracies are read as written (see :func:`load_runs` for the ``top1`` column, always in
-percent); FLOPs are counted as multiply-accumulates (MACs) and FLOPs = 2 x MACs.
+Units: accuracies are written as fractions in [0, 1] (``acc`` columns, as read); ``top1`` columns
+are in percent. FLOPs are counted as multiply-accumulates (MACs) and FLOPs = 2 x MACs.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def load_adaptation(run: RunLike) -> pd.DataFrame:
 
 def load_sparsify(run: RunLike) -> pd.DataFrame:
     """``sparsify.csv``: which layers became N:M and why the others stayed dense."""
-    return _read_csv(run, "sparsify.csv", ["layer"])
+    return _read_csv(run, "sparsify.csv", ["name", "kind", "shape", "sparse", "reason"])
 
 
 def _block_files(run: RunLike) -> list[tuple[int, Path]]:
@@ -301,14 +301,12 @@ def load_blocks(run: RunLike, layers: Iterable[str] | None = None,
 
 
 def accuracy_percent(value: Any) -> float:
-    """An accuracy in percent: values in [0, 1] are read as fractions (x100), others as percent."""
+    """An accuracy as bame writes it (a fraction in [0, 1]) in percent; NaN when missing."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         return math.nan
-    if math.isnan(v):
-        return math.nan
-    return 100.0 * v if v <= 1.0 else v
+    return 100.0 * v
 
 
 def _first(d: Mapping[str, Any], *keys: str) -> Any:
@@ -362,22 +360,18 @@ def _last_eval(metrics: pd.DataFrame) -> dict[str, float]:
 
 
 def _summary_fields(summary: dict) -> dict[str, float]:
-    """Canonical final numbers from summary.json, whichever of the usual key spellings it uses."""
+    """The final numbers of summary.json under the names of load_runs."""
     flat = flatten(summary)
-    pick = {
-        "acc": ("test_acc", "final_test_acc", "test.acc", "final.test_acc", "acc", "top1",
-                "test_top1", "final_acc"),
-        "loss": ("test_loss", "final_test_loss", "test.loss", "final.test_loss", "loss"),
-        "best_acc": ("best_test_acc", "best_acc", "test.best_acc"),
-        "ideal_macs": ("total_ideal_macs", "ideal_macs", "flops.total_ideal_macs", "flops.ideal_macs",
-                       "macs.ideal", "cum_ideal_macs"),
-        "executed_macs": ("total_executed_macs", "executed_macs", "flops.total_executed_macs",
-                          "flops.executed_macs", "macs.executed", "cum_executed_macs"),
-        "dense_macs": ("dense_ideal_macs", "dense_macs", "total_dense_macs", "flops.dense_macs",
-                       "flops.dense_ideal_macs"),
-        "ideal_x_dense": ("ideal_x_dense", "ideal_macs_x_dense", "flops.ideal_x_dense"),
-        "wall_time_s": ("wall_time_s", "total_wall_time_s", "train_wall_time_s", "wall_time"),
-        "steps": ("steps", "total_steps", "final_step", "step"),
+    pick = {  # summary.json as bame/train.py writes it
+        "acc": ("final.test_acc",),
+        "loss": ("final.test_loss",),
+        "best_acc": ("best_test_acc",),
+        "ideal_macs": ("flops.ideal_macs",),
+        "executed_macs": ("flops.executed_macs",),
+        "dense_macs": ("flops.dense_macs",),
+        "ideal_x_dense": ("flops.ideal_x_dense",),
+        "wall_time_s": ("wall_time_s",),
+        "steps": ("steps",),
     }
     out = {}
     for name, keys in pick.items():
@@ -446,14 +440,15 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder found under ``root`` (recursively), incomplete runs included.
 
     Columns: ``run_id`` (the folder's name; its path under ``root`` where two folders share a
-    name), ``path``, ``relpath``, ``status`` (completed | running | failed |
-    interrupted | unknown, from manifest.json and DONE), ``done``; every config key flattened with
-    dots (``method.name``, ``method.pattern``, ``train.seed``, ``data.name``, ``model.name``,
-    ``method.bame.rho``...); final numbers from summary.json (falling back to the last rows of
-    metrics.csv for runs without one): ``acc`` and ``loss`` (final test, as written), ``top1``
-    (``acc`` in percent), ``ideal_macs`` / ``executed_macs`` (training totals, all phases),
-    ``ideal_flops`` / ``executed_flops`` (= 2 x MACs), ``dense_macs`` and ``ideal_x_dense`` when the
-    summary gives a dense reference, ``wall_time_s``; and every summary key as ``summary.<key>``.
+    name), ``path``, ``relpath``, ``status`` (completed | running | failed | interrupted | unknown,
+    from manifest.json and DONE), ``done``, ``has_summary``; every config key flattened with dots
+    (``method.name``, ``method.pattern``, ``train.seed``, ``data.name``, ``model.name``,
+    ``method.bame.rho``...); final numbers from summary.json, or from the last rows of metrics.csv
+    for a run without one: ``acc`` / ``loss`` (final test; ``acc`` a fraction, as written),
+    ``top1`` (``acc`` in percent), ``best_acc``, ``ideal_macs`` / ``executed_macs`` (training
+    totals, every phase), ``ideal_flops`` / ``executed_flops`` (= 2 x MACs), ``dense_macs`` and
+    ``ideal_x_dense`` (the ledger's dense-equivalent count and the ratio to it), ``wall_time_s``,
+    ``steps``; every summary key as ``summary.<key>`` and some manifest keys as ``manifest.<key>``.
     ``df.attrs['flops_convention']`` states the counting convention.
     """
     root = Path(root)
