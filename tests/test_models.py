@@ -18,7 +18,7 @@ TEST_SIZE = {"resnet18": 64, "resnet50": 64}
 DEFAULT_SIZE = 32
 
 EXPECTED_NAMES = {"resnet20", "resnet32", "resnet56", "wide_resnet32", "mobilenet_v2", "vgg19", "lenet5",
-                  "resnet18", "resnet50"}
+                  "lenet5_wide", "resnet18", "resnet50"}
 
 ALL = models.available()
 
@@ -79,6 +79,13 @@ def test_forward_backward_and_in_channels(name, in_channels):
     assert classifier.out_features == NUM_CLASSES
     assert first_conv.weight.grad is not None and classifier.weight.grad is not None
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_lenet5_wide_is_nm_at_1_16_in_every_hidden_layer():
+    model = models.create("lenet5_wide", num_classes=10, in_channels=1)
+    report = sparsify(model, "1:16")
+    assert report.sparse_names == ["conv2", "fc1", "fc2"]
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("size", [28, 32])
