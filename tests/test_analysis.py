@@ -10,6 +10,8 @@ import json
 import math
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -251,6 +253,14 @@ def test_paper_table_keeps_runs_with_different_settings_apart(runs, tmp_path):
     assert "rho" in analysis.to_markdown(table).splitlines()[0]
 
 
+def test_paper_table_without_a_dense_run_uses_the_ledgers_dense_count(runs):
+    full = analysis.paper_table(runs).set_index("method")
+    alone = analysis.paper_table(runs[runs["method.name"] != "dense"]).set_index("method")
+    assert "dense" not in alone.index
+    for method in ("bame", "static", "srste"):
+        assert alone.loc[method, "flops_x_dense"] == pytest.approx(full.loc[method, "flops_x_dense"], rel=1e-9)
+
+
 def test_to_markdown_writes_a_table_without_tabulate(runs):
     table = analysis.paper_table(runs)
     md = analysis.to_markdown(table)
@@ -266,6 +276,12 @@ def test_to_markdown_writes_a_table_without_tabulate(runs):
     assert "FLOPs = 2 x MACs" in md
     plain = analysis.to_markdown(pd.DataFrame({"a": [1.5, 2.25], "b": ["x|y", "z"]}))
     assert plain.splitlines() == ["|    a | b    |", "| ---: | ---- |", "|  1.5 | x\\|y |", "| 2.25 | z    |"]
+
+
+def test_analysis_never_imports_the_training_code():
+    code = "import sys, analysis; print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('bame')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_published_numbers_are_the_abstract_figures():
