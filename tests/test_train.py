@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -259,3 +261,26 @@ def test_train_accepts_a_path_and_overrides(tmp_path):
     assert res.steps == 2 and math.isfinite(res.train_loss)
     assert res.summary["flops"]["ideal_x_dense"] == 1.0  # the ledger's dense count matches the dense reference
     assert json.loads((res.run_dir / "manifest.json").read_text())["method"] == "dense"
+
+
+def test_channels_last_and_amp_on_cpu(tmp_path):
+    with pytest.warns(UserWarning, match="needs CUDA"):
+        res = run(quick("train.max_steps=3", "train.channels_last=true", "train.amp=bf16"), tmp_path)
+    assert res.status == "completed" and math.isfinite(res.train_loss)
+    model = load_run(res.run_dir).load_checkpoint()["model"]
+    assert model["conv2.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """`torchrun --nproc_per_node=2 -m bame train` (gloo): one run folder, written by rank 0 only."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "bame",
+           "train", "--config", str(QUICK), "--out", str(tmp_path), "--no-progress", "--set", *SMALL,
+           "train.max_steps=6"]
+    out = subprocess.run(cmd, cwd=QUICK.parents[1], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (d,) = tmp_path.iterdir()
+    r = load_run(d)
+    assert r.done and r.summary["world_size"] == 2 and r.summary["steps"] == 6
+    assert r.table("metrics").query("split == 'test'")["step"].tolist() == [4, 6]  # 4 steps/epoch per rank
