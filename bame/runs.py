@@ -198,26 +198,32 @@ class _Table:
                 self.rows = sum(1 for _ in reader)
 
     def append(self, row: Mapping[str, Any]) -> None:
-        new = [k for k in row if k not in self.columns]
+        new = [str(k) for k in row if k not in self.columns]
         if new:
-            self._widen(self.columns + [str(k) for k in new])
+            self._rewrite(self.columns + new, self.rows)
         if self._fh is None:
             self._fh = open(self.path, "a", newline="")
         csv.writer(self._fh).writerow([_cell(row.get(c)) for c in self.columns])
         self._fh.flush()
         self.rows += 1
 
-    def _widen(self, columns: list[str]) -> None:
-        """Rewrite the file with a wider header (rare: a key that earlier rows did not have)."""
+    def _rewrite(self, columns: list[str], keep: int) -> None:
+        """Stream the first ``keep`` rows into a new file with header ``columns``, then swap it in."""
         self.close()
-        old = self.read_rows()
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(columns)
-        for r in old:
-            w.writerow([r.get(c, "") for c in columns])
-        atomic_write_text(self.path, buf.getvalue())
-        self.columns = columns
+        tmp = _tmp_path(self.path)
+        with open(tmp, "w", newline="") as out:
+            w = csv.writer(out)
+            w.writerow(columns)
+            if self.path.exists():
+                with open(self.path, newline="") as f:
+                    for i, r in enumerate(csv.DictReader(f)):
+                        if i >= keep:
+                            break
+                        w.writerow([r.get(c, "") for c in columns])
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, self.path)
+        self.columns, self.rows = columns, min(self.rows, keep)
 
     def read_rows(self) -> list[dict[str, str]]:
         if not self.path.exists():
@@ -227,17 +233,9 @@ class _Table:
 
     def truncate(self, rows: int) -> int:
         """Keep the first ``rows`` data rows; returns how many were dropped."""
-        self.close()
-        if self.rows <= rows:
-            return 0
-        kept = self.read_rows()[:rows]
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(self.columns)
-        for r in kept:
-            w.writerow([r.get(c, "") for c in self.columns])
-        atomic_write_text(self.path, buf.getvalue())
-        dropped, self.rows = self.rows - rows, rows
+        dropped = max(0, self.rows - rows)
+        if dropped:
+            self._rewrite(self.columns, rows)
         return dropped
 
     def close(self) -> None:
@@ -314,7 +312,7 @@ class RunWriter:
         manifest = dict(reader.manifest)
         entry = {"time": _now(), "from_step": from_step, "previous_status": manifest.get("status"),
                  "command": list(command) if command is not None else list(sys.argv), "device": device,
-                 "pid": os.getpid(), "git": git_info()}
+                 "host": socket.gethostname(), "pid": os.getpid(), "git": git_info()}
         manifest.setdefault("resumes", []).append(entry)
         manifest.update(status="running", finished=None, error=None)
         writer = cls(reader.path, manifest)
@@ -346,9 +344,7 @@ class RunWriter:
         """Append ``row`` to ``<table>.csv`` (the sink interface of docs/contracts.md)."""
         if not _TABLE_NAME.match(table):
             raise ValueError(f"bad table name {table!r}: use letters, digits, '_', '-', '.'")
-        if table not in self._tables:
-            self._tables[table] = _Table(self.path / f"{table}.csv")
-        self._tables[table].append(row)
+        self._table(table).append(row)
 
     def append_rows(self, table: str, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
@@ -369,22 +365,23 @@ class RunWriter:
         np.savez_compressed(buf, **plain)
         atomic_write_bytes(folder / f"{name}.npz", buf.getvalue())
 
+    def _table(self, name: str) -> _Table:
+        if name not in self._tables:
+            self._tables[name] = _Table(self.path / f"{name}.csv")  # reads an existing file's size once
+        return self._tables[name]
+
     def table_rows(self) -> dict[str, int]:
-        """Rows per table now (``<table>.csv`` files in the folder), for a checkpoint."""
-        counts = {p.stem: _Table(p).rows for p in self.path.glob("*.csv") if p.stem not in self._tables}
-        counts.update({name: t.rows for name, t in self._tables.items()})
-        return counts
+        """Rows per table (``<table>.csv`` in the folder) now, for a checkpoint."""
+        return {p.stem: self._table(p.stem).rows for p in self.path.glob("*.csv")}
 
     def truncate_tables(self, counts: Mapping[str, int]) -> dict[str, int]:
-        """Cut every table back to ``counts`` rows (tables not named keep 0 rows beyond a header).
+        """Cut every table back to ``counts`` rows (a table not named keeps only its header).
 
         Returns the number of rows dropped per table (only those with drops).
         """
         dropped = {}
         for p in sorted(self.path.glob("*.csv")):
-            table = self._tables.get(p.stem) or _Table(p)
-            n = table.truncate(int(counts.get(p.stem, 0)))
-            self._tables[p.stem] = table
+            n = self._table(p.stem).truncate(int(counts.get(p.stem, 0)))
             if n:
                 dropped[p.stem] = n
         return dropped
@@ -477,6 +474,21 @@ class RunReader:
     def checkpoint_path(self) -> Optional[Path]:
         p = self.path / CHECKPOINT
         return p if p.exists() else None
+
+    def live_pid(self) -> Optional[int]:
+        """The pid of the process writing this run, if it is ``running`` here and that process is alive."""
+        m = self.manifest
+        last = (m.get("resumes") or [m])[-1]
+        pid, host = last.get("pid", m.get("pid")), last.get("host", m.get("host"))
+        if m.get("status") != "running" or host != socket.gethostname() or not pid or pid == os.getpid():
+            return None
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            return int(pid)  # exists, owned by someone else
+        return int(pid)
 
     def tables(self) -> list[str]:
         return sorted(p.stem for p in self.path.glob("*.csv"))

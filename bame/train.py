@@ -400,9 +400,6 @@ class _Trainer:
 
     def load(self, ckpt: dict[str, Any]) -> None:
         """Restore everything from a checkpoint (RNG last)."""
-        if ckpt.get("steps_per_epoch") != self.sched.steps_per_epoch:
-            raise ResumeError(f"the checkpoint has {ckpt.get('steps_per_epoch')} steps per epoch, this data gives "
-                              f"{self.sched.steps_per_epoch}: the data set or batch size changed")
         self.model.load_state_dict(ckpt["model"])
         self.method.load_state_dict(ckpt["method"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -460,7 +457,8 @@ class _Trainer:
                 loss_sum += nn.functional.cross_entropy(out.float(), y, reduction="sum").double()
                 correct += (out.argmax(1) == y).sum()
                 count += y.numel()
-        self.dist.all_sum(loss_sum), self.dist.all_sum(correct), self.dist.all_sum(count)
+        for t in (loss_sum, correct, count):
+            self.dist.all_sum(t)
         self.model.train(was_training)
         n = max(1, int(count))
         return {"loss": float(loss_sum) / n, "acc": int(correct) / n}
@@ -712,7 +710,14 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
         ckpt = None
         if resume is not None:
             reader = load_run(resume)
+            pid = reader.live_pid()
+            if pid is not None:
+                raise ResumeError(f"{reader.path}: still being written by process {pid} on this machine; "
+                                  f"stop it first (a run is resumed by one process at a time)")
             ckpt = reader.load_checkpoint("cpu")
+            if ckpt.get("steps_per_epoch") != trainer.sched.steps_per_epoch:
+                raise ResumeError(f"{reader.path}: the checkpoint has {ckpt.get('steps_per_epoch')} steps per epoch, "
+                                  f"the data now gives {trainer.sched.steps_per_epoch}: the data set on disk changed")
             if int(ckpt["step"]) >= trainer.sched.run_steps:
                 raise ResumeError(f"{reader.path}: the checkpoint is at step {ckpt['step']} and the run length "
                                   f"is {trainer.sched.run_steps}: nothing to do (raise train.max_steps, "

@@ -9,7 +9,8 @@ import yaml
 
 from bame.config import (Config, ConfigError, apply_overrides, dump_yaml, from_dict, load_config, to_dict)
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -98,24 +99,24 @@ def test_missing_file_is_one_clear_error(tmp_path):
     assert len(info.value.errors) == 1
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(CONFIGS_DIR).as_posix() for p in CONFIGS])
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
-    assert cfg.name == path.stem  # the run ids carry the config's name
+    assert cfg.name and cfg.name != Config().name  # run ids carry the config's name: each config sets one
     assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
 
 
 def test_shipped_configs_exist():
-    names = {p.relative_to(p.parents[1] if p.parent.name == "paper" else p.parent).as_posix() for p in CONFIGS}
+    names = {p.relative_to(CONFIGS_DIR).as_posix() for p in CONFIGS}
     for name in ("quick.yaml", "fmnist_lenet.yaml", "fmnist_resnet20.yaml", "paper/cifar10_resnet32.yaml",
                  "paper/cifar10_mobilenet_v2.yaml", "paper/imagenet_resnet18.yaml", "paper/imagenet_resnet50.yaml"):
         assert name in names
 
 
 def test_paper_recipes():
-    c = load_config(Path(__file__).resolve().parents[1] / "configs/paper/cifar10_resnet32.yaml").train
+    c = load_config(CONFIGS_DIR / "paper/cifar10_resnet32.yaml").train
     assert (c.epochs, c.batch_size, c.lr, c.momentum, c.weight_decay, c.lr_schedule, c.label_smoothing) == \
         (300, 256, 0.1, 0.9, 1e-3, "cosine", 0.1)
-    i = load_config(Path(__file__).resolve().parents[1] / "configs/paper/imagenet_resnet50.yaml").train
+    i = load_config(CONFIGS_DIR / "paper/imagenet_resnet50.yaml").train
     assert (i.epochs, i.batch_size, i.lr, i.warmup_epochs, i.weight_decay, i.lr_schedule, i.label_smoothing) == \
         (120, 256, 0.1, 5, 1e-4, "cosine", 0.1)

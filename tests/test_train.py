@@ -284,3 +284,19 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     r = load_run(d)
     assert r.done and r.summary["world_size"] == 2 and r.summary["steps"] == 6
     assert r.table("metrics").query("split == 'test'")["step"].tolist() == [4, 6]  # 4 steps/epoch per rank
+
+
+def test_resume_refuses_a_run_that_is_still_being_written(tmp_path):
+    res = run(quick("method.name=static", "train.max_steps=2"), tmp_path)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        m = json.loads((res.run_dir / "manifest.json").read_text())
+        m.update(status="running", pid=sleeper.pid)  # as if that process were training it
+        (res.run_dir / "manifest.json").write_text(json.dumps(m))
+        with pytest.raises(train_mod.ResumeError, match=f"still being written by process {sleeper.pid}"):
+            bame.train(resume=res.run_dir, overrides=["train.max_steps=4"], verbose=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    bame.train(resume=res.run_dir, overrides=["train.max_steps=4"], verbose=False, progress=False)  # dead pid: ok
+    assert load_run(res.run_dir).done
