@@ -259,6 +259,7 @@ class RunResult:
     executed_macs: int
     wall_time_s: float
     summary: dict[str, Any] = field(default_factory=dict)
+    model: Optional[nn.Module] = field(default=None, repr=False)  # the trained model (masks included)
 
     def reader(self) -> RunReader:
         """The run folder, for its tables (``.table('metrics')`` is a DataFrame)."""
@@ -651,7 +652,7 @@ class _Trainer:
             test_loss=self.last_test["loss"], best_test_acc=self.best_test_acc,
             train_loss=self.last_train["loss"], ideal_macs=int(self.ledger.total_ideal_macs),
             executed_macs=int(self.ledger.total_executed_macs), wall_time_s=self.wall_time(),
-            summary=summary or {})
+            summary=summary or {}, model=self.model)
 
 
 def _ending_note(writer: RunWriter, status: str, step: int) -> str:
@@ -690,6 +691,10 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
     """
     if resume is not None:
         cfg = resume_config(resume, overrides, None if cfg is None else _coerce_config(cfg))
+        pid = load_run(resume).live_pid()
+        if pid is not None:
+            raise ResumeError(f"{resume}: still being written by process {pid} on this machine; "
+                              f"stop it first (a run is resumed by one process at a time)")
     else:
         if cfg is None:
             raise TypeError("train() needs a config (or resume=RUN_DIR)")
@@ -710,10 +715,6 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
         ckpt = None
         if resume is not None:
             reader = load_run(resume)
-            pid = reader.live_pid()
-            if pid is not None:
-                raise ResumeError(f"{reader.path}: still being written by process {pid} on this machine; "
-                                  f"stop it first (a run is resumed by one process at a time)")
             ckpt = reader.load_checkpoint("cpu")
             if ckpt.get("steps_per_epoch") != trainer.sched.steps_per_epoch:
                 raise ResumeError(f"{reader.path}: the checkpoint has {ckpt.get('steps_per_epoch')} steps per epoch, "

@@ -134,6 +134,7 @@ def test_quick_run_writes_a_complete_folder(tmp_path):
         assert key in ckpt
     assert any(k.endswith(".mask") for k in ckpt["model"])
     assert ckpt["step"] == 10 and ckpt["rng"]["loader"]
+    assert all(torch.equal(v, ckpt["model"][k]) for k, v in res.model.state_dict().items())
 
 
 class _Boom(Exception):
