@@ -114,6 +114,45 @@ def _completed_with(out: Path, cfg: Config) -> Optional[RunReader]:
     return None
 
 
+def _sweep_in_processes(args: argparse.Namespace, sets: list[str], todo: list, total: int,
+                        out: Path) -> tuple[list, list]:
+    """Run the sweep's runs as ``bame train`` subprocesses, ``args.jobs`` at a time.
+
+    Each process gets ``cpu_count // jobs`` threads (OMP_NUM_THREADS), so the jobs share the machine
+    instead of fighting over it; each one's output goes to ``OUT/sweep-logs/<label>.log``.
+    """
+    import concurrent.futures
+    import os
+    import subprocess
+
+    logs = out / "sweep-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+    def one(item: tuple) -> tuple[str, int, Path]:
+        i, label, extra, _ = item
+        log = logs / (_slug_label(label) + ".log")
+        cmd = [sys.executable, "-m", "bame", "train", "--config", args.config, "--out", str(out), "--no-progress"]
+        if sets or extra:
+            cmd += ["--set", *sets, *extra]
+        print(f"[{i}/{total}] run {label} (log: {log})", flush=True)
+        with open(log, "a") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        return label, rc, log
+
+    done, failed = [], []
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        for label, rc, log in pool.map(one, todo):
+            (done if rc == 0 else failed).append(label)
+            if rc != 0:
+                _err(f"{label}: exit status {rc}, see {log}")
+    return done, failed
+
+
+def _slug_label(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label)[:120]
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from .train import train
 
@@ -123,9 +162,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     seeds = _split_list(args.seeds) if args.seeds else [None]
     grid = []
     errors: list[str] = []
-    for method, pattern, seed in itertools.product(methods, patterns, seeds):
-        extra = [f"{k}={v}" for k, v in (("method.name", method), ("method.pattern", pattern),
-                                         ("train.seed", seed)) if v is not None]
+    # --variant KEY=VALUE ... (repeatable): alternative override sets, e.g. ablations; 'base' = none.
+    variants = [[] if group == ["base"] else group for group in (args.variant or [["base"]])]
+    for variant, method, pattern, seed in itertools.product(variants, methods, patterns, seeds):
+        extra = list(variant) + [f"{k}={v}" for k, v in (("method.name", method), ("method.pattern", pattern),
+                                                         ("train.seed", seed)) if v is not None]
         try:
             grid.append((extra, load_config(args.config, sets + extra)))
         except ConfigError as err:
@@ -134,26 +175,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(errors)  # nothing runs until the whole grid is valid
     out = Path(args.out)
     done, failed, skipped = [], [], []
+    todo = []
     for i, (extra, cfg) in enumerate(grid, 1):
         label = " ".join(extra) or "(config as is)"
         match = _completed_with(out, cfg)
         if match is not None:
             print(f"[{i}/{len(grid)}] skip {label}: completed in {match.path}")
             skipped.append(match.path)
-            continue
-        if args.dry_run:
+        elif args.dry_run:
             print(f"[{i}/{len(grid)}] would run {label}")
-            continue
-        print(f"[{i}/{len(grid)}] run {label}")
-        try:
-            result = train(cfg, out_dir=out, command=args.command + ["#", *extra],
-                           progress=False if args.no_progress else None)
-            done.append(result.run_dir)
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
-            _err(f"{label}: {type(err).__name__}: {err}")
-            failed.append(label)
+        else:
+            todo.append((i, label, extra, cfg))
+    if args.jobs > 1:
+        done, failed = _sweep_in_processes(args, sets, todo, len(grid), out)
+    else:
+        for i, label, extra, cfg in todo:
+            print(f"[{i}/{len(grid)}] run {label}")
+            try:
+                result = train(cfg, out_dir=out, command=args.command + ["#", *extra],
+                               progress=False if args.no_progress else None)
+                done.append(result.run_dir)
+            except KeyboardInterrupt:
+                raise
+            except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
+                _err(f"{label}: {type(err).__name__}: {err}")
+                failed.append(label)
     print(f"sweep: {len(done)} run, {len(skipped)} skipped (already completed), {len(failed)} failed")
     for label in failed:
         print(f"  failed: {label}")
@@ -317,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", action="append", nargs="+", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--out", "-o", default="runs", help="folder of run folders (default: runs)")
     p.add_argument("--dry-run", action="store_true", help="list what would run and what would be skipped")
+    p.add_argument("--variant", action="append", nargs="+", metavar="KEY=VALUE",
+                   help="an alternative set of overrides (repeatable; 'base' = none): the grid is "
+                        "variants x methods x patterns x seeds, e.g. --variant base --variant method.bame.rho=0.2")
+    p.add_argument("--jobs", "-j", type=int, default=1,
+                   help="runs at a time, each a subprocess with cpu_count/jobs threads (default 1: in-process)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 

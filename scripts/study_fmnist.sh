@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The study behind docs/results.md: Fashion-MNIST, LeNet-5-wide, 5 epochs, 3 seeds.
+#   1. BAME's readings at 1:16 against the static-mask control (and SR-STE): which reading helps?
+#   2. dense, srste, ste, static and bame at 2:4, 1:4 and 1:16.
+# Completed runs are skipped, so the script can be stopped and started again.
+# About 1 hour on a 2-core CPU (two single-thread runs at a time). Usage:
+#   bash scripts/study_fmnist.sh [OUT (default runs/study)] [extra sweep options, e.g. --set train.epochs=10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/study}
+shift || true
+BAME=${BAME:-.venv/bin/bame}
+CONFIG=configs/study/fmnist_lenet_wide.yaml
+JOBS=${JOBS:-2}
+$BAME data get fashion-mnist --root data
+sweep() { $BAME sweep --config "$CONFIG" --out "$OUT" --seeds 0,1,2 --jobs "$JOBS" "$@"; }
+
+# 1. Readings of BAME at 1:16 (each changes one option of the default) and the controls.
+sweep --methods static,srste --patterns 1:16 "$@"
+sweep --methods bame --patterns 1:16 "$@" \
+  --variant base \
+  --variant method.bame.rho=0.2 \
+  --variant method.bame.interval_steps=20 \
+  --variant method.bame.lma=gradient \
+  --variant method.bame.regrow=zero \
+  --variant method.bame.obf_bias_correction=true \
+  --variant method.bame.selection=joint \
+  --variant method.bame.t_f_fraction=0.8
+
+# 2. The methods at three patterns.
+sweep --methods dense "$@"
+sweep --methods srste,ste,static,bame --patterns 2:4,1:4,1:16 "$@"
+
+.venv/bin/python - "$OUT" <<'PY'
+import sys
+from analysis import write_report
+print(write_report(sys.argv[1], sys.argv[1], title="Fashion-MNIST study: BAME readings and the baselines"))
+PY
