@@ -1,0 +1,40 @@
+"""`bame sweep` variants and parallel jobs, on the quick config."""
+
+from bame.cli import main
+from bame.runs import find_runs
+
+QUICK = ["train.max_steps=3", "data.synthetic_train_size=256", "data.synthetic_test_size=64"]
+
+
+def test_variants_make_one_run_each_and_are_skipped_when_done(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", "configs/quick.yaml", "--out", str(out), "--methods", "bame", "--seeds", "0",
+            "--no-progress", "--set", *QUICK, "--variant", "base", "--variant", "method.bame.rho=0.5",
+            "--variant", "method.bame.lma=gradient", "method.bame.regrow=zero"]
+    assert main(argv) == 0
+    runs = [r for r in find_runs(out) if r.done]
+    assert len(runs) == 3
+    configs = sorted((r.config.method.bame.rho, r.config.method.bame.lma, r.config.method.bame.regrow) for r in runs)
+    assert configs == sorted([(0.2, "taylor", "stored"), (0.5, "taylor", "stored"), (0.2, "gradient", "zero")])
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "0 run, 3 skipped" in capsys.readouterr().out
+
+
+def test_parallel_jobs_run_in_subprocesses_with_logs(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", "configs/quick.yaml", "--out", str(out), "--methods", "static,srste",
+            "--seeds", "0", "--jobs", "2", "--set", *QUICK]
+    assert main(argv) == 0
+    runs = [r for r in find_runs(out) if r.done]
+    assert sorted(r.config.method.name for r in runs) == ["srste", "static"]
+    logs = sorted((out / "sweep-logs").iterdir())
+    assert len(logs) == 2 and all("done:" in log.read_text() for log in logs)
+
+
+def test_failed_parallel_run_is_reported_and_sets_exit_status(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--config", "configs/quick.yaml", "--out", str(out), "--methods", "static", "--seeds", "0",
+            "--jobs", "2", "--set", *QUICK, "data.root=/nonexistent", "data.name=mnist"]
+    assert main(argv) == 1
+    assert "exit status" in capsys.readouterr().err
