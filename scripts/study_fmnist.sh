@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study behind docs/results.md: Fashion-MNIST, LeNet-5-wide, 5 epochs, 3 seeds.
+# The study behind docs/results.md: Fashion-MNIST, LeNet-5-wide, 3 epochs, 3 seeds.
 #   1. BAME's readings at 1:16 against the static-mask control (and SR-STE): which reading helps?
 #   2. dense, srste, ste, static and bame at 2:4, 1:4 and 1:16.
 # Completed runs are skipped, so the script can be stopped and started again.
@@ -15,6 +15,9 @@ JOBS=${JOBS:-2}
 $BAME data get fashion-mnist --root data
 sweep() { $BAME sweep --config "$CONFIG" --out "$OUT" --seeds 0,1,2 --jobs "$JOBS" "$@"; }
 
+PHASE=${PHASE:-all}  # ablations | methods | all
+
+if [[ $PHASE == ablations || $PHASE == all ]]; then
 # 1. Readings of BAME at 1:16 (each changes one option of the default) and the controls.
 sweep --methods static,srste --patterns 1:16 "$@"
 sweep --methods bame --patterns 1:16 "$@" \
@@ -26,10 +29,13 @@ sweep --methods bame --patterns 1:16 "$@" \
   --variant method.bame.obf_bias_correction=true \
   --variant method.bame.selection=joint \
   --variant method.bame.t_f_fraction=0.8
+fi
 
+if [[ $PHASE == methods || $PHASE == all ]]; then
 # 2. The methods at three patterns.
 sweep --methods dense "$@"
 sweep --methods srste,ste,static,bame --patterns 2:4,1:4,1:16 "$@"
+fi
 
 .venv/bin/python - "$OUT" <<'PY'
 import sys
