@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -22,10 +23,10 @@ from bame.runs import load_run
 
 train_mod = importlib.import_module("bame.train")  # `bame.train` itself is the function
 QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
-# 256 synthetic images in batches of 32: 8 steps per epoch; 2 epochs = 16 schedule steps;
+# 128 synthetic images in batches of 16: 8 steps per epoch; 2 epochs = 16 schedule steps;
 # BAME adapts at steps 0, 2, 4, 6 (interval 2, t_f = half of the schedule).
-SMALL = ["train.progress=false", "data.synthetic_train_size=256", "data.synthetic_test_size=64",
-         "train.batch_size=32", "train.eval_batch_size=64"]
+SMALL = ["train.progress=false", "data.synthetic_train_size=128", "data.synthetic_test_size=32",
+         "train.batch_size=16", "train.eval_batch_size=32"]
 
 
 class _FakeRecorders:
@@ -301,3 +302,40 @@ def test_resume_refuses_a_run_that_is_still_being_written(tmp_path):
         sleeper.wait()
     bame.train(resume=res.run_dir, overrides=["train.max_steps=4"], verbose=False, progress=False)  # dead pid: ok
     assert load_run(res.run_dir).done
+
+
+class _Noisy(torch.utils.data.Dataset):
+    """Random augmentation drawn from torch's RNG (the main process's, or a worker's)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return x + 0.5 * torch.randn_like(x), y
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact_with_random_augmentation(tmp_path, monkeypatch, workers):
+    """The augmentation RNG (main process, or each worker's stream) and the training's own draws
+    (dropout) continue as if the run had never stopped."""
+    data_mod = importlib.import_module("bame.data")
+    build = data_mod.build_datasets
+
+    def noisy(cfg):
+        bundle = build(cfg)
+        return dataclasses.replace(bundle, train=_Noisy(bundle.train))
+
+    monkeypatch.setattr(data_mod, "build_datasets", noisy)
+    models_mod = importlib.import_module("bame.models")
+    create = models_mod.create
+    # input dropout: training steps draw from torch's RNG too, between the batches' augmentations
+    monkeypatch.setattr(models_mod, "create", lambda *a, **k: nn.Sequential(nn.Dropout(0.2), create(*a, **k)))
+    sets = ["method.name=srste", f"data.num_workers={workers}"]
+    full = run(quick(*sets, "train.max_steps=11"), tmp_path / "full")
+    part = run(quick(*sets, "train.max_steps=3"), tmp_path / "part")
+    bame.train(resume=part.run_dir, overrides=["train.max_steps=11"], verbose=False, progress=False)
+    _assert_same_run(full.run_dir, part.run_dir)
