@@ -719,10 +719,15 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
             if ckpt.get("steps_per_epoch") != trainer.sched.steps_per_epoch:
                 raise ResumeError(f"{reader.path}: the checkpoint has {ckpt.get('steps_per_epoch')} steps per epoch, "
                                   f"the data now gives {trainer.sched.steps_per_epoch}: the data set on disk changed")
-            if int(ckpt["step"]) >= trainer.sched.run_steps:
-                raise ResumeError(f"{reader.path}: the checkpoint is at step {ckpt['step']} and the run length "
-                                  f"is {trainer.sched.run_steps}: nothing to do (raise train.max_steps, "
-                                  f"e.g. --set train.max_steps={int(ckpt['step']) * 2})")
+            done_at, sched = int(ckpt["step"]), trainer.sched
+            if done_at >= sched.schedule_steps:
+                raise ResumeError(f"{reader.path}: nothing to do: the checkpoint at step {done_at} ends the whole "
+                                  f"schedule ({sched.schedule_steps} steps from train.epochs, which a resume "
+                                  f"cannot change)")
+            if done_at >= sched.run_steps:
+                raise ResumeError(f"{reader.path}: nothing to do: the checkpoint is at step {done_at} = "
+                                  f"train.max_steps; raise it, up to the schedule's {sched.schedule_steps} steps "
+                                  f"(e.g. --set train.max_steps={sched.schedule_steps})")
         if dist.is_main:
             if resume is None:
                 writer = RunWriter.create(out_dir, cfg, command=command, device=describe_device(device),
