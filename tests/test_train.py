@@ -252,9 +252,12 @@ def test_resume_refuses_changed_config_and_nothing_to_do(tmp_path):
     res = run(quick("method.name=static", "train.max_steps=2"), tmp_path)
     with pytest.raises(train_mod.ResumeError, match=r"train\.lr: 0\.05 -> 0\.2"):
         bame.train(resume=res.run_dir, overrides=["train.lr=0.2", "train.max_steps=4"], verbose=False)
-    with pytest.raises(train_mod.ResumeError, match="nothing to do"):
+    with pytest.raises(train_mod.ResumeError, match=r"nothing to do: .* = train.max_steps; raise it, up to .* 16"):
         bame.train(resume=res.run_dir, verbose=False)
     assert load_run(res.run_dir).status == "completed" and load_run(res.run_dir).done
+    whole = run(quick("method.name=static", "train.epochs=0.25"), tmp_path)  # a 2-step schedule, run to its end
+    with pytest.raises(train_mod.ResumeError, match="ends the whole schedule"):
+        bame.train(resume=whole.run_dir, overrides=["train.max_steps=10"], verbose=False)
 
 
 def test_train_accepts_a_path_and_overrides(tmp_path):
