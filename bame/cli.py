@@ -20,9 +20,10 @@ import argparse
 import itertools
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
+from collections.abc import Sequence
 
-from .config import Config, ConfigError, load_config, to_dict
+from .config import Config, ConfigError, load_config
 from .runs import RunNotFoundError, RunReader, find_runs, load_run
 
 __all__ = ["main", "build_parser"]

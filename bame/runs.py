@@ -37,11 +37,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Optional
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from .config import Config, dump_yaml, from_dict, to_dict
+from .config import Config, dump_yaml, from_dict
 
 __all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
            "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES"]
@@ -202,7 +203,7 @@ class _Table:
         if new:
             self._rewrite(self.columns + new, self.rows)
         if self._fh is None:
-            self._fh = open(self.path, "a", newline="")
+            self._fh = open(self.path, "a", newline="")  # noqa: SIM115  (kept open across appends; close())
         csv.writer(self._fh).writerow([_cell(row.get(c)) for c in self.columns])
         self._fh.flush()
         self.rows += 1
@@ -264,7 +265,7 @@ class RunWriter:
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
     def create(cls, out_dir: str | Path, cfg: Config, *, command: Optional[list[str]] = None,
-               device: Optional[str] = None, extra: Optional[dict[str, Any]] = None) -> "RunWriter":
+               device: Optional[str] = None, extra: Optional[dict[str, Any]] = None) -> RunWriter:
         """Make ``out_dir/<run id>/`` (never an existing one), write ``manifest.json`` then ``config.yaml``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -306,7 +307,7 @@ class RunWriter:
 
     @classmethod
     def reopen(cls, run_dir: str | Path, *, command: Optional[list[str]] = None,
-               device: Optional[str] = None, from_step: Optional[int] = None) -> "RunWriter":
+               device: Optional[str] = None, from_step: Optional[int] = None) -> RunWriter:
         """Continue an existing run folder: status back to running, ``DONE`` removed, a resume entry."""
         reader = load_run(run_dir)
         manifest = dict(reader.manifest)
@@ -531,7 +532,3 @@ def find_runs(out_dir: str | Path) -> list[RunReader]:
         return []
     return [RunReader(p) for p in sorted(out.iterdir()) if (p / MANIFEST).is_file()]
 
-
-def config_equal(a: Config | dict, b: Config | dict) -> bool:
-    """Whether two configs resolve to the same values."""
-    return (to_dict(a) if not isinstance(a, dict) else a) == (to_dict(b) if not isinstance(b, dict) else b)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
+from collections.abc import Iterator
 
 import numpy as np
 import torch

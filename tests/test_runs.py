@@ -57,7 +57,8 @@ def test_tables_append_widen_and_truncate(tmp_path):
     w.append("metrics", {"step": 1, "loss": 0.5})
     w.append("metrics", {"step": 2, "loss": 0.25, "extra": True})  # a new key widens the header
     w.append("metrics", {"step": 3})
-    rows = list(csv.DictReader(open(w.path / "metrics.csv")))
+    with open(w.path / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
     assert rows == [{"step": "1", "loss": "0.5", "extra": ""}, {"step": "2", "loss": "0.25", "extra": "True"},
                     {"step": "3", "loss": "", "extra": ""}]
     assert w.table_rows() == {"metrics": 3}
