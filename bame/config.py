@@ -138,6 +138,9 @@ class TrainConfig:
     log_every_steps: int = 50
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every k steps (always at epoch ends)
     progress: bool = True  # tqdm progress bar
+    # torchrun: after every mask-adaptation step all-reduce a checksum of each N:M mask and raise if the
+    # ranks disagree (two tiny all-reduces per adaptation step; nothing for one process)
+    check_mask_sync: bool = True
 
 
 @dataclass(frozen=True)

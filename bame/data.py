@@ -488,8 +488,10 @@ def make_loaders(bundle: DatasetBundle, batch_size: int, eval_batch_size: int, n
     Training batches are shuffled by a ``torch.Generator`` seeded with ``seed`` (a new order each
     epoch; the same seed gives the same sequence of orders) and the last partial batch is dropped.
     With ``distributed`` a ``DistributedSampler(shuffle=True, seed=seed, drop_last=True)`` shards the
-    training set (call ``train_loader.sampler.set_epoch(epoch)`` each epoch); the test loader is not
-    sharded: every process evaluates the whole test set, in order.
+    training set (call ``train_loader.sampler.set_epoch(epoch)`` each epoch; ``batch_size`` is per
+    process) and the test set is split into strided shards (rank ``r`` of ``w`` evaluates items
+    ``r, r + w, ...``: every item exactly once, no padding), so that counts summed over ranks are the
+    whole test set's.
     """
     for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
         if value < 1:
@@ -509,7 +511,13 @@ def make_loaders(bundle: DatasetBundle, batch_size: int, eval_batch_size: int, n
     common = dict(num_workers=num_workers, pin_memory=pin_memory)
     train = DataLoader(bundle.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
                        generator=generator, drop_last=True, **common)
-    test = DataLoader(bundle.test, batch_size=eval_batch_size, shuffle=False, drop_last=False, **common)
+    test_set = bundle.test
+    if distributed:
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        test_set = Subset(bundle.test, range(rank, len(bundle.test), world))
+    test = DataLoader(test_set, batch_size=eval_batch_size, shuffle=False, drop_last=False, **common)
     return train, test
 
 

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, to_dict
+from .distributed import all_sum_ints, average_float_buffers, check_masks_agree
 from .runs import NullWriter, RunReader, RunWriter, load_run
 from .seed import capture_rng, deterministic_mode, restore_rng, rng_neutral, seed_everything
 
@@ -297,7 +298,9 @@ class _Trainer:
         self.last_test: dict[str, Optional[float]] = {"loss": None, "acc": None}
         self.last_train: dict[str, Optional[float]] = {"loss": None, "acc": None}
         self.last_step_ideal = 0
+        self.last_step_adaptation = 0  # the adaptation line's share of last_step_ideal
         self.scalars: dict[str, float] = {}
+        self.global_macs: tuple[int, int] = (0, 0)  # run totals summed over ranks (set by summary())
 
     # -- set-up ------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -343,11 +346,13 @@ class _Trainer:
         self.ledger = FlopsLedger(self.model, enabled=self.cfg.instrument.flops)
         # Training forwards go through ``self.net``: the model itself, or its DDP wrapper under torchrun
         # (gradients are all-reduced during backward, so the method's after_backward sees global ones).
-        # Hooks, checkpoints and evaluation use the bare model.
+        # Hooks, checkpoints and evaluation use the bare model. No buffer broadcast: masks are equal on
+        # every rank by construction (checked, ``train.check_mask_sync``) and BN statistics are averaged
+        # before evaluations and checkpoints (bame.distributed explains why).
         self.net = self.model
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
     def attach_writer(self, writer: Any) -> None:
         from .instrument import Recorders
@@ -466,6 +471,9 @@ class _Trainer:
 
     # -- rows --------------------------------------------------------------------------------------
     def _row(self, split: str, loss: Optional[float], acc: Optional[float]) -> dict[str, Any]:
+        # FLOPs: each rank's ledger counts its own shard; the run's work is their sum (a collective).
+        flops = self.run_flops()
+        step_ideal, cum_ideal, cum_executed = flops["step_ideal"], flops["ideal"], flops["executed"]
         row = {
             "step": self.step,
             "epoch": self.step / self.sched.steps_per_epoch,
@@ -474,9 +482,9 @@ class _Trainer:
             "loss": loss,
             "acc": acc,
             "wall_time_s": round(self.wall_time(), 3),
-            "step_ideal_macs": self.last_step_ideal if split == "train" else None,
-            "cum_ideal_macs": self.ledger.total_ideal_macs,
-            "cum_executed_macs": self.ledger.total_executed_macs,
+            "step_ideal_macs": step_ideal if split == "train" else None,
+            "cum_ideal_macs": cum_ideal,
+            "cum_executed_macs": cum_executed,
         }
         if split == "train":
             row.update(self.scalars)
@@ -485,6 +493,12 @@ class _Trainer:
     def flush_flops(self) -> None:
         # ``epoch``: the (0-based) epoch of the last step taken; ``step``: steps completed.
         rows = self.ledger.epoch_rows(max(0, self.step - 1) // self.sched.steps_per_epoch, self.step)
+        if self.dist.distributed:  # every rank has the same rows (same layers, phases, batch size): sum them
+            sums = all_sum_ints([v for r in rows for v in (r["ideal_macs"], r["executed_macs"])])
+            for i, r in enumerate(rows):
+                once = r["phase"] == "adaptation"  # replicated on every rank: ideal once (run_flops)
+                r["ideal_macs"] = sums[2 * i] // self.dist.world_size if once else sums[2 * i]
+                r["executed_macs"] = sums[2 * i + 1]
         self.writer.append_rows("flops", rows)
 
     def run_eval(self) -> None:
@@ -557,8 +571,11 @@ class _Trainer:
                         opt.step()
                     self.scheduler.step()
                     method.after_optimizer_step(step)
+                    if method.last_adaptation is not None and tc.check_mask_sync:
+                        check_masks_agree(self.model, step)  # collective; no-op for one process
                     cost = ledger.end_step()
                     self.last_step_ideal = cost.ideal_macs
+                    self.last_step_adaptation = cost.by_phase.get("adaptation", (0, 0))[0]
                     scalars = self.recorders.on_step_end(step)
                     if scalars:
                         self.scalars.update(scalars)
@@ -587,9 +604,13 @@ class _Trainer:
             loss_sum.zero_(), correct.zero_(), seen.zero_()
             self.writer.append("metrics", self._row("train", self.last_train["loss"], self.last_train["acc"]))
             bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.lr():.4g}", refresh=False)
-        if (sched.eval_interval_steps and s % sched.eval_interval_steps == 0) or last:
+        evaluate = bool(sched.eval_interval_steps and s % sched.eval_interval_steps == 0) or last
+        checkpoint = epoch_end or last or bool(tc.checkpoint_every_steps and s % tc.checkpoint_every_steps == 0)
+        if evaluate or checkpoint:
+            average_float_buffers(self.model)  # BN statistics of the ranks' shards (no-op for one process)
+        if evaluate:
             self.run_eval()
-        if epoch_end or last or (tc.checkpoint_every_steps and s % tc.checkpoint_every_steps == 0):
+        if checkpoint:
             self.flush_flops()
             self.save_checkpoint()
 
@@ -603,15 +624,38 @@ class _Trainer:
         with rng_neutral(self.device):
             dense = models_mod.create(self.cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels)
             costs = model_step_costs(dense, (1, b.in_channels, b.image_size, b.image_size))
-        return int(costs.step.ideal_macs) * self.cfg.train.batch_size
+        return int(costs.step.ideal_macs) * self.cfg.train.batch_size * self.dist.world_size
+
+    def run_flops(self) -> dict[str, Any]:
+        """The ledger's counts for the whole run, summed over ranks (a collective under torchrun).
+
+        Each rank's ledger counts the conv/linear work of its own shard of every global batch, so their
+        sum is the run's work. The mask-adaptation line is different: every rank scores and selects the
+        same blocks (replicated, so that no mask needs to be sent); the run *needed* it once (ideal: once)
+        and *ran* it on every rank (executed: the sum).
+        """
+        led = self.ledger
+        by_phase = {k: list(v[:2]) for k, v in getattr(led, "total_by_phase", {}).items()}
+        adapt_i = by_phase.get("adaptation", [0, 0])[0]
+        sums = all_sum_ints([self.last_step_ideal, self.last_step_adaptation, led.total_ideal_macs,
+                             led.total_executed_macs, adapt_i] + [v for k in by_phase for v in by_phase[k]])
+        w = self.dist.world_size
+        step_ideal, step_adapt, ideal, executed, adapt_all = sums[:5]
+        once = adapt_all - adapt_all // w  # the replicated copies of the adaptation line's ideal count
+        phases = {k: [sums[5 + 2 * i], sums[6 + 2 * i]] for i, k in enumerate(by_phase)}
+        if "adaptation" in phases:
+            phases["adaptation"][0] //= w
+        return {"step_ideal": step_ideal - (step_adapt - step_adapt // w), "ideal": ideal - once,
+                "executed": executed, "by_phase": {k: tuple(v) for k, v in phases.items()}}
 
     def summary(self) -> dict[str, Any]:
         from .flops import CONVENTION
 
-        ideal, executed = int(self.ledger.total_ideal_macs), int(self.ledger.total_executed_macs)
+        flops = self.run_flops()
+        ideal, executed, by_phase = flops["ideal"], flops["executed"], flops["by_phase"]
+        self.global_macs = (ideal, executed)
         dense = self.dense_step_macs() * self.step if self.cfg.instrument.flops else None
         report = getattr(self.method, "report", None)
-        by_phase = getattr(self.ledger, "total_by_phase", {})
         return {
             "run_id": self.writer.id,
             "status": "completed",
@@ -634,9 +678,11 @@ class _Trainer:
                 "ideal_flops": 2 * ideal,
                 "executed_flops": 2 * executed,
                 "by_phase": {k: {"ideal_macs": int(v[0]), "executed_macs": int(v[1])} for k, v in by_phase.items()},
-                # dense training of the same model for the same steps (per process), and the ratio
+                # dense training of the same model for the same steps and global batch, and the ratio
                 "dense_macs": dense,
                 "ideal_x_dense": ideal / dense if dense else None,
+                # summed over this many ranks' ledgers; adaptation (replicated per rank): ideal once
+                "ranks_summed": self.dist.world_size,
             },
             "sparsify": {"sparse_layers": len(report.sparse_names), "dense_layers": len(report.dense_names)}
             if report is not None else None,
@@ -650,8 +696,8 @@ class _Trainer:
             run_dir=self.writer.path, run_id=self.writer.id, status=status, steps=self.step,
             epochs=self.step / self.sched.steps_per_epoch, test_acc=self.last_test["acc"],
             test_loss=self.last_test["loss"], best_test_acc=self.best_test_acc,
-            train_loss=self.last_train["loss"], ideal_macs=int(self.ledger.total_ideal_macs),
-            executed_macs=int(self.ledger.total_executed_macs), wall_time_s=self.wall_time(),
+            train_loss=self.last_train["loss"], ideal_macs=self.global_macs[0],
+            executed_macs=self.global_macs[1], wall_time_s=self.wall_time(),
             summary=summary or {}, model=self.model)
 
 
@@ -760,7 +806,7 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
             if dist.is_main:
                 writer.complete(summary)
             trainer.say(f"done: {writer.id}: test acc {_num(trainer.last_test['acc'])}, "
-                        f"{2 * int(trainer.ledger.total_ideal_macs):.4g} ideal training FLOPs, "
+                        f"{2 * trainer.global_macs[0]:.4g} ideal training FLOPs, "
                         f"{trainer.wall_time():.1f}s")
             return trainer.result("completed", summary)
         except KeyboardInterrupt:
