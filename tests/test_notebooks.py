@@ -1,0 +1,139 @@
+"""The notebooks: the committed .ipynb files are what notebooks/build_notebooks.py generates (outputs
+stripped), and every notebook runs end to end in quick mode.
+
+Execution uses nbclient with a kernel spec written at test time whose ``argv`` starts with this test's
+own interpreter (``sys.executable``, the venv's python), found through ``JUPYTER_PATH``; so the kernel
+never is whichever ``python`` happens to be first on ``PATH``. The notebooks run with
+``BAME_NOTEBOOK_MODE=quick``, synthetic data (no download) and a temporary ``BAME_NOTEBOOK_RUNS``.
+Cells tagged ``check-table`` must print a table and cells tagged ``check-figure`` must show a figure.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = ROOT / "notebooks"
+CELL_TIMEOUT_S = 240  # generous: quick-mode cells take seconds, but the machine may be shared
+KERNEL_NAME = "python3"
+
+
+def _builder():
+    spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOK_DIR / "build_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BUILDER = _builder()
+STEMS = list(BUILDER.NOTEBOOKS)
+
+
+# --------------------------------------------------------------------------------------------------
+# the committed files
+
+
+def test_every_notebook_file_is_generated():
+    on_disk = sorted(p.stem for p in NOTEBOOK_DIR.glob("*.ipynb"))
+    assert on_disk == sorted(STEMS), "notebooks/*.ipynb must be exactly the ones build_notebooks.py writes"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_committed_notebook_equals_the_generator(stem):
+    built = BUILDER.render(BUILDER.build()[stem])
+    committed = (NOTEBOOK_DIR / f"{stem}.ipynb").read_text(encoding="utf-8")
+    assert committed == built, f"{stem}.ipynb is stale: run python notebooks/build_notebooks.py"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_committed_notebook_has_no_outputs(stem):
+    nb = nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"{stem}: cell {cell.id} has outputs"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_first_cell_holds_the_parameters(stem):
+    nb = nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert "parameters" in first.metadata.get("tags", [])
+    assert 'MODE = os.environ.get("BAME_NOTEBOOK_MODE", "quick")' in first.source
+    assert "RUNS = " in first.source and "BAME_NOTEBOOK_RUNS" in first.source
+    tags = {t for c in nb.cells for t in c.metadata.get("tags", [])}
+    assert {"check-table", "check-figure"} <= tags, f"{stem}: no cell is checked for a table and a figure"
+
+
+# --------------------------------------------------------------------------------------------------
+# execution
+
+
+@pytest.fixture(scope="module")
+def jupyter_path(tmp_path_factory) -> Path:
+    """A data dir whose kernels/python3 runs this interpreter."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec_dir = root / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (bame tests)", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return root
+
+
+def _text_of(output) -> str:
+    if output.get("output_type") == "stream":
+        return output.get("text", "")
+    data = output.get("data", {})
+    return str(data.get("text/plain", "")) + str(data.get("text/html", "")) + str(data.get("text/markdown", ""))
+
+
+def _is_table(text: str) -> bool:
+    markdown = any(line.lstrip().startswith("|") and line.count("|") >= 3 for line in text.splitlines())
+    return markdown or "<table" in text
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_runs_in_quick_mode(stem, tmp_path, jupyter_path, monkeypatch):
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("JUPYTER_PATH", str(jupyter_path))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))  # no user profile or startup files
+    monkeypatch.setenv("BAME_NOTEBOOK_MODE", "quick")
+    monkeypatch.setenv("BAME_NOTEBOOK_RUNS", str(runs))
+    monkeypatch.setenv("BAME_NOTEBOOK_DATA", "synthetic")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend shows the figures
+
+    nb = nbformat.read(NOTEBOOK_DIR / f"{stem}.ipynb", as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME,
+                                     resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+    start = time.perf_counter()
+    client.execute()  # raises CellExecutionError, with the cell's traceback, on the first failing cell
+    elapsed = time.perf_counter() - start
+    print(f"{stem}: {elapsed:.1f} s in quick mode")
+
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        errors = [o for o in cell.outputs if o.get("output_type") == "error"]
+        assert not errors, f"{stem} cell {cell.id}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+        tags = cell.metadata.get("tags", [])
+        if "check-table" in tags:
+            assert any(_is_table(_text_of(o)) for o in cell.outputs), f"{stem} cell {cell.id}: no table printed"
+        if "check-figure" in tags:
+            assert any("image/png" in o.get("data", {}) for o in cell.outputs), \
+                f"{stem} cell {cell.id}: no figure shown"
+    # the notebook trained into the runs folder it was given (and nowhere else), and saved its figures
+    manifests = list(runs.rglob("manifest.json"))
+    assert manifests, f"{stem}: no run folder under BAME_NOTEBOOK_RUNS"
+    assert all((m.parent / "DONE").is_file() for m in manifests), f"{stem}: a run did not complete"
+    assert list((runs / stem / "figures").glob("*.png")), f"{stem}: no figure saved"
