@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 from collections.abc import Sequence
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, dump_yaml, load_config
 from .runs import RunNotFoundError, RunReader, find_runs, load_run
 
 __all__ = ["main", "build_parser"]
@@ -115,14 +115,14 @@ def _completed_with(out: Path, cfg: Config) -> Optional[RunReader]:
     return None
 
 
-def _sweep_in_processes(args: argparse.Namespace, sets: list[str], todo: list, total: int,
-                        out: Path) -> tuple[list, list]:
+def _sweep_in_processes(args: argparse.Namespace, todo: list, total: int, out: Path) -> tuple[list, list]:
     """Run the sweep's runs as ``bame train`` subprocesses, ``args.jobs`` at a time.
 
     Each process gets ``cpu_count // jobs`` threads (OMP_NUM_THREADS), so the jobs share the machine
     instead of fighting over it; each one's output goes to ``OUT/sweep-logs/<label>.log``.
     """
     import concurrent.futures
+    import hashlib
     import os
     import subprocess
 
@@ -131,11 +131,13 @@ def _sweep_in_processes(args: argparse.Namespace, sets: list[str], todo: list, t
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
     def one(item: tuple) -> tuple[str, int, Path]:
-        i, label, extra, _ = item
-        log = logs / (_slug_label(label) + ".log")
-        cmd = [sys.executable, "-m", "bame", "train", "--config", args.config, "--out", str(out), "--no-progress"]
-        if sets or extra:
-            cmd += ["--set", *sets, *extra]
+        i, label, _, cfg = item
+        # The child trains exactly the config resolved here (not one it would resolve itself later).
+        text = dump_yaml(cfg)
+        stem = f"{_slug_label(label)}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+        log, resolved = logs / f"{stem}.log", logs / f"{stem}.yaml"
+        resolved.write_text(text)
+        cmd = [sys.executable, "-m", "bame", "train", "--config", str(resolved), "--out", str(out), "--no-progress"]
         print(f"[{i}/{total}] run {label} (log: {log})", flush=True)
         with open(log, "a") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -188,7 +190,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         else:
             todo.append((i, label, extra, cfg))
     if args.jobs > 1:
-        done, failed = _sweep_in_processes(args, sets, todo, len(grid), out)
+        done, failed = _sweep_in_processes(args, todo, len(grid), out)
     else:
         for i, label, extra, cfg in todo:
             print(f"[{i}/{len(grid)}] run {label}")
