@@ -28,8 +28,14 @@ def test_parallel_jobs_run_in_subprocesses_with_logs(tmp_path, capsys):
     assert main(argv) == 0
     runs = [r for r in find_runs(out) if r.done]
     assert sorted(r.config.method.name for r in runs) == ["srste", "static"]
-    logs = sorted((out / "sweep-logs").iterdir())
+    logs = sorted((out / "sweep-logs").glob("*.log"))
     assert len(logs) == 2 and all("done:" in log.read_text() for log in logs)
+    # Each child trained the config the sweep resolved, saved beside its log.
+    resolved = {r.config.method.name: r.config for r in runs}
+    for log in logs:
+        from bame.config import load_config
+        cfg = load_config(log.with_suffix(".yaml"))
+        assert cfg == resolved[cfg.method.name]
 
 
 def test_failed_parallel_run_is_reported_and_sets_exit_status(tmp_path, capsys):
