@@ -67,21 +67,34 @@ def comparable_keys(runs: pd.DataFrame, dense: str = "dense") -> list[str]:
     """Config keys that differ between runs of one (data, model, method, pattern) cell.
 
     Runs differing in such a key are not seeds of one experiment, so :func:`paper_table` keeps them
-    apart. ``method.*`` keys are compared between non-dense runs only (a dense run ignores them).
+    apart. A key is compared only between the runs it applies to (:func:`_applies`). A key that some
+    older run folders lack (added to the config later) splits nothing unless two real values differ.
     """
     keys = []
     cell = [k for k in ("data.name", "model.name", "method.name", "method.pattern") if k in runs]
     for col in _config_columns(runs):
         if col in _BASE_KEYS:
             continue
-        sub = runs if not col.startswith("method.") else runs[runs["method.name"] != dense]
+        sub = runs[_applies(runs, col, dense)]
         if sub.empty:
             continue
         values = sub[col].map(_hashable)
-        n = values.groupby([sub[k].map(_hashable).astype(str) for k in cell]).nunique(dropna=False)
+        n = values.groupby([sub[k].map(_hashable).astype(str) for k in cell]).nunique(dropna=True)
         if (n > 1).any():
             keys.append(col)
     return keys
+
+
+def _applies(runs: pd.DataFrame, col: str, dense: str) -> pd.Series:
+    """Which runs a config key matters to: ``method.<name>.*`` only to method ``<name>``, other
+    ``method.*`` keys to every method but dense, the rest to every run."""
+    names = runs["method.name"].astype(str)
+    parts = col.split(".")
+    if len(parts) > 2 and parts[0] == "method":
+        return names == parts[1]
+    if parts[0] == "method":
+        return names != dense
+    return pd.Series(True, index=runs.index)
 
 
 def paper_table(runs: pd.DataFrame, baseline: str = "srste", dense: str = "dense",
@@ -107,9 +120,9 @@ def paper_table(runs: pd.DataFrame, baseline: str = "srste", dense: str = "dense
     runs["pattern"] = np.where(runs["method"] == dense, DENSE_PATTERN, runs["method.pattern"].astype(str))
     for col in extra:
         runs[col] = runs[col].map(_hashable).astype(object)
-        # a dense run ignores method options: do not let them split its reference row
-        if col.startswith("method."):
-            runs.loc[runs["method"] == dense, col] = None
+        # a run a key does not apply to (dense and method options, static and BAME's options)
+        # must not be split or labelled by it
+        runs.loc[~_applies(runs, col, dense), col] = None
     keys = [k for k in _BASE_KEYS if k in runs] + ["method", "pattern"] + extra
     seed_col = "train.seed" if "train.seed" in runs else None
 

@@ -450,3 +450,19 @@ def test_write_report_links_existing_figures(runs_root, tmp_path):
         assert png.with_suffix(".pdf").is_file()
     assert "72.0" in text  # published reference
     assert "running" in text  # the unfinished run is listed
+
+
+def test_comparable_keys_apply_only_where_they_matter_and_ignore_keys_older_runs_lack():
+    import pandas as pd
+
+    from analysis.tables import comparable_keys
+
+    runs = pd.DataFrame({
+        "data.name": ["d"] * 6, "model.name": ["m"] * 6,
+        "method.name": ["bame", "bame", "bame", "static", "static", "dense"],
+        "method.pattern": ["1:16"] * 6,
+        "method.bame.rho": [0.05, 0.05, 0.2, 0.05, 0.3, 0.05],  # static's value is irrelevant
+        "train.new_key": [None, True, True, None, True, None],  # added to the config later
+        "method.srste_decay": [2e-4] * 5 + [1.0],  # dense ignores method options
+    })
+    assert comparable_keys(runs) == ["method.bame.rho"]
