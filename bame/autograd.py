@@ -18,19 +18,29 @@ Conv gradients use :func:`torch.nn.grad.conv2d_input` / :func:`torch.nn.grad.con
 
 ``SPARSE`` may compute the weight gradient only at the needed positions (``sparse_weight_grad``
 set to :class:`WeightGradKernel` ``GATHER``): then the executed work equals the ideal work.
+
+Host syncs: the non-zero counts the observer needs, the needed-position union ``mask | grad_mask`` and
+GATHER's index plan are cached per mask version (:class:`_MaskCache`: keyed on the tensors' identity,
+``_version`` and storage, so any in-place write, ``copy_`` or ``load_state_dict`` invalidates them), so
+a step whose masks did not change reads nothing back from the device. A new count stays on the device
+for an observer that takes :class:`LazyMacs` (the FLOPs ledger reads them all at the end of the step). Writes through ``.data`` do not
+bump ``_version`` and are not supported (the FLOPs ledger makes the same assumption).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-__all__ = ["Backward", "Phase", "PhaseCost", "WeightGradKernel", "nm_conv2d", "nm_linear"]
+__all__ = ["Backward", "Phase", "PhaseCost", "WeightGradKernel", "Count", "LazyMacs", "nm_conv2d", "nm_linear"]
 
 
 class Backward(str, Enum):
@@ -69,23 +79,130 @@ class PhaseCost:
     """Work of one phase of one layer call, in multiply-accumulates (MACs; FLOPs = 2 x MACs)."""
 
     phase: Phase
-    ideal_macs: int  # non-zero work: weights actually used x positions
-    executed_macs: int  # what the kernel run on this machine really computed
+    # non-zero work: weights actually used x positions (a LazyMacs for an observer with lazy_counts)
+    ideal_macs: int
+    executed_macs: int  # what the kernel run on this machine really computed (LazyMacs as ideal_macs)
     positions: int  # batch * output spatial positions
 
 
 Observer = Callable[[PhaseCost], None]
 
 
-def _count(mask: Optional[torch.Tensor], like: torch.Tensor) -> int:
-    return like.numel() if mask is None else int(mask.count_nonzero())
+class _MaskCache:
+    """Values derived from mask tensors, computed once per version of the masks they come from.
+
+    ``get(kind, tensors, compute)`` returns ``compute(*tensors)`` from the last call with the same
+    ``kind`` and the same tensor objects, unless one of them was written since (``_version``), moved
+    to other storage (``data_ptr``) or died (weak references; an entry goes when a tensor dies).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, tuple[tuple, tuple, Any]] = {}
+
+    @staticmethod
+    def _state(tensors: tuple) -> tuple:
+        return tuple(None if t is None else (t._version, t.data_ptr()) for t in tensors)
+
+    def get(self, kind: str, tensors: tuple, compute: Callable[..., Any]) -> Any:
+        key = (kind,) + tuple(id(t) for t in tensors)
+        state = self._state(tensors)
+        hit = self._entries.get(key)
+        if hit is not None:
+            refs, old_state, value = hit
+            if old_state == state and all((r is None and t is None) or (r is not None and r() is t)
+                                          for r, t in zip(refs, tensors)):
+                return value
+        value = compute(*tensors)
+        drop = self._dropper(key)
+        refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
+        self._entries[key] = (refs, state, value)
+        return value
+
+    def _dropper(self, key: tuple) -> Callable[[Any], None]:
+        entries = self._entries
+
+        def drop(_ref) -> None:
+            hit = entries.get(key)
+            if hit is not None and any(r is not None and r() is None for r in hit[0]):
+                del entries[key]
+        return drop
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_CACHE = _MaskCache()
+
+
+class Count:
+    """A count computed on the device; ``int()`` reads it (one host sync) the first time and keeps it."""
+
+    __slots__ = ("tensor", "value")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor  # 0-dim int64
+        self.value: Optional[int] = None
+
+    def __int__(self) -> int:
+        if self.value is None:
+            self.value = int(self.tensor)
+        return self.value
+
+
+class LazyMacs:
+    """``count x positions`` MACs whose count was not read from the device yet (``int()`` reads it).
+
+    An observer with the attribute ``lazy_counts = True`` may receive these in a :class:`PhaseCost`
+    instead of ints and read them when it chooses (the FLOPs ledger: all at once at the end of the
+    step, one host sync); every other observer receives ints.
+    """
+
+    __slots__ = ("count", "positions")
+
+    def __init__(self, count: Count, positions: int) -> None:
+        self.count, self.positions = count, positions
+
+    def __int__(self) -> int:
+        return int(self.count) * self.positions
+
+
+def _macs(count: int | Count, positions: int, observer) -> int | LazyMacs:
+    """``count * positions`` as an int, or lazily for an observer that takes lazy counts."""
+    if isinstance(count, int):
+        return count * positions
+    if count.value is None and getattr(observer, "lazy_counts", False):
+        return LazyMacs(count, positions)
+    return int(count) * positions
+
+
+def _count(mask: Optional[torch.Tensor], like: torch.Tensor) -> int | Count:
+    """Non-zeros of ``mask`` (``like.numel()`` without one), counted once per mask version."""
+    if mask is None:
+        return like.numel()
+    return _CACHE.get("nnz", (mask,), lambda m: Count(m.count_nonzero()))
 
 
 def _weight_grad_positions(mode: Backward, mask, grad_mask) -> Optional[torch.Tensor]:
-    """Positions where the weight gradient is needed; ``None`` means every position."""
+    """Positions where the weight gradient is needed; ``None`` means every position.
+
+    The union ``mask | grad_mask`` is cached per version of both (not recomputed every backward).
+    Treat the result as read-only.
+    """
     if mode is not Backward.SPARSE or mask is None:
         return None
-    return mask if grad_mask is None else (mask | grad_mask)
+    if grad_mask is None:
+        return mask
+    return _CACHE.get("needed", (mask, grad_mask), lambda m, g: m | g)
+
+
+def _needed_count(mask, grad_mask, needed: torch.Tensor) -> Count:
+    """Non-zeros of ``needed = _weight_grad_positions(SPARSE, mask, grad_mask)``, once per mask version."""
+    if grad_mask is None:
+        return _count(mask, mask)
+    return _CACHE.get("needed_nnz", (mask, grad_mask), lambda m, g: Count(needed.count_nonzero()))
 
 
 def _finish_weight_grad(mode: Backward, g_eff: torch.Tensor, weight, mask, needed, srste_decay: float):
@@ -112,8 +229,8 @@ class _NMLinear(torch.autograd.Function):
         out = F.linear(x, w_eff, bias)
         if observer is not None:
             positions = x.numel() // x.shape[-1]
-            observer(PhaseCost(Phase.FORWARD, _count(mask, weight) * positions, weight.numel() * positions,
-                               positions))
+            observer(PhaseCost(Phase.FORWARD, _macs(_count(mask, weight), positions, observer),
+                               weight.numel() * positions, positions))
         return out
 
     @staticmethod
@@ -128,46 +245,82 @@ class _NMLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (go2 @ w_eff.to(go2.dtype)).reshape(x.shape)
             if observer is not None:
-                observer(PhaseCost(Phase.INPUT_GRAD, _count(mask, weight) * positions,
+                observer(PhaseCost(Phase.INPUT_GRAD, _macs(_count(mask, weight), positions, observer),
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
             needed = _weight_grad_positions(mode, mask, grad_mask)
-            if needed is not None and ctx.kernel is WeightGradKernel.GATHER:
-                grad_w = _gather_linear_weight_grad(x2, go2, needed).to(weight.dtype)
-                executed = int(needed.count_nonzero()) * positions
+            gather = needed is not None and ctx.kernel is WeightGradKernel.GATHER
+            if gather:
+                plan = _gather_plan(mask, grad_mask, needed)
+                grad_w = _gather_linear_weight_grad(x2, go2, plan).to(weight.dtype)
             else:
                 g_eff = (go2.t() @ x2.to(go2.dtype)).to(weight.dtype)
                 grad_w = _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
-                executed = weight.numel() * positions
             if observer is not None:
-                ideal = weight.numel() * positions if needed is None else int(needed.count_nonzero()) * positions
-                observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, executed, positions))
+                ideal = weight.numel() * positions if needed is None else \
+                    _macs(_needed_count(mask, grad_mask, needed), positions, observer)
+                observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, ideal if gather else weight.numel() * positions,
+                                   positions))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = go2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _gather_linear_weight_grad(x2: torch.Tensor, go2: torch.Tensor, needed: torch.Tensor) -> torch.Tensor:
-    """``(go2^T @ x2)`` evaluated only where ``needed`` is True; zero elsewhere.
+@dataclass(frozen=True)
+class _GatherPlan:
+    """The needed positions of a ``[Cout, K]`` weight gradient, as the sparsity pattern of an SDDMM."""
 
-    Rows are padded to the largest per-row count so the work is one batched matmul:
-    ``[Cout, 1, P] @ [Cout, P, kmax] -> [Cout, kmax]``.
+    shape: tuple[int, int]
+    crow: torch.Tensor  # [Cout + 1] int64, CSR row pointers
+    col: torch.Tensor  # [nnz] int64, CSR column indices (row-major order)
+    flat: torch.Tensor  # [nnz] int64, row * K + col: where each value goes in the dense gradient
+    nnz: int
+    _patterns: dict = field(default_factory=dict, compare=False, repr=False)  # dtype -> CSR pattern
+
+    @classmethod
+    def build(cls, needed: torch.Tensor) -> _GatherPlan:
+        cout, k = needed.shape
+        flat = needed.reshape(-1).nonzero().squeeze(1)  # row-major = CSR order (one host read)
+        rows = torch.div(flat, k, rounding_mode="floor")
+        crow = torch.zeros(cout + 1, dtype=torch.int64, device=needed.device)
+        crow[1:] = torch.bincount(rows, minlength=cout).cumsum(0)
+        return cls((cout, k), crow, flat - rows * k, flat, int(flat.numel()))
+
+    def pattern(self, dtype: torch.dtype) -> torch.Tensor:
+        """The CSR tensor (zero values) whose sparsity pattern ``sampled_addmm`` samples at."""
+        csr = self._patterns.get(dtype)
+        if csr is None:
+            values = torch.zeros(self.nnz, dtype=dtype, device=self.flat.device)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta state"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = self._patterns[dtype] = torch.sparse_csr_tensor(self.crow, self.col, values, self.shape,
+                                                                      check_invariants=False)
+        return csr
+
+
+def _gather_plan(mask: torch.Tensor, grad_mask: Optional[torch.Tensor], needed: torch.Tensor) -> _GatherPlan:
+    """The :class:`_GatherPlan` of ``needed`` (``[Cout, K]``), built once per version of the masks."""
+    return _CACHE.get("gather", (mask, grad_mask), lambda m, g: _GatherPlan.build(needed))
+
+
+_SDDMM_DTYPES = (torch.float32, torch.float64)
+
+
+def _gather_linear_weight_grad(x2: torch.Tensor, go2: torch.Tensor, plan: _GatherPlan) -> torch.Tensor:
+    """``(go2^T @ x2)`` evaluated only at the plan's positions (an SDDMM); zero elsewhere.
+
+    ``x2`` is ``[P, K]``, ``go2`` is ``[P, Cout]`` (``P`` = batch x output positions). The work is one
+    dot product of length ``P`` per needed position (``torch.sparse.sampled_addmm``: cuSPARSE on CUDA,
+    a per-row kernel on the CPU), so the executed MACs equal the ideal ones; nothing of size
+    ``[Cout, K, P]`` or ``[Cout, K]``-dense is computed. Computed in float32 (float64 stays float64).
     """
-    cout, k = needed.shape
-    counts = needed.sum(1)
-    kmax = int(counts.max()) if cout else 0
-    out = torch.zeros(cout, k, dtype=go2.dtype, device=go2.device)
-    if kmax == 0:
-        return out
-    # Column indices of the needed entries, padded with column 0 (their results are dropped).
-    order = torch.sort(needed.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :kmax]
-    valid = torch.arange(kmax, device=needed.device).unsqueeze(0) < counts.unsqueeze(1)  # [Cout, kmax]
-    cols = torch.where(valid, order, torch.zeros_like(order))
-    x_sel = x2.t()[cols.reshape(-1)].reshape(cout, kmax, -1)  # [Cout, kmax, P]
-    vals = torch.bmm(x_sel.to(go2.dtype), go2.t().unsqueeze(-1)).squeeze(-1)  # [Cout, kmax]
-    # scatter_add: padded slots point at column 0 and add exact zeros there.
-    out.scatter_add_(1, cols, torch.where(valid, vals, torch.zeros_like(vals)))
-    return out
+    dtype = go2.dtype if go2.dtype in _SDDMM_DTYPES else torch.float32
+    cout, k = plan.shape
+    out = torch.zeros(cout * k, dtype=dtype, device=go2.device)
+    if plan.nnz:
+        vals = torch.sparse.sampled_addmm(plan.pattern(dtype), go2.t().to(dtype), x2.to(dtype), beta=0.0)
+        out[plan.flat] = vals.values()
+    return out.view(cout, k)
 
 
 class _NMConv2d(torch.autograd.Function):
@@ -184,8 +337,8 @@ class _NMConv2d(torch.autograd.Function):
         if observer is not None:
             # Each output position of each output channel uses Cin/groups*kh*kw weights of its row.
             positions = out.shape[0] * out.shape[2] * out.shape[3]
-            observer(PhaseCost(Phase.FORWARD, _count(mask, weight) * positions, weight.numel() * positions,
-                               positions))
+            observer(PhaseCost(Phase.FORWARD, _macs(_count(mask, weight), positions, observer),
+                               weight.numel() * positions, positions))
         return out
 
     @staticmethod
@@ -199,39 +352,46 @@ class _NMConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = conv2d_input(x.shape, w_eff.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
             if observer is not None:
-                observer(PhaseCost(Phase.INPUT_GRAD, _count(mask, weight) * positions,
+                observer(PhaseCost(Phase.INPUT_GRAD, _macs(_count(mask, weight), positions, observer),
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
             needed = _weight_grad_positions(mode, mask, grad_mask)
-            if needed is not None and ctx.kernel is WeightGradKernel.GATHER and groups == 1:
-                grad_w = _gather_conv_weight_grad(x, grad_out, needed, weight.shape, ctx.conv_args)
-                executed = int(needed.count_nonzero()) * positions
+            gather = needed is not None and ctx.kernel is WeightGradKernel.GATHER and groups == 1
+            if gather:
+                plan = _gather_plan(mask, grad_mask, needed.reshape(needed.shape[0], -1))
+                grad_w = _gather_conv_weight_grad(x, grad_out, plan, weight.shape, ctx.conv_args).to(weight.dtype)
             else:
                 g_eff = conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation,
                                       groups).to(weight.dtype)
                 grad_w = _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
-                executed = weight.numel() * positions
             if observer is not None:
-                ideal = weight.numel() * positions if needed is None else int(needed.count_nonzero()) * positions
-                observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, executed, positions))
+                ideal = weight.numel() * positions if needed is None else \
+                    _macs(_needed_count(mask, grad_mask, needed), positions, observer)
+                observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, ideal if gather else weight.numel() * positions,
+                                   positions))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def _gather_conv_weight_grad(x, grad_out, needed, weight_shape, conv_args) -> torch.Tensor:
-    """Weight gradient of a (groups=1) conv at the ``needed`` positions only, via im2col columns.
+def _gather_conv_weight_grad(x, grad_out, plan: _GatherPlan, weight_shape, conv_args) -> torch.Tensor:
+    """Weight gradient of a (groups=1) conv at the plan's positions only.
 
-    ``x`` is unfolded once to ``[B, K, L]`` (K = Cin*kh*kw, L = output positions); the needed
-    entries of each output row then reduce over ``B*L`` as in the linear case.
+    A 1x1 conv without padding needs no im2col: its input, subsampled by the stride, already is
+    ``[B*H*W, Cin]`` (a free view in channels_last). Other convs unfold ``x`` once to ``[B, K, L]``
+    (K = Cin*kh*kw, L = output positions). The needed entries of each output row then reduce over
+    ``B*L`` as in the linear case.
     """
     stride, padding, dilation, _ = conv_args
     cout, cin, kh, kw = weight_shape
-    cols = F.unfold(x.to(grad_out.dtype), (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B,K,L]
-    x2 = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, K]
-    go2 = grad_out.reshape(grad_out.shape[0], cout, -1).transpose(1, 2).reshape(-1, cout)  # [B*L, Cout]
-    g = _gather_linear_weight_grad(x2, go2, needed.reshape(cout, -1))
-    return g.reshape(weight_shape).to(x.dtype if x.is_floating_point() else grad_out.dtype)
+    if (kh, kw) == (1, 1) and padding == (0, 0):
+        xs = x[:, :, ::stride[0], ::stride[1]] if stride != (1, 1) else x
+        x2 = xs.permute(0, 2, 3, 1).reshape(-1, cin)  # [B*Hout*Wout, Cin]
+    else:
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
+        x2 = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, K]
+    go2 = grad_out.permute(0, 2, 3, 1).reshape(-1, cout)  # [B*L, Cout]
+    return _gather_linear_weight_grad(x2, go2, plan).reshape(weight_shape)
 
 
 def nm_linear(x, weight, bias=None, mask=None, grad_mask=None, mode: Backward = Backward.SPARSE,

@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .autograd import PhaseCost
+from .autograd import LazyMacs, PhaseCost
 from .layers import NMLayer
 from .nm import group_counts
 
@@ -141,6 +141,7 @@ class FlopsLedger:
         # (layer, phase) -> (mask version key, flag); a flag is a 0-dim bool tensor until end_step reads it
         self._flag_cache: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
         self._pending: list[tuple[tuple[str, str], torch.Tensor]] = []  # flags not read yet (no host sync)
+        self._pending_macs: list[tuple[tuple[str, str], int, LazyMacs]] = []  # (key, 0 ideal | 1 executed, MACs)
         if self.enabled:
             self._attach()
 
@@ -166,6 +167,7 @@ class FlopsLedger:
         if isinstance(module, NMLayer):
             def observer(cost: PhaseCost, _name=name, _layer=module) -> None:
                 self._on_nm_cost(_name, _layer, cost)
+            observer.lazy_counts = True  # new non-zero counts stay on the device until end_step
             if not self._paused:
                 module.observer = observer
             return _Attached(module, True, observer=observer)
@@ -195,19 +197,32 @@ class FlopsLedger:
         acc = self._step.get(key)
         if acc is None:
             acc = self._step[key] = [0, 0, True]
-        acc[0] += int(ideal)
-        acc[1] += int(executed)
+        for i, macs in ((0, ideal), (1, executed)):
+            if isinstance(macs, LazyMacs) and macs.count.value is None:
+                self._pending_macs.append((key, i, macs))
+            else:
+                acc[i] += int(macs)
         if torch.is_tensor(flag):
             self._pending.append((key, flag))
         else:
             acc[2] = acc[2] and bool(flag)
 
     def _resolve_flags(self) -> None:
-        """Read every pending flag with one host sync; cache the values as plain bools."""
-        if not self._pending:
+        """Read every pending flag and non-zero count with one host sync; cache flags as plain bools."""
+        if not self._pending and not self._pending_macs:
             return
-        tensors = [t for _, t in self._pending]
-        values = torch.stack([t.to(tensors[0].device) for t in tensors]).tolist()
+        counts = list({id(m.count): m.count for _, _, m in self._pending_macs if m.count.value is None}.values())
+        tensors = [t for _, t in self._pending] + [c.tensor for c in counts]
+        values = torch.stack([t.to(tensors[0].device, torch.int64) for t in tensors]).tolist() if tensors else []
+        for c, v in zip(counts, values[len(self._pending):]):
+            c.value = int(v)
+        for key, i, macs in self._pending_macs:
+            acc = self._step.get(key)
+            if acc is None:
+                acc = self._step[key] = [0, 0, True]
+            acc[i] += int(macs)
+        self._pending_macs = []
+        values = values[:len(self._pending)]
         by_id = {id(t): bool(v) for t, v in zip(tensors, values)}
         for (key, _), v in zip(self._pending, values):
             if key in self._step:

@@ -165,3 +165,72 @@ def test_unknown_mode_and_string_padding_errors():
         Backward.parse("half")
     with pytest.raises(ValueError, match="numeric padding"):
         nm_conv2d(torch.randn(1, 4, 4, 4), torch.randn(4, 4, 3, 3), padding="same")
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gather_1x1_conv_without_unfold_matches_masked_dense(stride, channels_last):
+    """1x1 convs take GATHER's im2col-free path (a strided view of the input); channels_last inputs too."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 9, 9, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 1, 1, dtype=torch.float64)
+    mask = nm_mask(w.abs(), 1, 16)
+    grad_mask = torch.rand(w.shape) < 0.1
+    grads = []
+    for kernel in WeightGradKernel:
+        wk = w.clone().requires_grad_()
+        out = nm_conv2d(x, wk, None, mask, grad_mask, stride=stride, mode=Backward.SPARSE, kernel=kernel)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        grads.append(wk.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-10)
+
+
+def test_counts_follow_in_place_mask_changes():
+    """Non-zero counts are cached per mask version: an in-place change (copy_, a grad_mask write) is seen."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    mask = nm_mask(w.detach().abs(), 2, 4)
+    grad_mask = torch.zeros_like(mask)
+    for kernel in WeightGradKernel:
+        for step in range(3):
+            costs = []
+            nm_linear(x, w, None, mask, grad_mask, Backward.SPARSE, 0.0, kernel, costs.append).sum().backward()
+            by = {c.phase: c for c in costs}
+            assert by[Phase.FORWARD].ideal_macs == int(mask.sum()) * 2
+            assert by[Phase.WEIGHT_GRAD].ideal_macs == int((mask | grad_mask).sum()) * 2
+            assert (w.grad[~(mask | grad_mask)] == 0).all() and (w.grad[grad_mask] != 0).all()
+            w.grad = None
+            with torch.no_grad():
+                if step == 0:
+                    mask.copy_(nm_mask(torch.rand(4, 16), 1, 4))  # fewer kept weights
+                else:
+                    grad_mask[1] = True  # candidate positions on an adaptation step
+        mask = nm_mask(w.detach().abs(), 2, 4)
+        grad_mask = torch.zeros_like(mask)
+
+
+def test_lazy_counts_reach_only_observers_that_take_them():
+    from bame.autograd import LazyMacs
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    w = torch.randn(4, 8, requires_grad=True)
+    mask = nm_mask(w.detach().abs(), 1, 4)
+    lazy = []
+
+    def observer(cost):
+        lazy.append(cost)
+    observer.lazy_counts = True
+    nm_linear(x, w, None, mask, None, Backward.SPARSE, 0.0, WeightGradKernel.MASKED_DENSE, observer).sum().backward()
+    fwd = lazy[0].ideal_macs
+    assert isinstance(fwd, LazyMacs) and int(fwd) == 8 * 3  # read on demand: 8 kept weights x 3 rows
+    lazy.clear()
+    nm_linear(x, w, None, mask, None, Backward.SPARSE, 0.0, WeightGradKernel.MASKED_DENSE, observer).sum().backward()
+    assert all(isinstance(c.ideal_macs, int) for c in lazy)  # the count was read once and is cached
+    plain = []
+    mask2 = nm_mask(torch.rand(4, 8), 2, 4)
+    nm_linear(x, w, None, mask2, None, Backward.SPARSE, 0.0, WeightGradKernel.MASKED_DENSE, plain.append)
+    assert plain[0].ideal_macs == 16 * 3  # a plain observer gets ints

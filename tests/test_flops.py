@@ -459,3 +459,48 @@ def test_cli_flops_other_methods(tmp_path, method):
 
 def step_phase(rep: dict, phase: str) -> int:
     return rep["step_by_phase"][phase]
+
+
+_HOST_READS = ("__int__", "__bool__", "__float__", "item", "tolist")
+
+
+@pytest.mark.parametrize("method_name", ["static", "bame", "srste"])
+def test_ledger_reads_nothing_from_the_device_in_the_steady_state(monkeypatch, method_name):
+    """Counts are cached per mask version (static, bame outside adaptation: no host read at all); a mask
+    that changes every step (srste) costs one read for the whole step, at end_step."""
+    from bame.config import BameConfig, MethodConfig
+    from bame.methods import MethodContext, create_method
+
+    torch.manual_seed(0)
+    cfg = MethodConfig(name=method_name, pattern="2:4", bame=BameConfig(interval_steps=4))
+    method = create_method(cfg, MethodContext(total_steps=100, steps_per_epoch=10, weight_decay=5e-4))
+    model = method.prepare(models.create("resnet20", num_classes=10, in_channels=3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    method.attach_optimizer(opt)
+    ledger = FlopsLedger(model)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    reads = []
+
+    def step(t):
+        method.before_step(t)
+        ledger.begin_step()
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        method.after_backward(t)
+        opt.step()
+        method.after_optimizer_step(t)
+        return ledger.end_step()
+
+    for t in range(3):  # step 0 adapts (bame); steps 1 and 2 see its new masks once, then nothing new
+        step(t)
+    for name in _HOST_READS:
+        fn = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _fn=fn, _n=name, **k: reads.append(_n) or _fn(self, *a, **k))
+    cost = step(3)
+    monkeypatch.undo()
+    assert len(reads) == (1 if method_name == "srste" else 0), reads
+    for name, layer in model.named_modules():  # and the counts are those of the current masks
+        if isinstance(layer, NMLayer):
+            ideal, executed, _ = cost.by_layer[(name, "forward")]
+            assert ideal == int(layer.mask.sum()) * (executed // layer.weight.numel())

@@ -73,6 +73,10 @@ class Bame(Static):
         self.last_adaptation_step = -1
         self._budgets: Optional[dict[str, int]] = None  # set by before_step on an adaptation step
         self._plans: dict[str, _Plan] = {}
+        # layer -> (id, _version) of its grad_mask right after this method cleared it: a grad_mask still
+        # at that version is all False, and is not cleared again (an in-place write would bump its version
+        # and invalidate the layers' cached counts for nothing, every step)
+        self._cleared: dict[str, tuple[int, int]] = {}
 
     # -- set-up --------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -124,7 +128,13 @@ class Bame(Static):
                 candidates = ~self._state(name, layer).frozen
                 layer.grad_mask.copy_(self._expand(name, layer, candidates))
             else:
-                layer.grad_mask.zero_()
+                self._clear_grad_mask(name, layer)
+
+    def _clear_grad_mask(self, name: str, layer: NMLayer) -> None:
+        gm = layer.grad_mask
+        if self._cleared.get(name) != (id(gm), gm._version):
+            gm.zero_()
+            self._cleared[name] = (id(gm), gm._version)
 
     def _expand(self, name: str, layer: NMLayer, per_block: torch.Tensor) -> torch.Tensor:
         """``[B]`` -> the weight's shape: every position of block ``b`` takes ``per_block[b]``."""
@@ -214,7 +224,7 @@ class Bame(Static):
             if plan is not None:
                 self._apply(name, layer, plan)
             if self._budgets is not None:
-                layer.grad_mask.zero_()
+                self._clear_grad_mask(name, layer)
         self._plans = {}
         self._budgets = None
 
