@@ -18,17 +18,19 @@ sweep() { $BAME sweep --config "$CONFIG" --out "$OUT" --seeds 0,1,2 --jobs "$JOB
 PHASE=${PHASE:-all}  # ablations | methods | all
 
 if [[ $PHASE == ablations || $PHASE == all ]]; then
-# 1. Readings of BAME at 1:16 (each changes one option of the default) and the controls.
+# 1. Readings of BAME at 1:16 (each changes one option of the first default, lma=taylor) and the controls.
 sweep --methods static,srste --patterns 1:16 "$@"
+# The readings are spelled out (not relative to the current default), so the script reproduces the study.
 sweep --methods bame --patterns 1:16 "$@" \
-  --variant base \
-  --variant method.bame.rho=0.2 \
-  --variant method.bame.interval_steps=20 \
+  --variant method.bame.lma=taylor \
+  --variant method.bame.lma=taylor method.bame.rho=0.2 \
+  --variant method.bame.lma=taylor method.bame.interval_steps=20 \
+  --variant method.bame.lma=taylor method.bame.regrow=zero \
+  --variant method.bame.lma=taylor method.bame.obf_bias_correction=true \
+  --variant method.bame.lma=taylor method.bame.selection=joint \
+  --variant method.bame.lma=taylor method.bame.t_f_fraction=0.8 \
   --variant method.bame.lma=gradient \
-  --variant method.bame.regrow=zero \
-  --variant method.bame.obf_bias_correction=true \
-  --variant method.bame.selection=joint \
-  --variant method.bame.t_f_fraction=0.8
+  --variant method.bame.lma=gradient method.bame.regrow=zero
 fi
 
 if [[ $PHASE == methods || $PHASE == all ]]; then

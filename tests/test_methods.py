@@ -51,7 +51,7 @@ def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def method_cfg(name: str, **bame) -> MethodConfig:
-    base = dict(t_f_fraction=20 / TOTAL, interval_steps=5, rho=0.3)
+    base = dict(t_f_fraction=20 / TOTAL, interval_steps=5, rho=0.3, lma="taylor")
     base.update(bame)
     return MethodConfig(name=name, pattern="2:4", first_conv_dense=False, classifier_dense=False,
                         bame=BameConfig(**base))
