@@ -103,12 +103,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _completed_with(out: Path, cfg: Config) -> Optional[RunReader]:
-    """A completed run in ``out`` whose resolved config equals ``cfg``."""
+    """A completed run in ``out`` of the same experiment as ``cfg`` (see ``experiment_identity``)."""
+    from .methods import experiment_identity
+
+    identity = experiment_identity(cfg)
     for run in find_runs(out):
         if not run.done or run.status != "completed":
             continue
         try:
-            if run.config == cfg:
+            if experiment_identity(run.config) == identity:
                 return run
         except (ConfigError, OSError):
             continue  # an older run whose config no longer loads cannot be a match

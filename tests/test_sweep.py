@@ -45,3 +45,15 @@ def test_failed_parallel_run_is_reported_and_sets_exit_status(tmp_path, capsys):
             "--jobs", "2", "--set", *QUICK, "data.root=/nonexistent", "data.name=mnist"]
     assert main(argv) == 1
     assert "exit status" in capsys.readouterr().err
+
+
+def test_a_static_run_stays_done_when_only_bame_options_differ(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    base = ["sweep", "--config", "configs/quick.yaml", "--out", str(out), "--methods", "static,bame", "--seeds", "0",
+            "--no-progress", "--set", *QUICK]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main(base[:-len(QUICK) - 1] + ["--set", *QUICK, "method.bame.rho=0.7"]) == 0
+    printed = capsys.readouterr().out
+    assert "skip method.name=static" in printed  # BAME's section does not touch a static run
+    assert "run method.name=bame" in printed  # but it is a new BAME experiment

@@ -2,7 +2,7 @@
 
 from . import asp, bame, dense, srste, static, ste  # noqa: F401  (each module registers its method)
 from .base import (METHODS, AdaptationRecord, LayerAdaptation, Method, MethodContext, available_methods,
-                   create_method, register)
+                   create_method, experiment_identity, register)
 
 __all__ = ["METHODS", "AdaptationRecord", "LayerAdaptation", "Method", "MethodContext", "available_methods",
-           "create_method", "register"]
+           "create_method", "experiment_identity", "register"]

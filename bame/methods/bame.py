@@ -59,6 +59,7 @@ class Bame(Static):
     """BAME: static N:M training plus loss-aware, oscillation-aware block mask adaptation in ``[t_i, t_f)``."""
 
     backward_mode: Backward = Backward.SPARSE
+    config_sections = ("bame",)
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)

@@ -23,11 +23,11 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..config import Config, MethodConfig, to_dict
 from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 
 __all__ = ["MethodContext", "Method", "METHODS", "register", "create_method", "available_methods",
-           "AdaptationRecord", "LayerAdaptation"]
+           "AdaptationRecord", "LayerAdaptation", "experiment_identity"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class Method:
     """Base class: a dense-weight method that touches nothing. Subclasses override what they need."""
 
     name: ClassVar[str] = "base"
+    # Nested sections of MethodConfig this method reads (e.g. ("bame",)); the others do not affect it.
+    config_sections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
         self.cfg = cfg
@@ -161,6 +163,21 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         METHODS[name] = cls
         return cls
     return deco
+
+
+def experiment_identity(cfg: Config) -> dict[str, Any]:
+    """The resolved config as a dict, less the method sections its method never reads.
+
+    Two runs with equal identities are the same experiment: a static run stays "done" when a default
+    of BAME's section changes. Sweeps and the demo use this to skip completed runs.
+    """
+    data = to_dict(cfg)
+    cls = METHODS.get(cfg.method.name)
+    used = cls.config_sections if cls is not None else ()
+    for key, value in list(data["method"].items()):
+        if isinstance(value, dict) and key not in used:
+            del data["method"][key]
+    return data
 
 
 def available_methods() -> list[str]:
