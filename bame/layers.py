@@ -13,7 +13,8 @@ keep working. Each carries two boolean buffers that ride along in ``state_dict``
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ class NMConv2d(nn.Conv2d, NMLayer):
         self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, **nm_kwargs) -> "NMConv2d":
+    def from_dense(cls, conv: nn.Conv2d, **nm_kwargs) -> NMConv2d:
         """An NMConv2d with ``conv``'s hyper-parameters and a copy of its weights."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
@@ -134,7 +135,7 @@ class NMLinear(nn.Linear, NMLayer):
         self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, **nm_kwargs) -> "NMLinear":
+    def from_dense(cls, linear: nn.Linear, **nm_kwargs) -> NMLinear:
         """An NMLinear with ``linear``'s shape and a copy of its weights."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, mask_init="magnitude",

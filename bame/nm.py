@@ -47,7 +47,7 @@ class Layout(str, Enum):
     CHANNEL = "channel"  # M consecutive input channels at one kernel position (conv only)
 
     @classmethod
-    def parse(cls, value: "Layout | str") -> "Layout":
+    def parse(cls, value: Layout | str) -> Layout:
         if isinstance(value, Layout):
             return value
         try:
@@ -75,7 +75,7 @@ class NMPattern:
             )
 
     @classmethod
-    def parse(cls, value: "NMPattern | str | tuple[int, int]") -> "NMPattern":
+    def parse(cls, value: NMPattern | str | tuple[int, int]) -> NMPattern:
         """Parse ``"2:4"``, ``(2, 4)`` or an ``NMPattern``; raises ``ValueError`` naming the pattern."""
         if isinstance(value, NMPattern):
             return value

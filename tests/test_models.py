@@ -39,7 +39,7 @@ def _first_conv_and_classifier(model: nn.Module) -> tuple[nn.Conv2d, nn.Linear]:
 
 
 def test_registry_lists_all_names():
-    assert ALL == sorted(ALL)
+    assert sorted(ALL) == ALL
     assert set(ALL) == EXPECTED_NAMES
     assert set(models.MODELS) == EXPECTED_NAMES
     assert all(callable(fn) for fn in models.MODELS.values())

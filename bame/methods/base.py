@@ -18,7 +18,8 @@ no decay and no momentum: they keep their stored value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -68,4 +68,4 @@ def init_weights(model: nn.Module) -> None:
 
 
 # The families register themselves on import; they need ``register`` and ``init_weights`` above.
-from . import lenet, mobilenet_v2, resnet_cifar, torchvision_models, vgg  # noqa: F401
+from . import lenet, mobilenet_v2, resnet_cifar, torchvision_models, vgg  # noqa: E402, F401
