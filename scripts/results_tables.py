@@ -1,0 +1,73 @@
+"""Print the tables of docs/results.md from the study's run folders.
+
+    .venv/bin/python scripts/results_tables.py runs/study
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+
+from analysis import load_runs, paper_table
+
+BAME_KEYS = ["lma", "rho", "interval_steps", "regrow", "obf_bias_correction", "selection", "t_f_fraction"]
+
+
+def _pm(mean: float, std: float) -> str:
+    return f"{mean:.2f} ± {std:.2f}"
+
+
+def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
+    """Each BAME reading at ``pattern`` against the static control, over seeds."""
+    runs = runs[(runs["status"] == "completed") & (runs["method.pattern"] == pattern)]
+    static = runs[runs["method.name"] == "static"]["top1"]
+    lines = ["| run | settings (changed from lma=taylor, rho=0.05, T=100, t_f=0.5) | seeds | top-1 (%) | vs static |",
+             "| --- | --- | ---: | ---: | ---: |"]
+
+    def row(name: str, settings: str, top1: pd.Series) -> None:
+        delta = top1.mean() - static.mean()
+        lines.append(f"| {name} | {settings} | {len(top1)} | {_pm(top1.mean(), top1.std())} | {delta:+.2f} |")
+
+    row("static", "fixed magnitude mask", static)
+    row("srste", "dense backward", runs[runs["method.name"] == "srste"]["top1"])
+    bame = runs[runs["method.name"] == "bame"]
+    reference = {"lma": "taylor", "rho": 0.05, "interval_steps": 100, "regrow": "stored",
+                 "obf_bias_correction": False, "selection": "freeze_then_topk", "t_f_fraction": 0.5}
+    groups = bame.groupby([f"method.bame.{k}" for k in BAME_KEYS], dropna=False)
+    for values, g in sorted(groups, key=lambda kv: -kv[1]["top1"].mean()):
+        changed = [f"{k}={v}" for k, v in zip(BAME_KEYS, values) if v != reference[k]]
+        row("bame", ", ".join(changed) or "(the first default)", g["top1"])
+    return "\n".join(lines)
+
+
+def methods_table(runs: pd.DataFrame) -> str:
+    """Method x pattern with the current defaults: top-1, training FLOPs vs dense and vs SR-STE."""
+    from bame.config import BameConfig
+
+    default = BameConfig()
+    is_default = pd.Series(True, index=runs.index)
+    for k in BAME_KEYS:
+        is_default &= runs[f"method.bame.{k}"].map(lambda v, k=k: v == getattr(default, k))
+    runs = runs[(runs["method.name"] != "bame") | is_default]
+    table = paper_table(runs, by=[])
+    lines = ["| method | pattern | seeds | top-1 (%) | training FLOPs (ideal) | x dense | x SR-STE |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for _, r in table.iterrows():
+        srste = "–" if pd.isna(r["flops_x_srste"]) else f"{r['flops_x_srste']:.3f}"
+        lines.append(f"| {r['method']} | {r['pattern']} | {r['n_seeds']} | {_pm(r['top1_mean'], r['top1_std'])} | "
+                     f"{r['train_flops']:.3e} | {r['flops_x_dense']:.3f} | {srste} |")
+    return "\n".join(lines)
+
+
+def main(root: str) -> None:
+    runs = load_runs(root)
+    print("## Readings of BAME at 1:16\n")
+    print(ablation_table(runs))
+    print("\n## Methods x patterns (current defaults)\n")
+    print(methods_table(runs))
+    print("\nFLOPs: exact ledger counts, ideal view, all phases; FLOPs = 2 x MACs.")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
