@@ -29,6 +29,9 @@ bump ``_version`` and are not supported (the FLOPs ledger makes the same assumpt
 
 from __future__ import annotations
 
+import math
+import statistics
+import time
 import warnings
 import weakref
 from collections.abc import Callable
@@ -40,7 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
-__all__ = ["Backward", "Phase", "PhaseCost", "WeightGradKernel", "Count", "LazyMacs", "nm_conv2d", "nm_linear"]
+__all__ = ["Backward", "Phase", "PhaseCost", "WeightGradKernel", "Count", "LazyMacs", "AutoChoice",
+           "auto_kernel_choices", "nm_conv2d", "nm_linear"]
 
 
 class Backward(str, Enum):
@@ -66,6 +70,7 @@ class WeightGradKernel(str, Enum):
 
     MASKED_DENSE = "masked_dense"  # dense kernel, then multiply by (mask | grad_mask)
     GATHER = "gather"  # only the needed positions (executed work == ideal work)
+    AUTO = "auto"  # per layer shape and density, the faster of the two, timed once (see _use_gather)
 
 
 class Phase(str, Enum):
@@ -205,6 +210,67 @@ def _needed_count(mask, grad_mask, needed: torch.Tensor) -> Count:
     return _CACHE.get("needed_nnz", (mask, grad_mask), lambda m, g: Count(needed.count_nonzero()))
 
 
+@dataclass(frozen=True)
+class AutoChoice:
+    """One ``WeightGradKernel.AUTO`` decision: the kernel chosen and the timings it was chosen by."""
+
+    key: tuple
+    gather: bool
+    gather_s: float
+    masked_dense_s: float
+
+
+_AUTO: dict[tuple, AutoChoice] = {}
+AUTO_TIMING_REPEATS = 3  # timed runs of each kernel (after one untimed) per AUTO decision
+
+
+def auto_kernel_choices() -> list[AutoChoice]:
+    """The ``AUTO`` decisions this process made so far (one per layer shape, density and dtype)."""
+    return list(_AUTO.values())
+
+
+def _use_gather(kernel: WeightGradKernel, shape_key: tuple, mask, grad_mask, needed: torch.Tensor,
+                gather_fn: Callable[[], torch.Tensor], dense_fn: Callable[[], torch.Tensor]) -> bool:
+    """Whether this SPARSE weight gradient runs GATHER.
+
+    ``AUTO``: the first time a (layer shape, input shape, dtype, device, density class) comes up, both
+    kernels run on the real tensors (one untimed and ``AUTO_TIMING_REPEATS`` timed runs each,
+    alternating, median) and the faster one is kept for every later call with that key. The density
+    class is ``round(log2(needed fraction))``: a normal step at 1:16 (-4) and an adaptation step whose
+    candidates fill the layer (0) are decided apart. The two kernels agree to rounding, not bit for bit:
+    a run in AUTO mode is reproducible only as far as the timings pick the same kernels.
+    """
+    if kernel is WeightGradKernel.GATHER:
+        return True
+    if kernel is not WeightGradKernel.AUTO:
+        return False
+    density = int(_needed_count(mask, grad_mask, needed)) / max(1, needed.numel())
+    key = shape_key + (str(needed.device), round(math.log2(density)) if density > 0 else -99)
+    hit = _AUTO.get(key)
+    if hit is None:
+        hit = _AUTO[key] = _time_kernels(key, gather_fn, dense_fn, needed.device)
+    return hit.gather
+
+
+def _time_kernels(key: tuple, gather_fn, dense_fn, device: torch.device) -> AutoChoice:
+    def run(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - t0
+
+    run(gather_fn), run(dense_fn)
+    tg, td = [], []
+    for _ in range(AUTO_TIMING_REPEATS):
+        tg.append(run(gather_fn))
+        td.append(run(dense_fn))
+    g, d = statistics.median(tg), statistics.median(td)
+    return AutoChoice(key, g < d, g, d)
+
+
 def _finish_weight_grad(mode: Backward, g_eff: torch.Tensor, weight, mask, needed, srste_decay: float):
     """Turn ``g_eff = dL/dW_eff`` into the gradient this mode returns for ``W``."""
     if mask is None:
@@ -249,13 +315,17 @@ class _NMLinear(torch.autograd.Function):
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
             needed = _weight_grad_positions(mode, mask, grad_mask)
-            gather = needed is not None and ctx.kernel is WeightGradKernel.GATHER
-            if gather:
-                plan = _gather_plan(mask, grad_mask, needed)
-                grad_w = _gather_linear_weight_grad(x2, go2, plan).to(weight.dtype)
-            else:
+
+            def gather_fn():
+                return _gather_linear_weight_grad(x2, go2, _gather_plan(mask, grad_mask, needed)).to(weight.dtype)
+
+            def dense_fn():
                 g_eff = (go2.t() @ x2.to(go2.dtype)).to(weight.dtype)
-                grad_w = _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
+                return _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
+            gather = needed is not None and _use_gather(
+                ctx.kernel, ("linear", tuple(weight.shape), tuple(x2.shape), str(go2.dtype)), mask, grad_mask,
+                needed, gather_fn, dense_fn)
+            grad_w = gather_fn() if gather else dense_fn()
             if observer is not None:
                 ideal = weight.numel() * positions if needed is None else \
                     _macs(_needed_count(mask, grad_mask, needed), positions, observer)
@@ -271,8 +341,8 @@ class _GatherPlan:
     """The needed positions of a ``[Cout, K]`` weight gradient, as the sparsity pattern of an SDDMM."""
 
     shape: tuple[int, int]
-    crow: torch.Tensor  # [Cout + 1] int64, CSR row pointers
-    col: torch.Tensor  # [nnz] int64, CSR column indices (row-major order)
+    crow: torch.Tensor  # [Cout + 1] CSR row pointers (int32 unless the weight has 2^31 entries or more)
+    col: torch.Tensor  # [nnz] CSR column indices (row-major order), as crow
     flat: torch.Tensor  # [nnz] int64, row * K + col: where each value goes in the dense gradient
     nnz: int
     _patterns: dict = field(default_factory=dict, compare=False, repr=False)  # dtype -> CSR pattern
@@ -284,7 +354,10 @@ class _GatherPlan:
         rows = torch.div(flat, k, rounding_mode="floor")
         crow = torch.zeros(cout + 1, dtype=torch.int64, device=needed.device)
         crow[1:] = torch.bincount(rows, minlength=cout).cumsum(0)
-        return cls((cout, k), crow, flat - rows * k, flat, int(flat.numel()))
+        col = flat - rows * k
+        if needed.numel() < 2 ** 31:  # 32-bit CSR indices: what every sparse backend (cuSPARSE too) takes
+            crow, col = crow.to(torch.int32), col.to(torch.int32)
+        return cls((cout, k), crow, col, flat, int(flat.numel()))
 
     def pattern(self, dtype: torch.dtype) -> torch.Tensor:
         """The CSR tensor (zero values) whose sparsity pattern ``sampled_addmm`` samples at."""
@@ -306,21 +379,27 @@ def _gather_plan(mask: torch.Tensor, grad_mask: Optional[torch.Tensor], needed: 
 _SDDMM_DTYPES = (torch.float32, torch.float64)
 
 
-def _gather_linear_weight_grad(x2: torch.Tensor, go2: torch.Tensor, plan: _GatherPlan) -> torch.Tensor:
-    """``(go2^T @ x2)`` evaluated only at the plan's positions (an SDDMM); zero elsewhere.
+def _sddmm(go_t: torch.Tensor, x_t: torch.Tensor, plan: _GatherPlan) -> torch.Tensor:
+    """``go_t @ x_t^T`` evaluated only at the plan's positions (an SDDMM); zero elsewhere, ``[Cout, K]``.
 
-    ``x2`` is ``[P, K]``, ``go2`` is ``[P, Cout]`` (``P`` = batch x output positions). The work is one
-    dot product of length ``P`` per needed position (``torch.sparse.sampled_addmm``: cuSPARSE on CUDA,
-    a per-row kernel on the CPU), so the executed MACs equal the ideal ones; nothing of size
-    ``[Cout, K, P]`` or ``[Cout, K]``-dense is computed. Computed in float32 (float64 stays float64).
+    ``go_t`` is ``[Cout, P]``, ``x_t`` is ``[K, P]`` (``P`` = batch x output positions), both best
+    contiguous: the CPU kernel takes one dot product of two contiguous rows of length ``P`` per needed
+    position, cuSPARSE the same layout. Nothing of size ``[Cout, K]``-dense is computed, so the executed
+    MACs equal the ideal ones. Computed in float32 (float64 stays float64).
     """
-    dtype = go2.dtype if go2.dtype in _SDDMM_DTYPES else torch.float32
+    dtype = go_t.dtype if go_t.dtype in _SDDMM_DTYPES else torch.float32
     cout, k = plan.shape
-    out = torch.zeros(cout * k, dtype=dtype, device=go2.device)
+    out = torch.zeros(cout * k, dtype=dtype, device=go_t.device)
     if plan.nnz:
-        vals = torch.sparse.sampled_addmm(plan.pattern(dtype), go2.t().to(dtype), x2.to(dtype), beta=0.0)
+        vals = torch.sparse.sampled_addmm(plan.pattern(dtype), go_t.to(dtype).contiguous(),
+                                          x_t.to(dtype).contiguous().t(), beta=0.0)
         out[plan.flat] = vals.values()
     return out.view(cout, k)
+
+
+def _gather_linear_weight_grad(x2: torch.Tensor, go2: torch.Tensor, plan: _GatherPlan) -> torch.Tensor:
+    """``(go2^T @ x2)`` evaluated only at the plan's positions; ``x2`` is ``[P, K]``, ``go2`` ``[P, Cout]``."""
+    return _sddmm(go2.t(), x2.t(), plan)
 
 
 class _NMConv2d(torch.autograd.Function):
@@ -356,14 +435,19 @@ class _NMConv2d(torch.autograd.Function):
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
             needed = _weight_grad_positions(mode, mask, grad_mask)
-            gather = needed is not None and ctx.kernel is WeightGradKernel.GATHER and groups == 1
-            if gather:
+
+            def gather_fn():
                 plan = _gather_plan(mask, grad_mask, needed.reshape(needed.shape[0], -1))
-                grad_w = _gather_conv_weight_grad(x, grad_out, plan, weight.shape, ctx.conv_args).to(weight.dtype)
-            else:
+                return _gather_conv_weight_grad(x, grad_out, plan, weight.shape, ctx.conv_args).to(weight.dtype)
+
+            def dense_fn():
                 g_eff = conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation,
                                       groups).to(weight.dtype)
-                grad_w = _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
+                return _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
+            gather = needed is not None and groups == 1 and _use_gather(
+                ctx.kernel, ("conv", tuple(weight.shape), tuple(x.shape), ctx.conv_args, str(grad_out.dtype)),
+                mask, grad_mask, needed, gather_fn, dense_fn)
+            grad_w = gather_fn() if gather else dense_fn()
             if observer is not None:
                 ideal = weight.numel() * positions if needed is None else \
                     _macs(_needed_count(mask, grad_mask, needed), positions, observer)
@@ -374,24 +458,39 @@ class _NMConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
+def _im2col_t(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilation) -> torch.Tensor:
+    """``x`` ``[B, Cin, H, W]`` as conv columns ``[Cin*kh*kw, B*Hout*Wout]`` (the weight's K order), written
+    in one pass, one strided copy per kernel offset (``F.unfold`` then a transpose would copy twice)."""
+    b, cin, h, w = x.shape
+    kh, kw = kernel
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    hout = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wout = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    cols = x.new_empty(cin, kh, kw, b, hout, wout)
+    for i in range(kh):
+        for j in range(kw):
+            win = xp[:, :, i * dh:i * dh + sh * (hout - 1) + 1:sh, j * dw:j * dw + sw * (wout - 1) + 1:sw]
+            cols[:, i, j].copy_(win.transpose(0, 1))  # [Cin, B, Hout, Wout]
+    return cols.view(cin * kh * kw, b * hout * wout)
+
+
 def _gather_conv_weight_grad(x, grad_out, plan: _GatherPlan, weight_shape, conv_args) -> torch.Tensor:
     """Weight gradient of a (groups=1) conv at the plan's positions only.
 
-    A 1x1 conv without padding needs no im2col: its input, subsampled by the stride, already is
-    ``[B*H*W, Cin]`` (a free view in channels_last). Other convs unfold ``x`` once to ``[B, K, L]``
-    (K = Cin*kh*kw, L = output positions). The needed entries of each output row then reduce over
-    ``B*L`` as in the linear case.
+    The input becomes conv columns ``[K, B*L]`` (K = Cin*kh*kw, L = output positions; for a 1x1 conv
+    that is the input itself, subsampled by the stride), the output gradient ``[Cout, B*L]``; the needed
+    entries of each output row then reduce over ``B*L`` as in the linear case.
     """
     stride, padding, dilation, _ = conv_args
     cout, cin, kh, kw = weight_shape
     if (kh, kw) == (1, 1) and padding == (0, 0):
         xs = x[:, :, ::stride[0], ::stride[1]] if stride != (1, 1) else x
-        x2 = xs.permute(0, 2, 3, 1).reshape(-1, cin)  # [B*Hout*Wout, Cin]
+        x_t = xs.transpose(0, 1).reshape(cin, -1)  # [Cin, B*Hout*Wout]
     else:
-        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [B, K, L]
-        x2 = cols.transpose(1, 2).reshape(-1, cols.shape[1])  # [B*L, K]
-    go2 = grad_out.permute(0, 2, 3, 1).reshape(-1, cout)  # [B*L, Cout]
-    return _gather_linear_weight_grad(x2, go2, plan).reshape(weight_shape)
+        x_t = _im2col_t(x, (kh, kw), stride, padding, dilation)
+    go_t = grad_out.transpose(0, 1).reshape(cout, -1)  # [Cout, B*Hout*Wout]
+    return _sddmm(go_t, x_t, plan).reshape(weight_shape)
 
 
 def nm_linear(x, weight, bias=None, mask=None, grad_mask=None, mode: Backward = Backward.SPARSE,

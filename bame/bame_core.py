@@ -119,8 +119,13 @@ class BlockSwaps:
 
 
 def block_swaps(w: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, n: int, lma: str = "taylor",
-                swaps_per_block: int = 1, grow_scale: Optional[Scalar] = None) -> BlockSwaps:
-    """Score every block's best swap(s). ``w``, ``g``, ``mask``: ``[B, G, m]``; exactly ``n`` kept per group."""
+                swaps_per_block: int = 1, grow_scale: Optional[Scalar] = None, *,
+                _force_sort: bool = False) -> BlockSwaps:
+    """Score every block's best swap(s). ``w``, ``g``, ``mask``: ``[B, G, m]``; exactly ``n`` kept per group.
+
+    One swap per block (the default) takes arg-max/arg-min instead of sorts (same result, ties included:
+    both pick the first position); ``_force_sort`` runs the general path (tests compare the two).
+    """
     _check_blocks(w, g, mask)
     nb, gpb, m = w.shape
     pairs = pairs_per_group(n, m, swaps_per_block)
@@ -129,6 +134,8 @@ def block_swaps(w: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, n: int, lm
         raise ValueError(f"swaps_per_block must be >= 1, got {swaps_per_block}")
     a, b = swap_values(w, g, lma, grow_scale)
     inf = torch.tensor(float("inf"), dtype=a.dtype, device=a.device)
+    if pairs == 1 and k == 1 and not _force_sort:
+        return _single_swaps(a, b, mask, inf)
     # Kept weights by drop value, descending; pruned weights by grow cost, ascending. Stable: ties go to
     # the lower position. Positions of the other set sort last (-inf / +inf).
     kept_sorted, kept_pos = torch.sort(torch.where(mask, a, -inf), dim=-1, descending=True, stable=True)
@@ -150,6 +157,27 @@ def block_swaps(w: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, n: int, lm
     drop.scatter_(1, group * m + kept_pos, take)
     grow.scatter_(1, group * m + pruned_pos, take)
     return BlockSwaps(score, drop.reshape(nb, gpb, m), grow.reshape(nb, gpb, m), take.sum(dim=1), top)
+
+
+def _single_swaps(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, inf: torch.Tensor) -> BlockSwaps:
+    """``block_swaps`` for one pair per group and one swap per block, without sorting.
+
+    The general path's stable sorts put the first of equal values first; ``max``/``min`` along a dim and
+    ``argmax`` return the first maximal (minimal) position too, so the plan is the same.
+    """
+    nb, gpb, m = a.shape
+    best_kept, kept_pos = torch.where(mask, a, -inf).max(dim=-1)  # [B, G]: the kept weight to drop
+    best_pruned, pruned_pos = torch.where(mask, inf, b).min(dim=-1)  # [B, G]: the pruned weight to grow
+    r = best_kept - best_pruned
+    r = torch.where(torch.isfinite(r), r, -inf)  # [B, G]
+    group = r.argmax(dim=1, keepdim=True)  # [B, 1]: the block's best group (first of equals)
+    top = r.gather(1, group)  # [B, 1]
+    drop = torch.zeros(nb, gpb * m, dtype=torch.bool, device=a.device)
+    grow = torch.zeros_like(drop)
+    take = torch.ones_like(top, dtype=torch.bool)
+    drop.scatter_(1, group * m + kept_pos.gather(1, group), take)
+    grow.scatter_(1, group * m + pruned_pos.gather(1, group), take)
+    return BlockSwaps(top[:, 0], drop.reshape(nb, gpb, m), grow.reshape(nb, gpb, m), take.sum(dim=1), top)
 
 
 def apply_swaps(mask: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor,

@@ -110,7 +110,9 @@ class MethodConfig:
     on_indivisible: str = _choices("dense", "error", default="dense")
     srste_decay: float = 2e-4  # lambda_w of SR-STE
     asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
-    weight_grad_kernel: str = _choices("masked_dense", "gather", default="masked_dense")
+    # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
+    # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
+    weight_grad_kernel: str = _choices("masked_dense", "gather", "auto", default="masked_dense")
     bame: BameConfig = field(default_factory=BameConfig)
 
 

@@ -234,3 +234,27 @@ def test_lazy_counts_reach_only_observers_that_take_them():
     mask2 = nm_mask(torch.rand(4, 8), 2, 4)
     nm_linear(x, w, None, mask2, None, Backward.SPARSE, 0.0, WeightGradKernel.MASKED_DENSE, plain.append)
     assert plain[0].ideal_macs == 16 * 3  # a plain observer gets ints
+
+
+def test_auto_kernel_times_once_per_shape_and_density(monkeypatch):
+    """AUTO runs both kernels once per (shape, density class), keeps the faster, and the result is right."""
+    from bame import autograd
+
+    monkeypatch.setattr(autograd, "_AUTO", {})
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, dtype=torch.float64)
+    w = torch.randn(8, 64, dtype=torch.float64)
+    mask = nm_mask(w.abs(), 1, 16)
+    grads = {}
+    for kernel in (WeightGradKernel.MASKED_DENSE, WeightGradKernel.AUTO, WeightGradKernel.AUTO):
+        wk = w.clone().requires_grad_()
+        nm_linear(x, wk, None, mask, None, Backward.SPARSE, 0.0, kernel).square().sum().backward()
+        grads[kernel] = wk.grad
+    torch.testing.assert_close(grads[WeightGradKernel.AUTO], grads[WeightGradKernel.MASKED_DENSE], rtol=1e-10,
+                               atol=1e-10)
+    (choice,) = autograd.auto_kernel_choices()  # the second AUTO call reused the first decision
+    assert choice.key[-1] == -4 and choice.gather == (choice.gather_s < choice.masked_dense_s)
+    grad_mask = torch.ones_like(mask)  # an adaptation step whose candidates fill the layer: decided apart
+    nm_linear(x, w.clone().requires_grad_(), None, mask, grad_mask, Backward.SPARSE, 0.0,
+              WeightGradKernel.AUTO).sum().backward()
+    assert sorted(c.key[-1] for c in autograd.auto_kernel_choices()) == [-4, 0]

@@ -242,3 +242,24 @@ def test_elementwise_ops():
     more = adaptation_elementwise_ops(20, 1, 4, 2, 1, "taylor", "freeze_then_topk", 2, 2)
     assert more > 186
     assert adaptation_elementwise_ops(10, 1, 4, 2, 1, "gradient", "joint", 2, 2, layer_numel=40) > 186
+
+
+@pytest.mark.parametrize("lma", ["taylor", "gradient"])
+@pytest.mark.parametrize("n,m,gpb", [(2, 4, 1), (1, 4, 3), (1, 16, 1), (3, 8, 2)])
+def test_single_swap_fast_path_equals_the_sorting_path(lma, n, m, gpb):
+    """The arg-max path for one swap per block gives the sorting path's plan exactly, ties included."""
+    gen = torch.Generator().manual_seed(n * 100 + m + gpb)
+    nb = 300
+    w = torch.randn(nb, gpb, m, generator=gen)
+    g = torch.randn(nb, gpb, m, generator=gen)
+    w[:50] = w[:50].round()  # many ties
+    g[:50] = g[:50].sign()
+    g[50:60] = 0.0  # all-equal scores
+    mask = torch.zeros(nb, gpb, m, dtype=torch.bool)
+    order = torch.rand(nb, gpb, m, generator=gen).argsort(-1)[..., :n]
+    mask.scatter_(-1, order, True)
+    scale = torch.tensor(0.7) if lma == "gradient" else None
+    fast = block_swaps(w, g, mask, n, lma, 1, scale)
+    slow = block_swaps(w, g, mask, n, lma, 1, scale, _force_sort=True)
+    for f in ("score", "drop", "grow", "num_swaps", "pair_scores"):
+        assert torch.equal(getattr(fast, f), getattr(slow, f)), f

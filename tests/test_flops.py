@@ -202,7 +202,10 @@ def test_sparse_weight_grad_counts_mask_or_grad_mask(kernel):
         positions = dense_fwd[name] // layer.weight.numel()
         ideal, executed, flag = cost.by_layer[(name, "weight_grad")]
         assert ideal == int((layer.mask | layer.grad_mask).sum()) * positions
-        assert executed == (ideal if kernel is WeightGradKernel.GATHER else dense_fwd[name])
+        if kernel is WeightGradKernel.AUTO:  # whichever kernel the one-time timing chose for this shape
+            assert executed in (ideal, dense_fwd[name])
+        else:
+            assert executed == (ideal if kernel is WeightGradKernel.GATHER else dense_fwd[name])
         assert flag is False
 
 

@@ -1,0 +1,192 @@
+"""Shared pieces of the benchmarks: a training step built the loop's way, timing, machine facts.
+
+Not part of the package or the test run. A :class:`Variant` is one model + method + optimizer (+ FLOPs
+ledger and recorders) whose ``step()`` runs one optimizer step in the order of ``bame/train.py``
+(before_step, forward, backward, after_backward, adaptation charge, optimizer, after_optimizer_step,
+ledger.end_step, recorders) on a fixed batch, so that only compute is timed (no data loading).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from bame import models
+from bame.config import BameConfig, InstrumentConfig, MethodConfig
+from bame.flops import FlopsLedger
+from bame.instrument import Recorders
+from bame.methods import MethodContext, create_method
+from bame.train import param_groups
+
+NEVER = 10 ** 9  # a step no benchmark reaches
+
+
+class FileSink:
+    """Writes recorder rows and arrays to a temporary folder, as a run folder would (so their cost counts)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="bame-bench-"))
+        self._files: dict[str, Any] = {}
+
+    def append(self, table: str, row: dict) -> None:
+        f = self._files.get(table)
+        if f is None:
+            f = self._files[table] = open(self.dir / f"{table}.jsonl", "a")  # noqa: SIM115
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+    def save_arrays(self, name: str, arrays: dict) -> None:
+        np.savez(self.dir / f"{name}.npz", **arrays)
+
+
+def method_config(kind: str, pattern: str, weight_grad_kernel: str = "masked_dense") -> MethodConfig:
+    """``kind``: a registered method name, or ``bame_adapt`` (BAME adapting on every step, every block a
+    candidate: no freezing) or ``bame`` (BAME outside its adaptation window: a normal step)."""
+    if kind == "bame_adapt":
+        b = BameConfig(t_i_steps=0, t_f_steps=NEVER, interval_steps=1, obf=False)
+        return MethodConfig(name="bame", pattern=pattern, weight_grad_kernel=weight_grad_kernel, bame=b)
+    if kind == "bame":
+        b = BameConfig(t_i_steps=NEVER, t_f_steps=NEVER + 1)
+        return MethodConfig(name="bame", pattern=pattern, weight_grad_kernel=weight_grad_kernel, bame=b)
+    return MethodConfig(name=kind, pattern=pattern, weight_grad_kernel=weight_grad_kernel)
+
+
+@dataclass
+class Variant:
+    """One model trained by one method, stepping on a fixed batch."""
+
+    label: str
+    model_name: str
+    method_kind: str
+    pattern: str
+    batch: int
+    image: int
+    num_classes: int
+    device: torch.device
+    instrument: bool = True
+    weight_grad_kernel: str = "masked_dense"
+    amp: Optional[torch.dtype] = None
+    channels_last: bool = False
+    seed: int = 0
+    times: list[float] = field(default_factory=list)
+
+    def build(self) -> Variant:
+        torch.manual_seed(self.seed)
+        model = models.create(self.model_name, num_classes=self.num_classes, in_channels=3).to(self.device)
+        cfg = method_config(self.method_kind, self.pattern, self.weight_grad_kernel)
+        self.method = create_method(cfg, MethodContext(total_steps=NEVER, steps_per_epoch=1000, weight_decay=5e-4))
+        model = self.method.prepare(model)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.train()
+        self.opt = torch.optim.SGD(param_groups(model, self.method.self_decayed_parameters(), 5e-4, True),
+                                   lr=0.01, momentum=0.9, weight_decay=5e-4)
+        self.method.attach_optimizer(self.opt)
+        self.ledger = FlopsLedger(model, enabled=self.instrument)
+        self.sink = FileSink()
+        icfg = InstrumentConfig(flops=self.instrument, mask_flips=self.instrument,
+                                block_state_every_adaptations=1 if self.instrument else 0)
+        self.recorders = Recorders(icfg, model, self.method, self.sink)
+        gen = torch.Generator().manual_seed(self.seed)
+        self.x = torch.randn(self.batch, 3, self.image, self.image, generator=gen).to(self.device)
+        if self.channels_last:
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, self.num_classes, (self.batch,), generator=gen).to(self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
+        self.t = 0
+        return self
+
+    def step(self) -> None:
+        m, t = self.method, self.t
+        m.before_step(t)
+        self.ledger.begin_step()
+        self.opt.zero_grad(set_to_none=True)
+        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
+        with ctx:
+            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+        else:
+            loss.backward()
+        m.after_backward(t)
+        if m.last_adaptation is not None:
+            self.ledger.charge_adaptation(m.last_adaptation.scoring_elementwise_ops)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        m.after_optimizer_step(t)
+        self.ledger.end_step()
+        self.recorders.on_step_end(t)
+        self.t += 1
+
+    def timed_steps(self, n: int) -> float:
+        """Seconds per step over ``n`` steps (device synchronised before and after)."""
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        sync(self.device)
+        return (time.perf_counter() - t0) / n
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(variants: list[Variant], rounds: int, steps_per_round: int, warmup: int,
+                log: Callable[[str], None] = print) -> None:
+    """Warm every variant up, then ``rounds`` times run each for ``steps_per_round`` steps, round-robin
+    (the order rotates every round), appending each measurement to ``variant.times``."""
+    for v in variants:
+        for _ in range(warmup):
+            v.step()
+    for r in range(rounds):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            v.times.append(v.timed_steps(steps_per_round))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v.label} {v.times[-1] * 1e3:.0f}ms" for v in variants))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def paired_ratio(a: list[float], b: list[float]) -> dict[str, float]:
+    """Median and quartiles over rounds of ``a[i] / b[i]`` (measured back to back in round ``i``)."""
+    r = sorted(x / y for x, y in zip(a, b))
+    q = statistics.quantiles(r, n=4) if len(r) >= 2 else [r[0]] * 3
+    return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "platform": platform.platform(), "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    with contextlib.suppress(OSError):
+        info["load_average_1_5_15min"] = list(os.getloadavg())
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
