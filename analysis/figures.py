@@ -37,7 +37,7 @@ from .readers import (
     load_sparsify,
     run_path,
 )
-from .tables import DENSE_PATTERN, _method_rank, _pattern_rank, comparable_keys
+from .tables import DENSE_PATTERN, _applies, _hashable, _method_rank, _pattern_rank, comparable_keys
 
 __all__ = [
     "PHASE_LABELS",
@@ -74,19 +74,22 @@ def run_groups(runs: pd.DataFrame, dense: str = "dense") -> pd.Series:
     """The group label of each run (index aligned with ``runs``), e.g. ``bame 1:16``, ``dense``.
 
     Keys that differ between otherwise identical runs (see comparable_keys) are appended as
-    ``key=value``; so are data and model names when the runs span several.
+    ``key=value`` where they apply to the run and differ from the key's most common value (so labels
+    name only what a group changed); so are data and model names when the runs span several.
     """
     if runs.empty:
         return pd.Series([], dtype=object, index=runs.index)
     extra = comparable_keys(runs, dense=dense)
     multi = [k for k in ("data.name", "model.name") if k in runs and runs[k].nunique(dropna=False) > 1]
+    applies = {k: _applies(runs, k, dense) for k in extra}
+    modal = {k: runs.loc[applies[k], k].map(_hashable).mode().iloc[0] for k in extra}
 
     def label(row: pd.Series) -> str:
         method = str(row["method.name"])
         text = method if method == dense else f"{method} {row['method.pattern']}"
         parts = [str(row[k]) for k in multi]
         parts += [f"{k.split('.')[-1]}={row[k]}" for k in extra
-                  if not (k.startswith("method.") and method == dense)]
+                  if applies[k][row.name] and _hashable(row[k]) != modal[k]]
         return text + (f" ({', '.join(parts)})" if parts else "")
 
     return runs.apply(label, axis=1)
@@ -105,6 +108,17 @@ def _group_order(runs: pd.DataFrame, labels: pd.Series) -> list[str]:
 def _colors(groups: Sequence[str]) -> dict[str, Any]:
     cmap = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20")
     return {g: cmap(i % cmap.N) for i, g in enumerate(groups)}
+
+
+MAX_INSIDE_LEGEND = 6  # more entries than this go beside the axes, where they hide no data
+
+
+def _legend(ax: Any) -> None:
+    handles, _ = ax.get_legend_handles_labels()
+    if len(handles) > MAX_INSIDE_LEGEND:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=8)
 
 
 def _empty(ax: Any, text: str) -> None:
@@ -211,7 +225,7 @@ def accuracy_vs_flops(runs: RunsLike, split: str = "test", completed_only: bool 
     ax.set_ylabel(f"{split} top-1 (%)")
     ax.set_title("Accuracy vs training FLOPs")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -344,7 +358,7 @@ def _per_step_plot(df: pd.DataFrame, curve_fn: Any, ycol: str, ylabel: str, titl
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -471,7 +485,7 @@ def phase_breakdown(runs: RunsLike, view: str = "ideal", completed_only: bool = 
     ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"training FLOPs ({view}; 2 x MACs)")
     ax.set_title(f"Training FLOPs per phase ({view}, mean over seeds)")
-    ax.legend(fontsize=8)
+    _legend(ax)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

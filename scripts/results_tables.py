@@ -1,6 +1,6 @@
-"""Print the tables of docs/results.md from the study's run folders.
+"""Print the tables of docs/results.md from the study's run folders, and save its figures.
 
-    .venv/bin/python scripts/results_tables.py runs/study
+    .venv/bin/python scripts/results_tables.py runs/study [docs/figures]
 """
 
 from __future__ import annotations
@@ -41,16 +41,20 @@ def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
     return "\n".join(lines)
 
 
-def methods_table(runs: pd.DataFrame) -> str:
-    """Method x pattern with the current defaults: top-1, training FLOPs vs dense and vs SR-STE."""
+def current_defaults(runs: pd.DataFrame) -> pd.DataFrame:
+    """The completed runs of every method, BAME only with the current defaults of its readings."""
     from bame.config import BameConfig
 
     default = BameConfig()
     is_default = pd.Series(True, index=runs.index)
     for k in BAME_KEYS:
         is_default &= runs[f"method.bame.{k}"].map(lambda v, k=k: v == getattr(default, k))
-    runs = runs[(runs["method.name"] != "bame") | is_default]
-    table = paper_table(runs, by=[])
+    return runs[(runs["status"] == "completed") & ((runs["method.name"] != "bame") | is_default)]
+
+
+def methods_table(runs: pd.DataFrame) -> str:
+    """Method x pattern with the current defaults: top-1, training FLOPs vs dense and vs SR-STE."""
+    table = paper_table(current_defaults(runs), by=[])
     lines = ["| method | pattern | seeds | top-1 (%) | training FLOPs (ideal) | x dense | x SR-STE |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for _, r in table.iterrows():
@@ -60,8 +64,24 @@ def methods_table(runs: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def main(root: str) -> None:
+def save_figures(runs: pd.DataFrame, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from analysis.figures import accuracy_vs_flops, phase_breakdown, save
+
+    methods = current_defaults(runs)
+    save(accuracy_vs_flops(methods, logx=True), f"{out}/study_accuracy_vs_flops", formats=("png",))
+    save(phase_breakdown(methods), f"{out}/study_phase_breakdown", formats=("png",))
+    ablation = runs[(runs["status"] == "completed") & (runs["method.pattern"] == "1:16")
+                    & runs["method.name"].isin(["bame", "static"])]
+    save(accuracy_vs_flops(ablation), f"{out}/study_ablation_1of16", formats=("png",))
+
+
+def main(root: str, figures: str | None = None) -> None:
     runs = load_runs(root)
+    if figures:
+        save_figures(runs, figures)
     print("## Readings of BAME at 1:16\n")
     print(ablation_table(runs))
     print("\n## Methods x patterns (current defaults)\n")
@@ -70,4 +90,4 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/study", sys.argv[2] if len(sys.argv) > 2 else None)
