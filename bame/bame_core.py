@@ -291,7 +291,8 @@ def selection_key(score: torch.Tensor, frequency: torch.Tensor, selection: str =
 
 
 def select_blocks(score: torch.Tensor, candidates: torch.Tensor, frozen: torch.Tensor, frequency: torch.Tensor,
-                  budget: int, selection: str = "freeze_then_topk", joint_lambda: float = 1.0) -> torch.Tensor:
+                  budget: int, selection: str = "freeze_then_topk", joint_lambda: float = 1.0, *,
+                  _force_sort: bool = False) -> torch.Tensor:
     """``[B]`` bool: the at most ``budget`` eligible blocks with the largest key (see the module docstring).
 
     Eligible: a candidate with finite ``R_b > 0``, and not frozen under ``freeze_then_topk``.
@@ -304,9 +305,18 @@ def select_blocks(score: torch.Tensor, candidates: torch.Tensor, frozen: torch.T
     selected = torch.zeros_like(eligible)
     if budget <= 0:
         return selected
-    order = torch.sort(key, descending=True, stable=True).indices[:budget]
-    selected[order] = eligible[order]  # no host sync: ineligible blocks in the top slots stay False
-    return selected
+    if budget >= key.numel() or _force_sort:
+        order = torch.sort(key, descending=True, stable=True).indices[:budget]
+        selected[order] = eligible[order]  # no host sync: ineligible blocks in the top slots stay False
+        return selected
+    # The stable sort's first ``budget`` without sorting: every key above the budget-th largest, then the
+    # keys equal to it in index order until the budget is used (O(B) instead of O(B log B)).
+    kth = torch.kthvalue(key, key.numel() - budget + 1).values
+    above = key > kth
+    ties = key == kth
+    room = budget - above.sum()
+    chosen = above | (ties & (torch.cumsum(ties, 0) <= room))
+    return chosen & eligible
 
 
 def _log2(x: int) -> int:

@@ -78,7 +78,8 @@ def probe(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     v = Variant(kind, model, method, args.pattern, batch, spec["image"], spec["classes"], device,
-                instrument=instrument, amp=_amp(args.amp), channels_last=args.channels_last).build()
+                instrument=instrument, amp=_amp(args.amp), channels_last=args.channels_last,
+                weight_grad_kernel=args.weight_grad_kernel).build()
     sync(device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cuda_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -100,6 +101,7 @@ def measure_memory(model: str, kinds: list[str], batch: int, args) -> dict:
     out = {}
     for kind in kinds:
         cmd = [sys.executable, __file__, "--probe", model, kind, str(batch), args.device, "--pattern", args.pattern,
+               "--weight-grad-kernel", args.weight_grad_kernel,
                "--amp", args.amp, "--threads", str(torch.get_num_threads())] + \
             (["--channels-last"] if args.channels_last else [])
         # Linux keeps a process's peak RSS across exec, and a child started straight from this (large)
@@ -129,10 +131,11 @@ def run_model(model: str, args, log) -> dict:
     rounds = args.rounds or (3 if args.quick else 7)
     kinds = METHODS + [f"{k}_bare" for k in BARE]
     log(f"\n== {model}: batch {batch} at {spec['image']}x{spec['image']}, pattern {args.pattern}, "
+        f"weight_grad_kernel {args.weight_grad_kernel}, "
         f"{rounds} rounds x {steps} step(s), device {dev}")
     variants = [Variant(k, model, k.removesuffix("_bare"), args.pattern, batch, spec["image"], spec["classes"], dev,
-                        instrument=not k.endswith("_bare"), amp=_amp(args.amp),
-                        channels_last=args.channels_last).build() for k in kinds]
+                        instrument=not k.endswith("_bare"), amp=_amp(args.amp), channels_last=args.channels_last,
+                        weight_grad_kernel=args.weight_grad_kernel).build() for k in kinds]
     t0 = time.perf_counter()
     interleaved(variants, rounds, steps, warmup=args.warmup, log=log)
     med = {v.label: median(v.times) for v in variants}
@@ -201,6 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller batches, 3 rounds (a smoke run, noisier)")
     ap.add_argument("--models", default="resnet32,resnet50")
     ap.add_argument("--pattern", default="2:4")
+    ap.add_argument("--weight-grad-kernel", default="masked_dense", choices=["masked_dense", "gather", "auto"],
+                    help="method.weight_grad_kernel of the SPARSE-backward variants (static, bame)")
     ap.add_argument("--rounds", type=int, default=0, help="rounds of the round-robin (default 7, --quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (cuda)")
@@ -222,7 +227,8 @@ def main(argv=None) -> int:
     args.schedule_steps = {"resnet32": 300 * (50_000 // 256), "resnet50": 120 * (1_281_167 // 1024)}
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
-           "device": args.device, "pattern": args.pattern, "amp": args.amp, "channels_last": args.channels_last,
+           "device": args.device, "pattern": args.pattern, "weight_grad_kernel": args.weight_grad_kernel,
+           "amp": args.amp, "channels_last": args.channels_last,
            "quick": args.quick, "targets": {"bame_step_x_dense": TARGET_STEP, "adaptation_amortised": TARGET_ADAPT,
                                             "recorders_overhead": TARGET_RECORDERS}, "models": {}}
     log(f"machine: {out['machine']}")

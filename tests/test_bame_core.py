@@ -263,3 +263,20 @@ def test_single_swap_fast_path_equals_the_sorting_path(lma, n, m, gpb):
     slow = block_swaps(w, g, mask, n, lma, 1, scale, _force_sort=True)
     for f in ("score", "drop", "grow", "num_swaps", "pair_scores"):
         assert torch.equal(getattr(fast, f), getattr(slow, f)), f
+
+
+@pytest.mark.parametrize("selection", ["freeze_then_topk", "joint"])
+@pytest.mark.parametrize("budget", [1, 7, 50, 199, 200, 500])
+def test_selection_without_sorting_equals_the_stable_sort(selection, budget):
+    """The k-th value threshold path selects exactly the stable sort's top ``budget`` (ties: lower index)."""
+    gen = torch.Generator().manual_seed(budget)
+    nb = 200
+    score = torch.randn(nb, generator=gen).round(decimals=1)  # many ties
+    score[:20] = 0.5
+    score[20:30] = float("-inf")
+    candidates = torch.rand(nb, generator=gen) < 0.8
+    frozen = torch.rand(nb, generator=gen) < 0.1
+    frequency = torch.rand(nb, generator=gen).round(decimals=1)
+    fast = select_blocks(score, candidates, frozen, frequency, budget, selection, 0.5)
+    slow = select_blocks(score, candidates, frozen, frequency, budget, selection, 0.5, _force_sort=True)
+    assert torch.equal(fast, slow) and int(fast.sum()) <= budget
