@@ -189,6 +189,25 @@ def _eval_curve(run: pd.Series, split: str) -> pd.DataFrame:
                          "step": m["step"].to_numpy()})
 
 
+def _plot_runs_with_means(ax: Any, df: pd.DataFrame, curve_fn: Any, xcol: str, ycol: str, align: str,
+                          **line_kw: Any) -> None:
+    """One thin line per run (gid = run id) and, per group, a mean line with a ±1 std band."""
+    labels = run_groups(df)
+    groups = _group_order(df, labels)
+    colors = _colors(groups)
+    per_group: dict[str, list[pd.DataFrame]] = {g: [] for g in groups}
+    for idx, run in df.iterrows():
+        curve = curve_fn(run)
+        if curve.empty:
+            continue
+        g = labels[idx]
+        per_group[g].append(curve)
+        (line,) = ax.plot(curve[xcol], curve[ycol], color=colors[g], lw=0.8, alpha=0.45, **line_kw)
+        line.set_gid(str(run["run_id"]))
+    for g in groups:
+        _mean_band(ax, per_group[g], xcol, ycol, colors[g], g, align=align)
+
+
 def accuracy_vs_flops(runs: RunsLike, split: str = "test", completed_only: bool = True,
                       logx: bool = False) -> Figure:
     """Top-1 (%) at each evaluation against cumulative training FLOPs (ideal, 2 x MACs).
@@ -201,21 +220,8 @@ def accuracy_vs_flops(runs: RunsLike, split: str = "test", completed_only: bool 
     if df.empty:
         _empty(ax, "no runs")
         return fig
-    labels = run_groups(df)
-    groups = _group_order(df, labels)
-    colors = _colors(groups)
-    per_group: dict[str, list[pd.DataFrame]] = {g: [] for g in groups}
-    for idx, run in df.iterrows():
-        curve = _eval_curve(run, split)
-        if curve.empty:
-            continue
-        g = labels[idx]
-        per_group[g].append(curve)
-        (line,) = ax.plot(curve["flops"], curve["top1"], color=colors[g], lw=0.8, alpha=0.45,
+    _plot_runs_with_means(ax, df, lambda run: _eval_curve(run, split), "flops", "top1", "index",
                           marker=".", ms=3)
-        line.set_gid(str(run["run_id"]))
-    for g in groups:
-        _mean_band(ax, per_group[g], "flops", "top1", colors[g], g, align="index")
     if not ax.lines:
         _empty(ax, f"no '{split}' evaluations in metrics.csv")
         return fig
@@ -330,20 +336,7 @@ def _per_step_plot(df: pd.DataFrame, curve_fn: Any, ycol: str, ylabel: str, titl
     if df.empty:
         _empty(ax, "no runs")
         return fig
-    labels = run_groups(df)
-    groups = _group_order(df, labels)
-    colors = _colors(groups)
-    per_group: dict[str, list[pd.DataFrame]] = {g: [] for g in groups}
-    for idx, run in df.iterrows():
-        curve = curve_fn(run)
-        if curve.empty:
-            continue
-        g = labels[idx]
-        per_group[g].append(curve)
-        (line,) = ax.plot(curve["step"], curve[ycol], color=colors[g], lw=0.8, alpha=0.45)
-        line.set_gid(str(run["run_id"]))
-    for g in groups:
-        _mean_band(ax, per_group[g], "step", ycol, colors[g], g, align="x")
+    _plot_runs_with_means(ax, df, curve_fn, "step", ycol, "x")
     if not ax.lines:
         _empty(ax, empty_text)
         return fig
