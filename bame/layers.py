@@ -68,6 +68,15 @@ class NMLayer:
                              f"{self.pattern} in layout {self.layout.value}")
         self.mask.copy_(mask.to(torch.bool))
 
+    @torch.no_grad()
+    def adopt(self, dense: nn.Module, mask_init: str = "magnitude",
+              generator: Optional[torch.Generator] = None) -> None:
+        """Copy ``dense``'s weight (and bias), then set the mask from the copied weights."""
+        self.weight.copy_(dense.weight)
+        if dense.bias is not None:
+            self.bias.copy_(dense.bias)
+        self.init_mask(mask_init, generator)
+
     def masked_weight(self) -> torch.Tensor:
         """``W * mask``: the weight the forward pass uses."""
         return self.weight * self.mask
@@ -106,11 +115,7 @@ class NMConv2d(nn.Conv2d, NMLayer):
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
                     device=conv.weight.device, dtype=conv.weight.dtype, mask_init="magnitude",
                     **_constructor_kwargs(nm_kwargs))
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.init_mask(nm_kwargs.get("mask_init", "magnitude"), nm_kwargs.get("generator"))
+        layer.adopt(conv, nm_kwargs.get("mask_init", "magnitude"), nm_kwargs.get("generator"))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,11 +145,7 @@ class NMLinear(nn.Linear, NMLayer):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     device=linear.weight.device, dtype=linear.weight.dtype, mask_init="magnitude",
                     **_constructor_kwargs(nm_kwargs))
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.init_mask(nm_kwargs.get("mask_init", "magnitude"), nm_kwargs.get("generator"))
+        layer.adopt(linear, nm_kwargs.get("mask_init", "magnitude"), nm_kwargs.get("generator"))
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
