@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 
 data: venv
 	$(PY) -m bame data get fashion-mnist --root $(DATA)
+	$(PY) -m bame data get mnist --root $(DATA)
 
 demo: venv data
 	$(PY) -m bame demo --root $(DATA)
