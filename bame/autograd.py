@@ -56,7 +56,7 @@ class Backward(str, Enum):
     SPARSE = "sparse"
 
     @classmethod
-    def parse(cls, value: "Backward | str") -> "Backward":
+    def parse(cls, value: Backward | str) -> Backward:
         if isinstance(value, Backward):
             return value
         try:
@@ -284,6 +284,34 @@ def _finish_weight_grad(mode: Backward, g_eff: torch.Tensor, weight, mask, neede
     return g_eff * needed
 
 
+def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
+                 gather: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                 dense_g_eff: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The weight gradient of ``ctx.mode``, by the kernel ``ctx.kernel`` picks, and its cost report.
+
+    ``gather(needed)`` computes it only at the needed positions (None where that kernel cannot run);
+    ``dense_g_eff()`` computes ``dL/dW_eff`` at every position.
+    """
+    mode, observer = ctx.mode, ctx.observer
+    needed = _weight_grad_positions(mode, mask, grad_mask)
+
+    def gather_fn() -> torch.Tensor:
+        return gather(needed).to(weight.dtype)
+
+    def dense_fn() -> torch.Tensor:
+        return _finish_weight_grad(mode, dense_g_eff().to(weight.dtype), weight, mask, needed, ctx.srste_decay)
+
+    use_gather = needed is not None and gather is not None and _use_gather(
+        ctx.kernel, shape_key, mask, grad_mask, needed, gather_fn, dense_fn)
+    grad_w = gather_fn() if use_gather else dense_fn()
+    if observer is not None:
+        ideal = weight.numel() * positions if needed is None else \
+            _macs(_needed_count(mask, grad_mask, needed), positions, observer)
+        observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, ideal if use_gather else weight.numel() * positions,
+                           positions))
+    return grad_w
+
+
 class _NMLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -303,7 +331,7 @@ class _NMLinear(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
         x, weight, w_eff, mask, grad_mask = ctx.saved_tensors
-        mode, observer = ctx.mode, ctx.observer
+        observer = ctx.observer
         go2 = grad_out.reshape(-1, grad_out.shape[-1])  # [positions, Cout]
         x2 = x.reshape(-1, x.shape[-1])  # [positions, K]
         positions = go2.shape[0]
@@ -314,23 +342,11 @@ class _NMLinear(torch.autograd.Function):
                 observer(PhaseCost(Phase.INPUT_GRAD, _macs(_count(mask, weight), positions, observer),
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
-            needed = _weight_grad_positions(mode, mask, grad_mask)
-
-            def gather_fn():
-                return _gather_linear_weight_grad(x2, go2, _gather_plan(mask, grad_mask, needed)).to(weight.dtype)
-
-            def dense_fn():
-                g_eff = (go2.t() @ x2.to(go2.dtype)).to(weight.dtype)
-                return _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
-            gather = needed is not None and _use_gather(
-                ctx.kernel, ("linear", tuple(weight.shape), tuple(x2.shape), str(go2.dtype)), mask, grad_mask,
-                needed, gather_fn, dense_fn)
-            grad_w = gather_fn() if gather else dense_fn()
-            if observer is not None:
-                ideal = weight.numel() * positions if needed is None else \
-                    _macs(_needed_count(mask, grad_mask, needed), positions, observer)
-                observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, ideal if gather else weight.numel() * positions,
-                                   positions))
+            grad_w = _weight_grad(
+                ctx, weight, mask, grad_mask, positions,
+                ("linear", tuple(weight.shape), tuple(x2.shape), str(go2.dtype)),
+                lambda needed: _gather_linear_weight_grad(x2, go2, _gather_plan(mask, grad_mask, needed)),
+                lambda: go2.t() @ x2.to(go2.dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = go2.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
@@ -425,7 +441,7 @@ class _NMConv2d(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, w_eff, mask, grad_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        mode, observer = ctx.mode, ctx.observer
+        observer = ctx.observer
         positions = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -434,25 +450,13 @@ class _NMConv2d(torch.autograd.Function):
                 observer(PhaseCost(Phase.INPUT_GRAD, _macs(_count(mask, weight), positions, observer),
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
-            needed = _weight_grad_positions(mode, mask, grad_mask)
-
-            def gather_fn():
-                plan = _gather_plan(mask, grad_mask, needed.reshape(needed.shape[0], -1))
-                return _gather_conv_weight_grad(x, grad_out, plan, weight.shape, ctx.conv_args).to(weight.dtype)
-
-            def dense_fn():
-                g_eff = conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation,
-                                      groups).to(weight.dtype)
-                return _finish_weight_grad(mode, g_eff, weight, mask, needed, ctx.srste_decay)
-            gather = needed is not None and groups == 1 and _use_gather(
-                ctx.kernel, ("conv", tuple(weight.shape), tuple(x.shape), ctx.conv_args, str(grad_out.dtype)),
-                mask, grad_mask, needed, gather_fn, dense_fn)
-            grad_w = gather_fn() if gather else dense_fn()
-            if observer is not None:
-                ideal = weight.numel() * positions if needed is None else \
-                    _macs(_needed_count(mask, grad_mask, needed), positions, observer)
-                observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, ideal if gather else weight.numel() * positions,
-                                   positions))
+            grad_w = _weight_grad(
+                ctx, weight, mask, grad_mask, positions,
+                ("conv", tuple(weight.shape), tuple(x.shape), ctx.conv_args, str(grad_out.dtype)),
+                None if groups != 1 else lambda needed: _gather_conv_weight_grad(
+                    x, grad_out, _gather_plan(mask, grad_mask, needed.reshape(needed.shape[0], -1)), weight.shape,
+                    ctx.conv_args),
+                lambda: conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
