@@ -175,6 +175,13 @@ def paired_ratio(a: list[float], b: list[float]) -> dict[str, float]:
     return {"median": statistics.median(r), "q1": q[0], "q3": q[2]}
 
 
+def write_json(path: str, results: dict[str, Any], log: Any = print) -> None:
+    """Write a benchmark's results (creating folders) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2))
+    log(f"\nwrote {path}")
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,

@@ -23,7 +23,6 @@ ResNet-50 (batch 8 at 224 on a CPU) at 1:16.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Variant, interleaved, machine, median, paired_ratio, sync  # noqa: E402
+from common import Variant, interleaved, machine, median, paired_ratio, sync, write_json  # noqa: E402
 
 from bame import models  # noqa: E402
 from bame.autograd import (_gather_conv_weight_grad, _gather_linear_weight_grad, _GatherPlan,  # noqa: E402
@@ -205,9 +204,7 @@ def main(argv=None) -> int:
                 "auto_choices": [dict(key=[str(k) for k in c.key], gather=c.gather, gather_ms=c.gather_s * 1e3,
                                       masked_dense_ms=c.masked_dense_s * 1e3) for c in choices]}
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        log(f"\nwrote {args.out}")
+        write_json(args.out, out, log)
     return 0
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Variant, interleaved, machine, median, paired_ratio, sync  # noqa: E402
+from common import Variant, interleaved, machine, median, paired_ratio, sync, write_json  # noqa: E402
 
 from bame.config import BameConfig  # noqa: E402
 from bame.schedule import adaptation_steps, resolve_window  # noqa: E402
@@ -237,9 +237,7 @@ def main(argv=None) -> int:
         out["models"][model] = run_model(model, args, log)
     out["machine_after"] = machine()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
-        log(f"\nwrote {args.out}")
+        write_json(args.out, out, log)
     return 0
 
 
