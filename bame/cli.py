@@ -21,7 +21,7 @@ import itertools
 import sys
 from pathlib import Path
 from typing import Any, Optional
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .config import Config, ConfigError, dump_yaml, load_config
 from .runs import RunNotFoundError, RunReader, find_runs, load_run
@@ -102,20 +102,25 @@ def _train(args: argparse.Namespace) -> int:
 # sweep
 
 
-def _completed_with(out: Path, cfg: Config) -> Optional[RunReader]:
-    """A completed run in ``out`` of the same experiment as ``cfg`` (see ``experiment_identity``)."""
+def completed_runs(out: Path) -> Callable[[Config], Optional[RunReader]]:
+    """A look-up from a config to a completed run in ``out`` of the same experiment (see
+    ``experiment_identity``). The run folders are read once, not once per config looked up."""
     from .methods import experiment_identity
 
-    identity = experiment_identity(cfg)
+    done = []
     for run in find_runs(out):
         if not run.done or run.status != "completed":
             continue
         try:
-            if experiment_identity(run.config) == identity:
-                return run
+            done.append((experiment_identity(run.config), run))
         except (ConfigError, OSError):
             continue  # an older run whose config no longer loads cannot be a match
-    return None
+
+    def lookup(cfg: Config) -> Optional[RunReader]:
+        identity = experiment_identity(cfg)
+        return next((run for ident, run in done if ident == identity), None)
+
+    return lookup
 
 
 def _sweep_in_processes(args: argparse.Namespace, todo: list, total: int, out: Path) -> tuple[list, list]:
@@ -182,9 +187,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     done, failed, skipped = [], [], []
     todo = []
+    completed = completed_runs(out)
     for i, (extra, cfg) in enumerate(grid, 1):
         label = " ".join(extra) or "(config as is)"
-        match = _completed_with(out, cfg)
+        match = completed(cfg)
         if match is not None:
             print(f"[{i}/{len(grid)}] skip {label}: completed in {match.path}")
             skipped.append(match.path)

@@ -38,13 +38,14 @@ def run_demo(out: Path, config: Path = DEFAULT_CONFIG, root: Optional[str] = Non
     """Train (or reuse) every demo run under ``out``, write ``out/report.md``; returns its path."""
     from analysis import load_runs, paper_table, to_markdown, write_report
 
-    from .cli import _completed_with
+    from .cli import completed_runs
     from .train import train
 
     runs = demo_configs(config, root, extra or [])  # every config is validated before anything runs
     start = time.perf_counter()
+    completed = completed_runs(out)
     for i, (label, cfg) in enumerate(runs, 1):
-        done = _completed_with(out, cfg)
+        done = completed(cfg)
         if done is not None:
             print(f"[demo {i}/{len(runs)}] {label}: reusing {done.path}")
             continue
