@@ -134,7 +134,7 @@ class TrainConfig:
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # 'step': fractions of training
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
-    amp: str = _choices("off", "bf16", "fp16", default="off")  # CUDA only
+    amp: str = _choices("off", "bf16", "fp16", default="off")  # autocast on the run's device; fp16 adds a GradScaler
     channels_last: bool = False
     device: str = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
     deterministic: bool = True

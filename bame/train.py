@@ -41,7 +41,8 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -84,7 +85,7 @@ class DistContext:
         return self.world_size > 1
 
     @classmethod
-    def current(cls) -> "DistContext":
+    def current(cls) -> DistContext:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -286,9 +287,12 @@ class _Trainer:
         self.cfg, self.dist, self.device = cfg, dist, device
         self.verbose, self.progress = verbose and dist.is_main, progress and dist.is_main
         tc = cfg.train
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp) if device.type == "cuda" else None
-        if tc.amp != "off" and device.type != "cuda":
-            warnings.warn(f"train.amp={tc.amp!r} needs CUDA; training in float32 on {device}", stacklevel=3)
+        # Autocast on the run's device: CUDA, or the CPU (fast only where it has bf16/fp16 matrix units).
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.amp)
+        if self.amp_dtype is not None and not torch.amp.is_autocast_available(device.type):
+            warnings.warn(f"train.amp={tc.amp!r}: torch has no autocast for {device.type!r}; training in float32",
+                          stacklevel=3)
+            self.amp_dtype = None
         self.memory_format = torch.channels_last if tc.channels_last else torch.contiguous_format
         self.writer: Any = NullWriter()
         self.step = 0
@@ -341,7 +345,7 @@ class _Trainer:
         self.lr_factor = LRFactor(tc.lr_schedule, self.sched.schedule_steps, self.sched.warmup_steps,
                                   tc.step_milestones, tc.step_gamma)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype is torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.ledger = FlopsLedger(self.model, enabled=self.cfg.instrument.flops)
         # Training forwards go through ``self.net``: the model itself, or its DDP wrapper under torchrun
@@ -444,7 +448,7 @@ class _Trainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     # -- evaluation --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,4 +1,6 @@
-"""CUDA: a training run per method with AMP, the backward modes on CUDA against the CPU, no host syncs.
+"""CUDA: the backward modes on CUDA against the CPU, no host syncs, torchrun with NCCL.
+
+Mixed precision on CUDA is tested in tests/test_amp.py (its ``cuda`` cases are marked ``gpu`` too).
 
 Deselected by default (``-m gpu`` selects them) and skipped without a CUDA device:
 
@@ -7,7 +9,6 @@ Deselected by default (``-m gpu`` selects them) and skipped without a CUDA devic
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -15,16 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import bame
 from bame.autograd import Backward, WeightGradKernel, nm_conv2d, nm_linear
-from bame.config import BameConfig, MethodConfig, load_config
+from bame.config import BameConfig, MethodConfig
 from bame.flops import FlopsLedger
-from bame.layers import NMLayer
-from bame.methods import MethodContext, available_methods, create_method
-from bame.nm import is_nm, nm_mask
+from bame.methods import MethodContext, create_method
+from bame.nm import nm_mask
 from bame.runs import load_run
 
 pytestmark = [pytest.mark.gpu,
@@ -42,28 +40,6 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("method", available_methods())
-def test_cuda_training_run_per_method_with_amp(tmp_path, method, amp):
-    """8 steps (BAME adapts at 0, 2, 4, 6) with autocast (fp16: GradScaler, unscaled before the method),
-    channels_last: the run completes, the loss is finite, the masks are N:M and live on the GPU."""
-    cfg = load_config(QUICK, SMALL + [f"method.name={method}", f"train.amp={amp}", "train.channels_last=true",
-                                      "train.max_steps=8"])
-    res = bame.train(cfg, out_dir=tmp_path, verbose=False)
-    assert res.status == "completed" and math.isfinite(res.train_loss) and res.test_acc is not None
-    assert res.summary["device"].startswith("cuda")
-    nm = [m for m in res.model.modules() if isinstance(m, NMLayer)]
-    assert (len(nm) > 0) == (method != "dense")
-    for layer in nm:
-        assert layer.mask.is_cuda and layer.weight.is_cuda and layer.weight.dtype == torch.float32
-        assert is_nm(layer.mask, layer.pattern.n, layer.pattern.m, layer.layout)
-        assert torch.isfinite(layer.weight).all()
-    ckpt = load_run(res.run_dir).load_checkpoint()
-    assert (ckpt["scaler"] is not None) == (amp == "fp16")
-    if method == "bame":
-        assert len(load_run(res.run_dir).table("adaptation")) > 0
 
 
 def _grads(fn, x, w, b, device):
@@ -104,23 +80,6 @@ def test_backward_modes_on_cuda_match_the_cpu(mode, kernel, layer):
         results.append(_grads(fn, x, w, b, device))
     for cpu, cuda, what in zip(*results, ("output", "input grad", "weight grad", "bias grad")):
         torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-4, msg=f"{what}: {layer} {mode} {kernel}")
-
-
-@pytest.mark.parametrize("kernel", list(WeightGradKernel))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_autocast_backward_keeps_float32_weight_grads(kernel, dtype):
-    torch.manual_seed(0)
-    x = torch.randn(8, 32, 8, 8, device="cuda")
-    w = torch.randn(64, 32, 3, 3, device="cuda", requires_grad=True)
-    mask = nm_mask(w.detach().abs(), 1, 4)
-    with torch.autocast("cuda", dtype=dtype):
-        out = nm_conv2d(x, w, None, mask, None, padding=1, mode=Backward.SPARSE, kernel=kernel)
-    assert out.dtype == dtype
-    out.float().square().mean().backward()
-    assert w.grad.dtype == torch.float32 and (w.grad[~mask] == 0).all()
-    w32 = w.detach().clone().requires_grad_()
-    F.conv2d(x, w32 * mask, padding=1).square().mean().backward()
-    torch.testing.assert_close(w.grad, w32.grad * mask, rtol=5e-2, atol=5e-2 * float(w32.grad.abs().max()))
 
 
 @pytest.mark.parametrize("method_name", ["static", "bame"])
