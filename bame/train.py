@@ -50,6 +50,7 @@ from torch import nn
 from .config import Config, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, to_dict
 from .distributed import all_sum_ints, average_float_buffers, check_masks_agree
 from .runs import NullWriter, RunReader, RunWriter, load_run
+from .step import training_step
 from .seed import capture_rng, deterministic_mode, restore_rng, rng_neutral, seed_everything
 
 __all__ = ["train", "RunResult", "DistContext", "Schedule", "plan_schedule", "LRFactor", "param_groups",
@@ -554,38 +555,18 @@ class _Trainer:
                 for x, y in batches:
                     step = self.step
                     x, y = self._to_device(x, y)
-                    method.before_step(step)
-                    ledger.begin_step()
-                    opt.zero_grad(set_to_none=True)
-                    with self.autocast():
-                        out = model(x)
-                        loss = self.criterion(out, y)
-                    if self.scaler is not None:
-                        self.scaler.scale(loss).backward()
-                        self.scaler.unscale_(opt)  # the method must see true gradients
-                    else:
-                        loss.backward()
-                    method.after_backward(step)
-                    if method.last_adaptation is not None:
-                        ledger.charge_adaptation(method.last_adaptation.scoring_elementwise_ops)
-                    if self.scaler is not None:
-                        self.scaler.step(opt)
-                        self.scaler.update()
-                    else:
-                        opt.step()
-                    self.scheduler.step()
-                    method.after_optimizer_step(step)
-                    if method.last_adaptation is not None and tc.check_mask_sync:
-                        check_masks_agree(self.model, step)  # collective; no-op for one process
-                    cost = ledger.end_step()
+                    outcome = training_step(step, model, method, opt, ledger, x, y, self.criterion,
+                                            autocast=self.autocast, scaler=self.scaler, scheduler=self.scheduler,
+                                            after_update=self._check_masks if tc.check_mask_sync else None)
+                    loss, out, cost = outcome.loss, outcome.output, outcome.cost
                     self.last_step_ideal = cost.ideal_macs
                     self.last_step_adaptation = cost.by_phase.get("adaptation", (0, 0))[0]
                     scalars = self.recorders.on_step_end(step)
                     if scalars:
                         self.scalars.update(scalars)
                     with torch.no_grad():
-                        loss_sum += loss.detach().double() * y.numel()
-                        correct += (out.detach().argmax(1) == y).sum()
+                        loss_sum += loss.double() * y.numel()
+                        correct += (out.argmax(1) == y).sum()
                         seen += y.numel()
                     self.step = step + 1
                     bar.update(1)
@@ -594,6 +575,9 @@ class _Trainer:
                         break
         finally:
             bar.close()
+
+    def _check_masks(self, step: int) -> None:
+        check_masks_agree(self.model, step)  # collective; no-op for one process
 
     def after_step(self, bar: Any, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor) -> None:
         """Logging, evaluation and checkpoints due after the step just taken."""

@@ -1,9 +1,8 @@
 """Shared pieces of the benchmarks: a training step built the loop's way, timing, machine facts.
 
 Not part of the package or the test run. A :class:`Variant` is one model + method + optimizer (+ FLOPs
-ledger and recorders) whose ``step()`` runs one optimizer step in the order of ``bame/train.py``
-(before_step, forward, backward, after_backward, adaptation charge, optimizer, after_optimizer_step,
-ledger.end_step, recorders) on a fixed batch, so that only compute is timed (no data loading).
+ledger and recorders) whose ``step()`` runs one optimizer step of the training loop (``bame.step.training_step``, then the
+recorders) on a fixed batch, so that only compute is timed (no data loading).
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from bame import models
 from bame.config import BameConfig, InstrumentConfig, MethodConfig
 from bame.flops import FlopsLedger
 from bame.instrument import Recorders
 from bame.methods import MethodContext, create_method
+from bame.step import training_step
 from bame.train import param_groups
 
 NEVER = 10 ** 9  # a step no benchmark reaches
@@ -105,34 +104,16 @@ class Variant:
         if self.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, self.num_classes, (self.batch,), generator=gen).to(self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp is torch.float16 else None
         self.t = 0
         return self
 
     def step(self) -> None:
-        m, t = self.method, self.t
-        m.before_step(t)
-        self.ledger.begin_step()
-        self.opt.zero_grad(set_to_none=True)
-        ctx = torch.autocast(self.device.type, dtype=self.amp) if self.amp else contextlib.nullcontext()
-        with ctx:
-            loss = nn.functional.cross_entropy(self.model(self.x), self.y)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.opt)
-        else:
-            loss.backward()
-        m.after_backward(t)
-        if m.last_adaptation is not None:
-            self.ledger.charge_adaptation(m.last_adaptation.scoring_elementwise_ops)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        else:
-            self.opt.step()
-        m.after_optimizer_step(t)
-        self.ledger.end_step()
-        self.recorders.on_step_end(t)
+        amp = self.amp
+        training_step(self.t, self.model, self.method, self.opt, self.ledger, self.x, self.y,
+                      autocast=(lambda: torch.autocast(self.device.type, dtype=amp)) if amp else contextlib.nullcontext,
+                      scaler=self.scaler)
+        self.recorders.on_step_end(self.t)
         self.t += 1
 
     def timed_steps(self, n: int) -> float:

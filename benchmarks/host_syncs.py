@@ -16,13 +16,13 @@ import contextlib
 import traceback
 
 import torch
-from torch import nn
 
 from bame import models
 from bame.config import BameConfig, MethodConfig, InstrumentConfig
 from bame.flops import FlopsLedger
 from bame.instrument import Recorders
 from bame.methods import MethodContext, create_method
+from bame.step import training_step
 
 READS = ("__int__", "__bool__", "__float__", "item", "tolist")
 
@@ -73,17 +73,7 @@ def steady_state_reads(model_name: str, method_name: str, batch: int, steps: int
     counters = [collections.Counter() for _ in range(steps)]
     for step in range(steps):
         with counting(counters[step]):
-            method.before_step(step)
-            ledger.begin_step()
-            opt.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            method.after_backward(step)
-            if method.last_adaptation is not None:
-                ledger.charge_adaptation(method.last_adaptation.scoring_elementwise_ops)
-            opt.step()
-            method.after_optimizer_step(step)
-            ledger.end_step()
+            training_step(step, model, method, opt, ledger, x, y)
             if recorders_on:
                 rec.on_step_end(step)
     return [counters[-4], counters[-1]]
