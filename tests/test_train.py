@@ -341,3 +341,33 @@ def test_resume_is_exact_with_random_augmentation(tmp_path, monkeypatch, workers
     part = run(quick(*sets, "train.max_steps=3"), tmp_path / "part")
     bame.train(resume=part.run_dir, overrides=["train.max_steps=11"], verbose=False, progress=False)
     _assert_same_run(full.run_dir, part.run_dir)
+
+
+def test_step_schedule_warmup_nesterov_and_label_smoothing_reach_the_run(tmp_path, monkeypatch):
+    """The loop options in a real run: the LR of every logged step follows warm-up then the step decay
+    (written out by hand), the optimizer is Nesterov SGD, and the criterion smooths labels (and changes
+    the loss against the same seeded run without them)."""
+    criteria = []
+    real_ce = nn.CrossEntropyLoss
+
+    def recording_ce(*a, **k):
+        criteria.append(real_ce(*a, **k))
+        return criteria[-1]
+
+    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", recording_ce)
+    opts = ["method.name=static", "train.log_every_steps=1", "train.lr=0.05", "train.lr_schedule=step",
+            "train.step_milestones=[0.5,0.75]", "train.step_gamma=0.1", "train.warmup_epochs=0.5"]
+    res = run(quick(*opts, "train.nesterov=true", "train.momentum=0.9", "train.label_smoothing=0.1"),
+              tmp_path / "a")
+    lr = load_run(res.run_dir).table("metrics").query("split == 'train'").set_index("step")["lr"]
+    # 16 schedule steps, warm-up 4 steps: after s steps the next step's LR is 0.05 x factor(s).
+    expected = {1: 0.025, 2: 0.0375, 3: 0.05, 4: 0.05, 7: 0.05, 8: 0.005, 11: 0.005, 12: 0.0005, 15: 0.0005}
+    for s, v in expected.items():
+        assert lr[s] == pytest.approx(v, rel=1e-9), f"lr after {s} steps"
+    ckpt = load_run(res.run_dir).load_checkpoint()
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in ckpt["optimizer"]["param_groups"])
+    assert [c.label_smoothing for c in criteria] == [0.1]
+    plain = run(quick(*opts, "train.momentum=0.9"), tmp_path / "b")
+    assert [c.label_smoothing for c in criteria] == [0.1, 0.0]
+    first = [load_run(r.run_dir).table("metrics").query("split == 'train'")["loss"].iloc[0] for r in (res, plain)]
+    assert first[0] != first[1]
