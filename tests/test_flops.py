@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import warnings
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import bame
 from bame import models
 from bame.autograd import Backward, WeightGradKernel
+from bame.config import load_config
 from bame.flops import (ADAPTATION, ADAPTATION_LAYER, CONVENTION, FlopsLedger, add_flops_parser,
                         conv2d_macs, linear_macs, model_step_costs)
 from bame.layers import LayerPolicy, NMConv2d, NMLayer, NMLinear, sparsify
@@ -507,3 +511,71 @@ def test_ledger_reads_nothing_from_the_device_in_the_steady_state(monkeypatch, m
         if isinstance(layer, NMLayer):
             ideal, executed, _ = cost.by_layer[(name, "forward")]
             assert ideal == int(layer.mask.sum()) * (executed // layer.weight.numel())
+
+
+# --------------------------------------------------------------------------------------------------
+# the prediction against real runs
+
+
+QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
+# as tests/test_train.py: 128 synthetic images in batches of 16 = 8 steps per epoch, 2 epochs = 16 steps;
+# BAME adapts at steps 0, 2, 4, 6 (interval 2, t_f = half the schedule); ASP prunes at step 8
+_SMALL = ["train.progress=false", "data.synthetic_train_size=128", "data.synthetic_test_size=32",
+          "train.batch_size=16", "train.eval_batch_size=32"]
+# BAME made to freeze blocks: every step adapts half the blocks and a block freezes on its first oscillation
+_FREEZING = ["method.bame.interval_steps=1", "method.bame.rho=0.5", "method.bame.rho_decay=constant",
+             "method.bame.tau=0.01", "method.bame.min_changes=1"]
+
+
+def _recorded_conv_linear_macs(run_dir: Path) -> tuple[int, int]:
+    """(ideal, executed) conv/linear MACs of a finished run: summary.json's by-phase totals without the
+    adaptation line (the element-wise scoring and selection ``bame flops`` does not predict), checked
+    against the same sums over flops.csv and against the summary's all-phase totals."""
+    flops = json.loads((run_dir / "summary.json").read_text())["flops"]
+    by_phase = flops["by_phase"]
+    ideal = sum(by_phase[ph]["ideal_macs"] for ph in PHASES)
+    executed = sum(by_phase[ph]["executed_macs"] for ph in PHASES)
+    adapt = by_phase.get(ADAPTATION, {"ideal_macs": 0, "executed_macs": 0})
+    assert (flops["ideal_macs"], flops["executed_macs"]) == (ideal + adapt["ideal_macs"],
+                                                             executed + adapt["executed_macs"])
+    with (run_dir / "flops.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] != ADAPTATION]
+    assert {r["phase"] for r in rows} <= set(PHASES)
+    assert (sum(int(r["ideal_macs"]) for r in rows), sum(int(r["executed_macs"]) for r in rows)) == (ideal, executed)
+    return ideal, executed
+
+
+@pytest.mark.parametrize("method,extra", [("dense", []), ("static", []), ("ste", []), ("srste", []),
+                                          ("asp", []), ("bame", []), ("bame", _FREEZING)],
+                         ids=["dense", "static", "ste", "srste", "asp", "bame", "bame-freezing"])
+def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
+    """``bame flops --json``'s ``run_total_macs`` against the total a real ``bame.train`` run of the same
+    config records (conv/linear phases; the adaptation line is booked only by runs).
+
+    Exact for methods whose per-step work does not depend on training (dense, static, ste, srste; asp
+    with its dense steps before the prune step): every step of the run costs what the one measured step
+    costs. For BAME the prediction assumes every adaptation step computes the candidate gradient of every
+    block (nothing frozen), so it is an upper bound, and exact while no block freezes and every layer's
+    budget is non-zero: that is quick.yaml (4 adaptation steps early in the window, rho 0.2 of thousands
+    of blocks, freezing needs two changes of a block). With freezing forced (``_FREEZING``) the run
+    computes fewer candidate gradients and the bound is strict. Executed MACs (masked dense kernels) are
+    those of the predicted executed total for every method."""
+    sets = _SMALL + [f"method.name={method}"] + extra
+    rep = json.loads(_run_cli(["flops", "--config", str(QUICK), "--set", *sets, "--json"]))
+    res = bame.train(load_config(QUICK, sets), out_dir=tmp_path, verbose=False)
+    assert res.status == "completed" and res.steps == rep["run_steps"] == 16
+    ideal, executed = _recorded_conv_linear_macs(res.run_dir)
+    assert executed == rep["run_total_executed_macs"]
+    assert ideal <= rep["run_total_macs"]
+    if method == "asp":
+        assert 0 < rep["prune_step"] < rep["run_steps"]  # both branches of the ASP prediction are used
+    if method == "bame":
+        adaptation = list(csv.DictReader((res.run_dir / "adaptation.csv").open()))
+        frozen = sum(int(r["frozen_blocks"]) for r in adaptation)
+        assert rep["adaptation_steps"] == len({r["step"] for r in adaptation}) > 0
+        if extra:
+            assert frozen > 0 and ideal < rep["run_total_macs"]
+            return
+        assert frozen == 0
+    assert ideal == rep["run_total_macs"]
+    assert rep["dense_run_total_macs"] == json.loads((res.run_dir / "summary.json").read_text())["flops"]["dense_macs"]
