@@ -27,14 +27,22 @@ def _random_conv_case(rng: random.Random):
                 groups=groups, n=n, m=m, bias=rng.random() < 0.5)
 
 
-def _reference(op, x, w, mask, grad_mask, mode):
-    """The gradient each mode must return, from plain autograd on ``W_eff = W * mask``."""
+def _weights(out):
+    return torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+
+
+def _reference(op, x, w, b, mask, grad_mask, mode):
+    """The gradients each mode must return, from plain autograd on ``W_eff = W * mask``.
+
+    Returns ``(output, input grad, weight grad, bias grad)``; the bias grad is ``None`` without a bias.
+    """
     x = x.detach().clone().requires_grad_()
     w_leaf = w.detach().clone().requires_grad_()
+    b_leaf = None if b is None else b.detach().clone().requires_grad_()
     w_eff = w_leaf * mask
     w_eff.retain_grad()
-    out = op(x, w_eff)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    out = op(x, w_eff, b_leaf)
+    (out * _weights(out)).sum().backward()
     g_eff = w_eff.grad
     if mode is Backward.DENSE:
         gw = w_leaf.grad  # = g_eff * mask
@@ -44,18 +52,33 @@ def _reference(op, x, w, mask, grad_mask, mode):
         gw = g_eff + DECAY * (~mask) * w
     else:
         gw = g_eff * (mask | grad_mask)
-    return out.detach(), x.grad, gw
+    return out.detach(), x.grad, gw, None if b_leaf is None else b_leaf.grad
 
 
-def _ours(fn, x, w, mask, grad_mask, mode, kernel):
+def _ours(fn, x, w, b, mask, grad_mask, mode, kernel):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
-    out = fn(x, w, mask, grad_mask, mode, kernel)
-    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
-    return out.detach(), x.grad, w.grad
+    b = None if b is None else b.detach().clone().requires_grad_()
+    out = fn(x, w, b, mask, grad_mask, mode, kernel)
+    (out * _weights(out)).sum().backward()
+    return out.detach(), x.grad, w.grad, None if b is None else b.grad
 
 
-@pytest.mark.parametrize("seed", range(12))
+GRADS = ("output", "input grad", "weight grad", "bias grad")
+
+
+CONV_SEEDS = range(12)
+
+
+def test_random_conv_cases_cover_the_bias():
+    """The seeds below differentiate a bias with groups=2, dilation 2 and a non-square kernel, and run without one."""
+    cases = [_random_conv_case(random.Random(seed)) for seed in CONV_SEEDS]
+    with_bias = [c for c in cases if c["bias"]]
+    assert any(c["groups"] == 2 for c in with_bias) and any(c["dilation"] == 2 for c in with_bias)
+    assert any(c["kernel"] == (2, 3) for c in with_bias) and len(with_bias) < len(cases)
+
+
+@pytest.mark.parametrize("seed", CONV_SEEDS)
 @pytest.mark.parametrize("mode", list(Backward))
 @pytest.mark.parametrize("kernel", list(WeightGradKernel))
 def test_conv_modes_match_autograd(seed, mode, kernel):
@@ -69,15 +92,16 @@ def test_conv_modes_match_autograd(seed, mode, kernel):
     grad_mask = torch.rand(w.shape) < 0.2
     conv = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
 
-    def ref_op(x, w_eff):
+    def ref_op(x, w_eff, b):
         return F.conv2d(x, w_eff, b, **conv)
 
-    def ours(x, w, mask, grad_mask, mode, kernel):
+    def ours(x, w, b, mask, grad_mask, mode, kernel):
         return nm_conv2d(x, w, b, mask, grad_mask, **conv, mode=mode, srste_decay=DECAY, kernel=kernel)
 
-    ref = _reference(ref_op, x, w, mask, grad_mask, mode)
-    got = _ours(ours, x, w, mask, grad_mask, mode, kernel)
-    for r, g, what in zip(ref, got, ("output", "input grad", "weight grad")):
+    ref = _reference(ref_op, x, w, b, mask, grad_mask, mode)
+    got = _ours(ours, x, w, b, mask, grad_mask, mode, kernel)
+    assert (got[3] is None) == (b is None)
+    for r, g, what in zip(ref, got, GRADS):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=f"{what} differs ({c}, {mode})")
 
 
@@ -92,14 +116,17 @@ def test_linear_modes_match_autograd(mode, kernel, lead):
     mask = nm_mask(w.abs(), 1, 16)
     grad_mask = torch.rand(w.shape) < 0.3
 
-    def ref_op(x, w_eff):
+    def ref_op(x, w_eff, b):
         return F.linear(x, w_eff, b)
 
-    def ours(x, w, mask, grad_mask, mode, kernel):
+    def ours(x, w, b, mask, grad_mask, mode, kernel):
         return nm_linear(x, w, b, mask, grad_mask, mode, DECAY, kernel)
 
-    for r, g in zip(_reference(ref_op, x, w, mask, grad_mask, mode), _ours(ours, x, w, mask, grad_mask, mode, kernel)):
-        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    ref = _reference(ref_op, x, w, b, mask, grad_mask, mode)
+    got = _ours(ours, x, w, b, mask, grad_mask, mode, kernel)
+    assert got[3] is not None
+    for r, g, what in zip(ref, got, GRADS):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=f"{what} differs ({mode}, {lead})")
 
 
 def test_sparse_weight_grad_is_exactly_zero_outside_needed_positions():
@@ -116,23 +143,46 @@ def test_sparse_weight_grad_is_exactly_zero_outside_needed_positions():
         assert (w.grad[mask] != 0).any()
 
 
+GRADCHECK_CONVS = [  # (input shape, weight shape, conv args): small, so float64 gradcheck stays fast
+    ((2, 4, 5, 5), (4, 4, 3, 3), dict(stride=2, padding=1)),
+    # groups=2, dilation 2, a non-square kernel, stride and padding
+    ((2, 4, 6, 7), (4, 2, 2, 3), dict(stride=(2, 1), padding=(1, 0), dilation=2, groups=2)),
+]
+
+
 @pytest.mark.parametrize("mode", list(Backward))
-def test_gradcheck_conv_and_linear(mode):
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+@pytest.mark.parametrize("case", range(len(GRADCHECK_CONVS)))
+def test_gradcheck_conv(mode, case):
+    x_shape, w_shape, conv = GRADCHECK_CONVS[case]
+    torch.manual_seed(case)
+    x = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(*w_shape, dtype=torch.float64)
+    b = torch.randn(w_shape[0], dtype=torch.float64, requires_grad=True)
     mask = nm_mask(w.abs(), 2, 4)
-    # gradcheck differentiates op(x, W*mask) w.r.t. x and W numerically: DENSE and SPARSE (no extra
-    # positions) must equal it exactly; STE/SRSTE differ by design and are checked w.r.t. x only.
+    # gradcheck differentiates op(x, W*mask, b) w.r.t. x, W and b numerically: DENSE and SPARSE (no extra
+    # positions) must equal it exactly; STE/SRSTE differ by design in W and are checked w.r.t. x and b only.
     w_arg = w.clone().requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
-    assert torch.autograd.gradcheck(
-        lambda x, w: nm_conv2d(x, w, None, mask, None, stride=2, padding=1, mode=mode, srste_decay=DECAY),
-        (x, w_arg))
-    xl = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
-    wl = torch.randn(4, 8, dtype=torch.float64)
-    ml = nm_mask(wl.abs(), 1, 4)
-    wl_arg = wl.clone().requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
-    assert torch.autograd.gradcheck(lambda x, w: nm_linear(x, w, None, ml, None, mode, DECAY), (xl, wl_arg))
+    kernels = [WeightGradKernel.MASKED_DENSE]
+    if mode is Backward.SPARSE and conv.get("groups", 1) == 1:
+        kernels.append(WeightGradKernel.GATHER)  # GATHER runs for groups=1 only
+    for kernel in kernels:
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, k=kernel: nm_conv2d(x, w, b, mask, None, **conv, mode=mode, srste_decay=DECAY, kernel=k),
+            (x, w_arg, b))
+
+
+@pytest.mark.parametrize("mode", list(Backward))
+def test_gradcheck_linear(mode):
+    torch.manual_seed(0)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    mask = nm_mask(w.abs(), 1, 4)
+    w_arg = w.clone().requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
+    kernels = [WeightGradKernel.MASKED_DENSE] + ([WeightGradKernel.GATHER] if mode is Backward.SPARSE else [])
+    for kernel in kernels:
+        assert torch.autograd.gradcheck(lambda x, w, b, k=kernel: nm_linear(x, w, b, mask, None, mode, DECAY, k),
+                                        (x, w_arg, b))
 
 
 def test_observer_reports_each_phase_that_ran():
