@@ -284,12 +284,15 @@ def test_analysis_never_imports_the_training_code():
     assert out.stdout.strip() == "[]"
 
 
-def test_published_numbers_are_the_abstract_figures():
+def test_published_numbers_are_the_cited_figures():
     pub = analysis.load_published()
-    assert pub["source"].notna().all()
-    row = pub.set_index("method").loc[["bame", "srste"]]
-    assert list(row["top1"]) == [72.0, 71.5]
-    assert set(pub["pattern"]) == {"1:16"} and set(pub["model"]) == {"resnet50"}
+    assert pub["source"].notna().all() and (pub["dataset"] == "imagenet").all()
+    assert not pub.duplicated(["model", "pattern", "method"]).any()
+    at = pub.set_index(["model", "pattern", "method"])["top1"]
+    # the BAME abstract (1:16) and the SR-STE authors' released ResNet checkpoints
+    assert at[("resnet50", "1:16", "bame")] == 72.0 and at[("resnet50", "1:16", "srste")] == 71.5
+    assert [at[("resnet50", p, "srste")] for p in ("2:4", "4:8", "1:4", "2:8")] == [77.0, 77.4, 75.9, 76.4]
+    assert at[("resnet18", "dense", "dense")] == 71.3 and at[("resnet18", "2:4", "srste")] == 71.2
 
 
 # --------------------------------------------------------------------------------------------------
