@@ -36,7 +36,7 @@ class NMLayer:
                  srste_decay: float, mask_init: str, weight_grad_kernel: WeightGradKernel | str) -> None:
         self.pattern = NMPattern.parse(pattern)
         self.layout = Layout.parse(layout)
-        block_grid(self.weight.shape, self.pattern.m, layout=self.layout)  # raises if not groupable
+        block_grid(self.weight.shape, self.pattern.m, layout=self.layout, n=self.pattern.n)  # raises if not groupable
         self.backward_mode = Backward.parse(backward_mode)
         self.srste_decay = float(srste_decay)
         self.weight_grad_kernel = WeightGradKernel(weight_grad_kernel)
@@ -249,7 +249,7 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
             reason = f"padding_mode={module.padding_mode!r} not supported"
         else:
             try:
-                block_grid(module.weight.shape, pattern.m, layout=layout)
+                block_grid(module.weight.shape, pattern.m, layout=layout, n=pattern.n)
             except ValueError as err:
                 if policy.on_indivisible == "error":
                     raise ValueError(f"layer {name!r}: {err}") from None

@@ -100,26 +100,28 @@ class NMPattern:
         return f"{self.n}:{self.m}"
 
 
-def _check_groupable(shape: torch.Size, m: int, layout: Layout, what: str = "weight") -> None:
+def _check_groupable(shape: torch.Size, m: int, layout: Layout, what: str = "weight", n: int | None = None) -> None:
+    """Raise ``ValueError`` naming the shape and the pattern (``n:m``, or ``M=m`` without ``n``) if the
+    weight cannot be grouped by ``m``."""
     if len(shape) < 2:
         raise ValueError(f"{what} of shape {tuple(shape)} cannot be N:M: need at least 2 dims [Cout, ...]")
+    target = f"N:M {n}:{m} (M={m})" if n is not None else f"N:M with M={m}"
     if layout is Layout.CHANNEL:
         if len(shape) != 4 and len(shape) != 2:
             raise ValueError(f"layout 'channel' needs a 2-D or 4-D weight, got {what} of shape {tuple(shape)}")
         cin = shape[1]
         if cin % m != 0:
             raise ValueError(
-                f"{what} of shape {tuple(shape)} cannot use layout 'channel' with M={m}: "
-                f"Cin/groups={cin} is not a multiple of {m}"
+                f"{what} of shape {tuple(shape)} cannot be {target} in layout 'channel': "
+                f"Cin/groups={cin} is not a multiple of {m}; use a pattern whose M divides Cin/groups, or keep the layer dense"
             )
         return
     k = 1
     for d in shape[1:]:
         k *= d
     if k % m != 0:
-        raise ValueError(
-            f"{what} of shape {tuple(shape)} cannot be N:M with M={m}: K={k} is not a multiple of {m}"
-        )
+        raise ValueError(f"{what} of shape {tuple(shape)} cannot be {target}: K={k} is not a multiple of {m}; "
+                         f"use a pattern whose M divides K, or keep the layer dense")
 
 
 def group_view(t: torch.Tensor, m: int, layout: Layout | str = Layout.ROW) -> torch.Tensor:
@@ -152,6 +154,8 @@ def nm_mask(scores: torch.Tensor, n: int, m: int, layout: Layout | str = Layout.
     Ties are broken by position (the earlier entry wins), so the result is deterministic.
     """
     NMPattern(n, m)  # validates
+    layout = Layout.parse(layout)
+    _check_groupable(scores.shape, m, layout, n=n)  # names the pattern, not only M
     groups = group_view(scores.detach(), m, layout)
     # A tiny position-dependent offset would change magnitudes; instead sort stably on the scores.
     order = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
@@ -208,10 +212,13 @@ class BlockGrid:
 
 
 def block_grid(shape: torch.Size | tuple[int, ...], m: int, block_rows: int = 1, block_groups: int = 1,
-               layout: Layout | str = Layout.ROW) -> BlockGrid:
-    """Validate and describe the block tiling of a weight of ``shape``."""
+               layout: Layout | str = Layout.ROW, n: int | None = None) -> BlockGrid:
+    """Validate and describe the block tiling of a weight of ``shape``.
+
+    ``n`` (optional) only names the full N:M pattern in the error raised when K is not a multiple of ``m``.
+    """
     layout = Layout.parse(layout)
-    _check_groupable(torch.Size(shape), m, layout)
+    _check_groupable(torch.Size(shape), m, layout, n=n)
     cout = shape[0]
     k = 1
     for d in shape[1:]:

@@ -50,9 +50,16 @@ def test_nm_mask_ties_are_deterministic_earlier_wins():
     assert mask.tolist() == [[True, True, False, False, True, True, False, False]]
 
 
-def test_indivisible_shape_raises_naming_shape_and_m():
-    with pytest.raises(ValueError, match=r"\(4, 3, 3, 3\).*M=4"):
+def test_indivisible_shape_raises_naming_shape_and_pattern():
+    # the shape, the N:M pattern, K and a hint at the fix
+    with pytest.raises(ValueError, match=r"\(4, 3, 3, 3\) cannot be N:M 2:4 \(M=4\): K=27 .*keep the layer dense"):
         nm_mask(torch.randn(4, 3, 3, 3), 2, 4)
+    with pytest.raises(ValueError, match=r"\(8, 6\) cannot be N:M 1:4 \(M=4\): K=6 "):
+        random_nm_mask((8, 6), 1, 4)
+    with pytest.raises(ValueError, match=r"\(4, 6\) cannot be N:M 2:4 .*K=6"):
+        block_grid((4, 6), 4, n=2)
+    with pytest.raises(ValueError, match=r"\(4, 6\) cannot be N:M with M=4: K=6"):
+        block_grid((4, 6), 4)  # no n: names M only
     with pytest.raises(ValueError, match="at least 2 dims"):
         nm_mask(torch.randn(8), 2, 4)
 
@@ -69,7 +76,7 @@ def test_channel_layout_groups_input_channels_at_each_kernel_position():
     # The row layout sees the same mask differently: it is generally not 2:4 along K.
     assert group_view(w, 4, "channel").shape == (3, 18, 4)
     assert torch.equal(ungroup(group_view(w, 4, "channel"), w.shape, "channel"), w)
-    with pytest.raises(ValueError, match="Cin/groups=6"):
+    with pytest.raises(ValueError, match=r"\(2, 6, 3, 3\) cannot be N:M 2:4 .*Cin/groups=6"):
         nm_mask(torch.randn(2, 6, 3, 3), 2, 4, layout="channel")
 
 
