@@ -74,6 +74,9 @@ class BameConfig:
     t_f_fraction: float = 0.5  # adaptation window end (mask fixed afterwards)
     t_f_steps: Optional[int] = None
     interval_steps: int = 100  # T: adapt once every T steps inside [t_i, t_f)
+    # ... or T as a fraction of training steps: T = max(1, round_half_up(fraction * total_steps));
+    # replaces interval_steps (setting both is an error)
+    interval_fraction: Optional[float] = None
     # 'absolute': adapt where step % T == 0 (method.md); 't_i': where (step - t_i) % T == 0
     interval_anchor: str = _choices("absolute", "t_i", default="absolute")
     # Regrowth/drop score. 'gradient' (RigL-style regrowth by |g_j|) is the default: on Fashion-MNIST 1:16 it
@@ -86,7 +89,7 @@ class BameConfig:
     # candidate block, event 0 when it did not oscillate; f_b is then oscillations per adaptation)
     obf_update: str = _choices("changed", "candidates", default="changed")
     obf_bias_correction: bool = False  # compare f_b / (1 - beta^updates) with tau (Adam-style), not f_b
-    tau: float = 0.5  # freeze a block once its frequency >= tau ...
+    tau: float = 0.5  # freeze a block once its frequency (in [0, 1]) >= tau, tau in (0, 1] ...
     min_changes: int = 2  # ... and it has changed at least this often
     selection: str = _choices("freeze_then_topk", "joint", default="freeze_then_topk")
     joint_lambda: float = 1.0  # selection 'joint': rank by R_b / (1 + lambda f_b)
@@ -245,11 +248,17 @@ def _from_dict(cls: type, data: dict, prefix: str, errors: list[str], source: st
 
 
 def _check_values(cfg: Config, source: str) -> list[str]:
-    """Cross-field and range checks that types cannot express."""
+    """Cross-field and range checks that types cannot express; each message says what to write instead."""
     errors = []
 
     def bad(key: str, msg: str) -> None:
         errors.append(f"{source}: {key}: {msg}")
+
+    def at_least(section: Any, prefix: str, keys: tuple[str, ...], low: int, meaning: str = "") -> None:
+        for key in keys:
+            value = getattr(section, key)
+            if value is not None and value < low:
+                bad(f"{prefix}.{key}", f"must be >= {low}{meaning}, got {value}")
 
     try:
         pattern = NMPattern.parse(cfg.method.pattern)
@@ -257,10 +266,18 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("method.pattern", str(err))
         pattern = None
     Layout.parse(cfg.method.layout)
+
+    d = cfg.data
+    at_least(d, "data", ("train_subset", "test_subset", "image_size", "synthetic_train_size",
+                         "synthetic_test_size", "synthetic_num_classes", "synthetic_image_size",
+                         "synthetic_channels"), 1)
+    at_least(d, "data", ("num_workers",), 0, " (0 loads in the main process)")
+
     b = cfg.method.bame
     for key in ("t_i_fraction", "t_f_fraction"):
         if not 0.0 <= getattr(b, key) <= 1.0:
-            bad(f"method.bame.{key}", f"must lie in [0, 1], got {getattr(b, key)}")
+            bad(f"method.bame.{key}", f"must lie in [0, 1] (a fraction of training), got {getattr(b, key)}")
+    at_least(b, "method.bame", ("t_i_steps", "t_f_steps"), 0, " (a 0-based optimizer step)")
     if b.t_i_steps is None and b.t_f_steps is None and b.t_i_fraction > b.t_f_fraction:
         bad("method.bame.t_i_fraction", f"t_i ({b.t_i_fraction}) is after t_f ({b.t_f_fraction})")
     if b.t_i_steps is not None and b.t_f_steps is not None and b.t_i_steps > b.t_f_steps:
@@ -268,27 +285,72 @@ def _check_values(cfg: Config, source: str) -> list[str]:
     for key in ("interval_steps", "block_rows", "block_groups", "swaps_per_block"):
         if getattr(b, key) < 1:
             bad(f"method.bame.{key}", f"must be >= 1, got {getattr(b, key)}")
+    if b.interval_fraction is not None:
+        if not 0.0 < b.interval_fraction <= 1.0:
+            bad("method.bame.interval_fraction", f"must lie in (0, 1] (T as a fraction of training steps), "
+                f"got {b.interval_fraction}")
+        default_interval = BameConfig.interval_steps
+        if b.interval_steps != default_interval:
+            bad("method.bame.interval_fraction", f"T is given twice (interval_steps={b.interval_steps}, "
+                f"interval_fraction={b.interval_fraction}): set only one; to use the fraction, remove "
+                f"interval_steps or set it back to its default {default_interval}")
     if pattern is not None and b.swaps_per_block > min(pattern.n, pattern.m - pattern.n) * b.block_rows * b.block_groups:
         bad("method.bame.swaps_per_block", f"{b.swaps_per_block} swaps cannot fit in a block of "
             f"{b.block_rows}x{b.block_groups} groups of {pattern}")
     if not 0.0 < b.beta < 1.0:
         bad("method.bame.beta", f"must lie in (0, 1), got {b.beta}")
+    if not 0.0 < b.tau <= 1.0:
+        bad("method.bame.tau", f"must lie in (0, 1], got {b.tau}: a block's oscillation frequency is an EMA of "
+            f"0/1 events, so tau > 1 never freezes (to turn freezing off set method.bame.obf=false) and "
+            f"tau <= 0 freezes every block after min_changes changes")
+    at_least(b, "method.bame", ("min_changes",), 0)
+    if b.joint_lambda < 0:
+        bad("method.bame.joint_lambda", f"must be >= 0 (0 ranks by R_b alone), got {b.joint_lambda}")
     if not 0.0 <= b.rho <= 1.0:
         bad("method.bame.rho", f"must lie in [0, 1], got {b.rho}")
     if not 0.0 <= cfg.method.asp_prune_fraction <= 1.0:
         bad("method.asp_prune_fraction", f"must lie in [0, 1], got {cfg.method.asp_prune_fraction}")
+    if cfg.method.srste_decay < 0:
+        bad("method.srste_decay", f"must be >= 0 (SR-STE's lambda_w, e.g. 2e-4), got {cfg.method.srste_decay}")
+
     t = cfg.train
     if t.epochs <= 0 and t.max_steps is None:
         bad("train.epochs", "must be > 0 (or set train.max_steps)")
+    elif t.epochs < 0:
+        bad("train.epochs", f"must be >= 0, got {t.epochs} (0: the schedule is train.max_steps long)")
     if t.max_steps is not None and t.max_steps < 1:
         bad("train.max_steps", f"must be >= 1, got {t.max_steps}")
     for key in ("batch_size", "eval_batch_size", "log_every_steps"):
         if getattr(t, key) < 1:
             bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
+        bad("train.checkpoint_every_steps", f"must be >= 1 or null (checkpoint at epoch ends only), "
+            f"got {t.checkpoint_every_steps}")
     if t.lr <= 0:
         bad("train.lr", f"must be > 0, got {t.lr}")
-    if cfg.data.train_subset is not None and cfg.data.train_subset < 1:
-        bad("data.train_subset", f"must be >= 1, got {cfg.data.train_subset}")
+    if not 0.0 <= t.momentum < 1.0:
+        bad("train.momentum", f"must lie in [0, 1), got {t.momentum} (0: plain SGD; 0.9 is usual)")
+    elif t.nesterov and t.momentum == 0:
+        bad("train.nesterov", "Nesterov momentum needs train.momentum > 0, got train.momentum=0: set "
+            "train.momentum (e.g. 0.9) or train.nesterov=false")
+    if t.weight_decay < 0:
+        bad("train.weight_decay", f"must be >= 0 (0: no weight decay), got {t.weight_decay}")
+    if t.warmup_epochs < 0:
+        bad("train.warmup_epochs", f"must be >= 0 (0: no warm-up), got {t.warmup_epochs}")
+    elif 0 < t.epochs <= t.warmup_epochs:
+        bad("train.warmup_epochs", f"warm-up ({t.warmup_epochs} epochs) lasts the whole run of {t.epochs} "
+            f"epochs: make it shorter than train.epochs")
+    for i, m in enumerate(t.step_milestones):
+        if not 0.0 <= m <= 1.0:
+            bad(f"train.step_milestones[{i}]", f"must lie in [0, 1], got {m}: milestones are fractions of "
+                f"training (e.g. [0.5, 0.75]), not epochs or steps")
+    if not 0.0 < t.step_gamma <= 1.0:
+        bad("train.step_gamma", f"must lie in (0, 1] (the LR factor at each milestone, e.g. 0.1), got {t.step_gamma}")
+    if not 0.0 <= t.label_smoothing < 1.0:
+        bad("train.label_smoothing", f"must lie in [0, 1), got {t.label_smoothing} (0: off; 0.1 is usual)")
+    if t.eval_every_epochs < 0:
+        bad("train.eval_every_epochs", f"must be >= 0 (0: evaluate only at the end), got {t.eval_every_epochs}")
+    at_least(cfg.instrument, "instrument", ("block_state_every_adaptations",), 0, " (0: never)")
     return errors
 
 

@@ -12,8 +12,8 @@ import math
 from typing import Optional
 
 __all__ = [
-    "round_half_up", "resolve_step", "resolve_window", "is_adaptation_step", "adaptation_steps", "rho_at",
-    "asp_prune_step", "INTERVAL_ANCHORS", "RHO_DECAYS",
+    "round_half_up", "resolve_step", "resolve_window", "resolve_interval", "is_adaptation_step", "adaptation_steps",
+    "rho_at", "asp_prune_step", "INTERVAL_ANCHORS", "RHO_DECAYS",
 ]
 
 # ``absolute``: adapt at t_i <= t < t_f with t % T == 0 (method.md, literally);
@@ -45,6 +45,17 @@ def resolve_window(t_i_steps: Optional[int], t_i_fraction: float, t_f_steps: Opt
         raise ValueError(f"adaptation window starts after it ends: t_i={t_i} > t_f={t_f} "
                          f"(total_steps={total_steps})")
     return t_i, t_f
+
+
+def resolve_interval(steps: int, fraction: Optional[float], total_steps: int) -> int:
+    """The adaptation interval ``T`` in steps: ``steps``, or when ``fraction`` is given (it replaces
+    ``steps``) ``max(1, round_half_up(fraction * total_steps))``. Raises ``ValueError`` if ``T < 1``."""
+    if total_steps < 0:
+        raise ValueError(f"total_steps must be >= 0, got {total_steps}")
+    value = int(steps) if fraction is None else max(1, round_half_up(float(fraction) * total_steps))
+    if value < 1:
+        raise ValueError(f"adaptation interval must be >= 1, got {value}")
+    return value
 
 
 def is_adaptation_step(step: int, t_i: int, t_f: int, interval: int, anchor: str = "absolute") -> bool:

@@ -120,3 +120,58 @@ def test_paper_recipes():
     i = load_config(CONFIGS_DIR / "paper/imagenet_resnet50.yaml").train
     assert (i.epochs, i.batch_size, i.lr, i.warmup_epochs, i.weight_decay, i.lr_schedule, i.label_smoothing) == \
         (120, 256, 0.1, 5, 1e-4, "cosine", 0.1)
+
+
+def test_every_range_error_is_named_in_one_error():
+    bad = {
+        "train.label_smoothing": "1.5", "train.momentum": "-1", "train.warmup_epochs": "-1", "train.weight_decay": "-0.1",
+        "train.batch_size": "0", "train.eval_batch_size": "0", "train.step_gamma": "0", "train.step_milestones[1]": None,
+        "train.eval_every_epochs": "-1", "train.checkpoint_every_steps": "0", "train.lr": "0",
+        "method.bame.tau": "2", "method.bame.beta": "1", "method.bame.rho": "1.5", "method.bame.t_f_steps": "-3",
+        "method.bame.min_changes": "-1", "method.bame.joint_lambda": "-1", "method.bame.interval_fraction": "1.5",
+        "method.srste_decay": "-1", "method.asp_prune_fraction": "2",
+        "data.test_subset": "0", "data.num_workers": "-1", "data.image_size": "0", "data.synthetic_channels": "0",
+        "instrument.block_state_every_adaptations": "-1",
+    }
+    sets = [f"{k}={v}" for k, v in bad.items() if v is not None] + ["train.step_milestones=[0.5, 75]"]
+    with pytest.raises(ConfigError) as info:
+        load_config(None, sets)
+    errors = info.value.errors
+    assert len(errors) == len(bad)
+    assert all(e.startswith("<defaults> + --set: ") for e in errors)
+    for key in bad:
+        assert sum(f": {key}: " in e for e in errors) == 1, key
+    text = "\n".join(errors)
+    assert "must lie in [0, 1)" in text and "fractions of training" in text and "method.bame.obf=false" in text
+
+
+def test_tau_and_fractions_accept_their_edges():
+    cfg = load_config(None, ["method.bame.tau=1", "train.momentum=0", "train.label_smoothing=0", "train.step_gamma=1",
+                             "method.bame.interval_fraction=1", "train.step_milestones=[0, 1]", "data.num_workers=0"])
+    assert cfg.method.bame.tau == 1.0 and cfg.method.bame.interval_fraction == 1.0
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.nesterov=true", "train.momentum=0"])
+    assert len(info.value.errors) == 1
+    message = info.value.errors[0]
+    assert "train.nesterov" in message and "train.momentum > 0" in message and "train.nesterov=false" in message
+    assert load_config(None, ["train.nesterov=true", "train.momentum=0.9"]).train.nesterov
+
+
+def test_warmup_must_be_shorter_than_the_run():
+    with pytest.raises(ConfigError, match=r"train.warmup_epochs: warm-up \(2.0 epochs\) lasts the whole run"):
+        load_config(None, ["train.epochs=2", "train.warmup_epochs=2"])
+    assert load_config(None, ["train.epochs=0", "train.max_steps=10", "train.warmup_epochs=2"]).train.max_steps == 10
+
+
+def test_interval_fraction_or_steps_not_both():
+    cfg = load_config(None, ["method.bame.interval_fraction=0.05"])
+    assert cfg.method.bame.interval_fraction == 0.05 and cfg.method.bame.interval_steps == 100
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg  # the round trip writes both, at the default steps
+    with pytest.raises(ConfigError, match=r"method.bame.interval_fraction: T is given twice") as info:
+        load_config(None, ["method.bame.interval_fraction=0.05", "method.bame.interval_steps=20"])
+    assert len(info.value.errors) == 1
+    with pytest.raises(ConfigError, match=r"method.bame.interval_fraction: must lie in \(0, 1\]"):
+        load_config(None, ["method.bame.interval_fraction=0"])

@@ -1,4 +1,5 @@
-"""Pure step functions: window resolution, adaptation steps (both interval anchors), rho decay, ASP point."""
+"""Pure step functions: window and interval resolution, adaptation steps (both interval anchors), rho decay, ASP
+point; and BAME adapting at the steps an interval given as a fraction resolves to."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import math
 
 import pytest
 
-from bame.schedule import (adaptation_steps, asp_prune_step, is_adaptation_step, resolve_step, resolve_window,
-                           rho_at, round_half_up)
+from bame.schedule import (adaptation_steps, asp_prune_step, is_adaptation_step, resolve_interval, resolve_step,
+                           resolve_window, rho_at, round_half_up)
 
 
 def test_round_half_up_is_not_bankers_rounding():
@@ -77,3 +78,56 @@ def test_asp_prune_step():
     assert asp_prune_step(0.5, 20) == 10
     assert asp_prune_step(0.0, 20) == 0
     assert asp_prune_step(1.0, 20) == 20
+
+
+def test_resolve_interval_steps_or_fraction_clamped_to_one():
+    assert resolve_interval(100, None, 1000) == 100  # the steps form, as given
+    assert resolve_interval(100, 0.05, 1000) == 50  # the fraction replaces the steps
+    assert resolve_interval(100, 0.1, 25) == 3  # 2.5 rounds half up
+    assert resolve_interval(100, 0.01, 30) == 1  # 0.3 steps: clamped to 1
+    assert resolve_interval(100, 0.5, 0) == 1
+    assert resolve_interval(7, 1.0, 30) == 30
+    with pytest.raises(ValueError, match="interval"):
+        resolve_interval(0, None, 30)
+
+
+def test_bame_with_interval_fraction_adapts_at_the_resolved_steps():
+    """T = round_half_up(0.2 * 30) = 6 in the window [0, 20): the method's schedule, the steps it really
+    adapts at in a run and the ``bame flops`` plan all follow the resolved T."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    from bame.config import BameConfig, MethodConfig
+    from bame.flops import _adaptation_plan
+    from bame.methods import MethodContext, create_method
+
+    total = 30
+    cfg = MethodConfig(name="bame", pattern="2:4", first_conv_dense=False, classifier_dense=False,
+                       bame=BameConfig(interval_fraction=0.2, t_f_fraction=20 / total, rho=0.3))
+    method = create_method(cfg, MethodContext(total_steps=total, steps_per_epoch=10, weight_decay=0.0))
+    assert method.interval == 6
+    expected = [0, 6, 12, 18]
+    assert [s for s in range(total) if method.is_adaptation_step(s)] == expected
+    assert adaptation_steps(method.t_i, method.t_f, method.interval) == expected
+
+    torch.manual_seed(0)
+    model = method.prepare(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                         nn.Linear(8 * 6 * 6, 10)))
+    assert len(_adaptation_plan(method, total)) == len(expected)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    method.attach_optimizer(opt)
+    adapted = []
+    gen = torch.Generator().manual_seed(0)
+    for step in range(total):
+        before = method.adaptations
+        method.before_step(step)
+        opt.zero_grad(set_to_none=True)
+        x, y = torch.randn(8, 4, 6, 6, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+        F.cross_entropy(model(x), y).backward()
+        method.after_backward(step)
+        opt.step()
+        method.after_optimizer_step(step)
+        if method.adaptations > before:
+            adapted.append(step)
+    assert adapted == expected

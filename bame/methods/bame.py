@@ -37,7 +37,7 @@ from ..bame_core import (OBFState, adaptation_elementwise_ops, apply_swaps, bloc
                          gradient_grow_scale, obf_step, select_blocks, selection_budget)
 from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
-from ..schedule import is_adaptation_step, resolve_window, rho_at
+from ..schedule import is_adaptation_step, resolve_interval, resolve_window, rho_at
 from .base import AdaptationRecord, LayerAdaptation, register
 from .static import Static
 
@@ -67,6 +67,7 @@ class Bame(Static):
         self.bcfg = b
         self.t_i, self.t_f = resolve_window(b.t_i_steps, b.t_i_fraction, b.t_f_steps, b.t_f_fraction,
                                             ctx.total_steps)
+        self.interval = resolve_interval(b.interval_steps, b.interval_fraction, ctx.total_steps)  # T in steps
         self.grids: dict[str, BlockGrid] = {}
         self.obf: dict[str, OBFState] = {}
         self.last_score: dict[str, torch.Tensor] = {}  # [B] R_b at the last adaptation (nan: not a candidate)
@@ -104,7 +105,7 @@ class Bame(Static):
     # -- schedule ------------------------------------------------------------------------------
     def is_adaptation_step(self, step: int) -> bool:
         b = self.bcfg
-        return is_adaptation_step(step, self.t_i, self.t_f, b.interval_steps, b.interval_anchor)
+        return is_adaptation_step(step, self.t_i, self.t_f, self.interval, b.interval_anchor)
 
     def rho_at(self, step: int) -> float:
         return rho_at(step, self.bcfg.rho, self.t_i, self.t_f, self.bcfg.rho_decay)
