@@ -8,9 +8,9 @@ from bame.layers import LayerPolicy, NMConv2d, NMLinear, nm_layers, sparsify
 from bame.nm import is_nm
 
 
-def _small_net():
+def _small_net(in_channels: int = 3):
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1),  # first conv: dense by policy
+        nn.Conv2d(in_channels, 16, 3, padding=1),  # first conv: dense by policy (K = 27 with 3 channels)
         nn.ReLU(),
         nn.Conv2d(16, 16, 3, padding=1, groups=16),  # depthwise: dense by policy
         nn.Conv2d(16, 32, 1),
@@ -52,10 +52,28 @@ def test_sparsify_copies_weights_and_masks_by_magnitude():
     assert torch.equal(kept, w.abs().reshape(30, -1, 4).amax(-1))
 
 
+@pytest.mark.parametrize("first_conv_dense", [True, False])
+@pytest.mark.parametrize("classifier_dense", [True, False])
+def test_policy_decides_first_conv_and_classifier(first_conv_dense, classifier_dense):
+    model = _small_net(in_channels=4)  # first conv K = 36 and classifier K = 16: both divisible by M = 4
+    report = sparsify(model, "2:4", policy=LayerPolicy(first_conv_dense=first_conv_dense,
+                                                       classifier_dense=classifier_dense))
+    expected = (["0"] if not first_conv_dense else []) + ["3", "4", "8"] + (["9"] if not classifier_dense else [])
+    assert report.sparse_names == expected
+    assert report.dense_names == [n for n in ["0", "2", "5", "9"] if n not in expected]
+    assert isinstance(model[0], NMConv2d) != first_conv_dense
+    assert isinstance(model[9], NMLinear) != classifier_dense
+    reasons = {d.name: d.reason for d in report.layers}
+    assert ("first conv" in reasons["0"]) == first_conv_dense
+    assert ("classifier" in reasons["9"]) == classifier_dense
+    assert model(torch.randn(2, 4, 8, 8)).shape == (2, 10)
+
+
 def test_policy_options_and_errors():
-    model = _small_net()
+    model = _small_net()  # first conv K = 27: the shape keeps it dense even when the policy would not
     report = sparsify(model, "2:4", policy=LayerPolicy(first_conv_dense=False, classifier_dense=False))
-    assert {"0", "9"} <= set(report.sparse_names) or "0" in report.dense_names  # first conv K=27 is indivisible
+    assert report.sparse_names == ["3", "4", "8", "9"]
+    assert "not divisible" in {d.name: d.reason for d in report.layers}["0"]
     with pytest.raises(ValueError, match=r"layer '5'.*\(8, 30, 1, 1\) cannot be N:M 2:4"):
         sparsify(_small_net(), "2:4", policy=LayerPolicy(on_indivisible="error"))
     with pytest.raises(ValueError, match="on_indivisible"):
