@@ -469,3 +469,90 @@ def test_comparable_keys_apply_only_where_they_matter_and_ignore_keys_older_runs
         "method.srste_decay": [2e-4] * 5 + [1.0],  # dense ignores method options
     })
     assert comparable_keys(runs) == ["method.bame.rho"]
+
+
+# --------------------------------------------------------------------------------------------------
+# scripts/results_tables.py (the tables and figures of docs/results.md)
+
+# BAME with the current defaults of its readings (quick.yaml's rho=0.2, T=2 are an ablation reading)
+BAME_DEFAULTS = ("method.bame.rho=0.05", "method.bame.interval_steps=100")
+
+
+def _markdown_rows(text: str, heading: str) -> list[list[str]]:
+    """The body rows (cells stripped) of the first markdown table after ``## heading``."""
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in section.splitlines() if ln.startswith("|")]
+    assert set(lines[1].replace("|", "").split()) <= {"---", "---:"}, lines[:2]
+    return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[2:]]
+
+
+def _pm(values: list[float]) -> str:
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
+
+
+def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root, tmp_path):
+    """The script on real runs: the fixture's 2:4 runs (BAME there with quick.yaml's rho=0.2, T=2, not
+    the current defaults; one unfinished run) plus 1:16 runs of static, srste, BAME with the current
+    defaults and BAME with quick's reading, 2 seeds each. Every number is checked against the runs'
+    summary.json files."""
+    from bame.cli import main
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root, root, ignore=shutil.ignore_patterns("checkpoints", "blocks"))
+    for method, extra in (("static", ()), ("srste", ()), ("bame", BAME_DEFAULTS), ("bame", ())):
+        for seed in SEEDS:
+            assert main(["train", "--config", str(QUICK), "--out", str(root / "p16"), "--no-progress", "--set",
+                         f"method.name={method}", "method.pattern=1:16", f"train.seed={seed}", *SHORTER,
+                         *extra]) == 0
+    # the runs, from their own files: (method, pattern, current BAME defaults?) -> [(top-1 %, ideal FLOPs)]
+    groups: dict[tuple, list[tuple[float, int]]] = {}
+    for summary_path in sorted(root.rglob("summary.json")):
+        summary = json.loads(summary_path.read_text())
+        rho = yaml.safe_load((summary_path.parent / "config.yaml").read_text())["method"]["bame"]["rho"]
+        key = (summary["method"], summary["pattern"], summary["method"] != "bame" or rho == 0.05)
+        groups.setdefault(key, []).append((100 * summary["final"]["test_acc"], summary["flops"]["ideal_flops"]))
+    assert len(groups) == 8 and all(len(v) == 2 for v in groups.values())  # the unfinished run has no summary
+
+    figures = tmp_path / "figures"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "results_tables.py"), str(root), str(figures)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "FLOPs = 2 x MACs" in out
+
+    # the figures it says it saves, as real PNGs
+    for stem in ("study_accuracy_vs_flops", "study_phase_breakdown", "study_ablation_1of16"):
+        png = figures / f"{stem}.png"
+        assert png.is_file() and png.stat().st_size > 1000, stem
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in figures.iterdir()) == sorted(
+        f"{s}.png" for s in ("study_accuracy_vs_flops", "study_phase_breakdown", "study_ablation_1of16"))
+
+    def top1(key):
+        return [t for t, _ in groups[key]]
+
+    # ablation at 1:16: static, srste, then each BAME reading (best first) against the static control
+    ablation = _markdown_rows(out, "Readings of BAME at 1:16")
+    static = np.mean(top1(("static", "1:16", True)))
+    assert [r[:2] for r in ablation[:2]] == [["static", "fixed magnitude mask"], ["srste", "dense backward"]]
+    readings = {"lma=gradient": ("bame", "1:16", True),
+                "lma=gradient, rho=0.2, interval_steps=2": ("bame", "1:16", False)}
+    assert [r[0] for r in ablation[2:]] == ["bame", "bame"] and {r[1] for r in ablation[2:]} == set(readings)
+    means = [float(r[3].split(" ± ")[0]) for r in ablation[2:]]
+    assert means == sorted(means, reverse=True)
+    for row in ablation:
+        key = readings.get(row[1], (row[0], "1:16", True))
+        assert row[2:] == ["2", _pm(top1(key)), f"{np.mean(top1(key)) - static:+.2f}"], row
+
+    # methods x patterns with the current defaults: BAME 2:4 (quick's reading) and the unfinished run left out
+    methods = _markdown_rows(out, "Methods x patterns (current defaults)")
+    expected = [("dense", "2:4"), ("static", "2:4"), ("srste", "2:4"),
+                ("static", "1:16"), ("srste", "1:16"), ("bame", "1:16")]
+    assert sorted((r[0], r[1]) for r in methods) == sorted((m, "dense" if m == "dense" else p) for m, p in expected)
+    dense_flops = np.mean([f for _, f in groups[("dense", "2:4", True)]])
+    for row in methods:
+        key = (row[0], "2:4" if row[1] == "dense" else row[1], True)
+        flops = np.mean([f for _, f in groups[key]])
+        srste = np.mean([f for _, f in groups[("srste", key[1], True)]])
+        assert row[2:6] == ["2", _pm(top1(key)), f"{flops:.3e}", f"{flops / dense_flops:.3f}"], row
+        assert row[6] == ("–" if row[0] == "dense" else f"{flops / srste:.3f}"), row
