@@ -75,7 +75,7 @@ class BameConfig:
     t_f_steps: Optional[int] = None
     interval_steps: int = 100  # T: adapt once every T steps inside [t_i, t_f)
     # ... or T as a fraction of training steps: T = max(1, round_half_up(fraction * total_steps));
-    # replaces interval_steps (setting both is an error)
+    # when set, it replaces interval_steps (so a config that sets interval_steps can switch with one --set)
     interval_fraction: Optional[float] = None
     # 'absolute': adapt where step % T == 0 (method.md); 't_i': where (step - t_i) % T == 0
     interval_anchor: str = _choices("absolute", "t_i", default="absolute")
@@ -285,15 +285,9 @@ def _check_values(cfg: Config, source: str) -> list[str]:
     for key in ("interval_steps", "block_rows", "block_groups", "swaps_per_block"):
         if getattr(b, key) < 1:
             bad(f"method.bame.{key}", f"must be >= 1, got {getattr(b, key)}")
-    if b.interval_fraction is not None:
-        if not 0.0 < b.interval_fraction <= 1.0:
-            bad("method.bame.interval_fraction", f"must lie in (0, 1] (T as a fraction of training steps), "
-                f"got {b.interval_fraction}")
-        default_interval = BameConfig.interval_steps
-        if b.interval_steps != default_interval:
-            bad("method.bame.interval_fraction", f"T is given twice (interval_steps={b.interval_steps}, "
-                f"interval_fraction={b.interval_fraction}): set only one; to use the fraction, remove "
-                f"interval_steps or set it back to its default {default_interval}")
+    if b.interval_fraction is not None and not 0.0 < b.interval_fraction <= 1.0:
+        bad("method.bame.interval_fraction", f"must lie in (0, 1] (T as a fraction of training steps), "
+            f"got {b.interval_fraction}")
     if pattern is not None and b.swaps_per_block > min(pattern.n, pattern.m - pattern.n) * b.block_rows * b.block_groups:
         bad("method.bame.swaps_per_block", f"{b.swaps_per_block} swaps cannot fit in a block of "
             f"{b.block_rows}x{b.block_groups} groups of {pattern}")

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Variant, interleaved, machine, median, paired_ratio, sync, write_json  # noqa: E402
 
 from bame.config import BameConfig  # noqa: E402
-from bame.schedule import adaptation_steps, resolve_window  # noqa: E402
+from bame.schedule import adaptation_steps, resolve_interval, resolve_window  # noqa: E402
 
 METHODS = ["dense", "static", "srste", "ste", "bame", "bame_adapt"]
 BARE = ["dense", "bame"]  # also measured with ledger and recorders off
@@ -60,13 +60,14 @@ def amortised_adaptation(t_normal: float, t_adapt: float, total_steps: int) -> d
     """Adaptation's share of training time under the default BAME schedule over ``total_steps``."""
     b = BameConfig()
     t_i, t_f = resolve_window(b.t_i_steps, b.t_i_fraction, b.t_f_steps, b.t_f_fraction, total_steps)
-    n = len(adaptation_steps(t_i, t_f, b.interval_steps, b.interval_anchor))
+    interval = resolve_interval(b.interval_steps, b.interval_fraction, total_steps)
+    n = len(adaptation_steps(t_i, t_f, interval, b.interval_anchor))
     extra = max(0.0, t_adapt - t_normal)
     total = total_steps * t_normal + n * extra
     return {"schedule_steps": total_steps, "adaptation_steps": n, "extra_s_per_adaptation": extra,
             "fraction": n * extra / total if total else 0.0,
             "note": f"every adaptation step costs as the first (all blocks candidates): an upper bound; "
-                    f"interval {b.interval_steps} steps, window [{t_i}, {t_f})"}
+                    f"interval {interval} steps, window [{t_i}, {t_f})"}
 
 
 def probe(args) -> None:

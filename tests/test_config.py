@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from bame.config import (Config, ConfigError, apply_overrides, dump_yaml, from_dict, load_config, to_dict)
+from bame.schedule import resolve_interval
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
@@ -166,12 +167,11 @@ def test_warmup_must_be_shorter_than_the_run():
     assert load_config(None, ["train.epochs=0", "train.max_steps=10", "train.warmup_epochs=2"]).train.max_steps == 10
 
 
-def test_interval_fraction_or_steps_not_both():
+def test_interval_fraction_replaces_interval_steps():
     cfg = load_config(None, ["method.bame.interval_fraction=0.05"])
     assert cfg.method.bame.interval_fraction == 0.05 and cfg.method.bame.interval_steps == 100
-    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg  # the round trip writes both, at the default steps
-    with pytest.raises(ConfigError, match=r"method.bame.interval_fraction: T is given twice") as info:
-        load_config(None, ["method.bame.interval_fraction=0.05", "method.bame.interval_steps=20"])
-    assert len(info.value.errors) == 1
+    assert from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg  # the round trip writes both
+    both = load_config(None, ["method.bame.interval_fraction=0.05", "method.bame.interval_steps=20"])
+    assert resolve_interval(both.method.bame.interval_steps, both.method.bame.interval_fraction, 1000) == 50
     with pytest.raises(ConfigError, match=r"method.bame.interval_fraction: must lie in \(0, 1\]"):
         load_config(None, ["method.bame.interval_fraction=0"])
