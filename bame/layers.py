@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from .autograd import Backward, Observer, WeightGradKernel, nm_conv2d, nm_linear
 from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
@@ -90,8 +91,44 @@ def _constructor_kwargs(nm_kwargs: dict) -> dict:
     return {k: v for k, v in nm_kwargs.items() if k not in ("mask_init", "generator")}
 
 
+def _numeric_padding(padding, kernel_size, stride, dilation):
+    """``padding`` as ``nn.Conv2d`` takes it, with ``'valid'`` and ``'same'`` turned into the equal integers.
+
+    ``'valid'`` is 0. ``'same'`` (stride 1 only, as in PyTorch) pads ``d * (k - 1)`` in total per dim,
+    ``total // 2`` on the left; that is an ordinary symmetric padding when the total is even. An odd total
+    (an even kernel with odd dilation) pads one side more, which ``nm_conv2d`` does not do: ``ValueError``.
+    """
+    if not isinstance(padding, str):
+        return padding
+    if padding == "valid":
+        return (0, 0)
+    if padding != "same":
+        raise ValueError(f"NMConv2d: unknown padding {padding!r}: use 'valid', 'same' or integers")
+    if any(s != 1 for s in _pair(stride)):
+        raise ValueError(f"NMConv2d: padding='same' needs stride 1, got stride={stride!r}")
+    totals = [d * (k - 1) for k, d in zip(_pair(kernel_size), _pair(dilation))]
+    if any(t % 2 for t in totals):
+        raise ValueError(f"NMConv2d cannot do padding='same' for kernel_size={kernel_size!r}, "
+                         f"dilation={dilation!r}: it pads d*(k-1)={tuple(totals)} in total, one more on the "
+                         f"right than on the left, and only symmetric padding is supported")
+    return tuple(t // 2 for t in totals)
+
+
+def _padding_problem(conv: nn.Conv2d) -> Optional[str]:
+    """Why NMConv2d cannot take ``conv``'s padding (``None`` when it can)."""
+    try:
+        _numeric_padding(conv.padding, conv.kernel_size, conv.stride, conv.dilation)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 class NMConv2d(nn.Conv2d, NMLayer):
-    """``nn.Conv2d`` with an N:M forward mask and a chosen backward mode."""
+    """``nn.Conv2d`` with an N:M forward mask and a chosen backward mode.
+
+    String padding becomes the equal integers (``'valid'``: 0; ``'same'``: ``d * (k - 1) / 2`` per side, for
+    stride 1 and an even ``d * (k - 1)`` only; see :func:`_numeric_padding`), so ``padding`` is numeric.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
@@ -102,8 +139,7 @@ class NMConv2d(nn.Conv2d, NMLayer):
                  device=None, dtype=None) -> None:
         if padding_mode != "zeros":
             raise ValueError(f"NMConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
-        if isinstance(padding, str):
-            raise ValueError(f"NMConv2d needs numeric padding, got {padding!r}")
+        padding = _numeric_padding(padding, kernel_size, stride, dilation)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel)
@@ -247,6 +283,8 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
             reason = "depthwise conv (policy depthwise_dense)"
         elif kind == "conv" and module.padding_mode != "zeros":
             reason = f"padding_mode={module.padding_mode!r} not supported"
+        elif kind == "conv" and (problem := _padding_problem(module)) is not None:
+            reason = f"padding={module.padding!r} not supported ({problem})"
         else:
             try:
                 block_grid(module.weight.shape, pattern.m, layout=layout, n=pattern.n)

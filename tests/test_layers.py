@@ -119,6 +119,55 @@ def test_forward_uses_masked_weight_and_set_mask_validates():
         NMLinear(6, 4, pattern="2:4")
 
 
+@pytest.mark.parametrize("kernel,dilation,padding", [(3, 1, "same"), ((3, 5), (2, 1), "same"), ((1, 3), 2, "same"),
+                                                      (3, 1, "valid"), ((2, 3), 1, "valid")])
+def test_string_padding_matches_nn_conv2d(kernel, dilation, padding):
+    """'valid' and symmetric 'same' become the equal integers: output, input, weight and bias grads match."""
+    torch.manual_seed(0)
+    dense = nn.Conv2d(8, 8, kernel, padding=padding, dilation=dilation).double()
+    nm = NMConv2d.from_dense(dense, pattern="2:4", backward_mode="dense")
+    assert all(isinstance(p, int) for p in nm.padding)
+    with torch.no_grad():
+        dense.weight.mul_(nm.mask)  # the dense reference uses the masked weight
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [dense(xs[0]), nm(xs[1])]
+    if padding == "same":
+        assert outs[0].shape[2:] == x.shape[2:]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for out in outs:
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nm.weight.grad, dense.weight.grad * nm.mask, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nm.bias.grad, dense.bias.grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+def test_sparsify_keeps_convs_with_unsupported_padding_dense_and_says_why():
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1),  # first conv: dense by policy
+        nn.Conv2d(8, 8, 3, padding="same"),  # symmetric 'same': padding 1, sparse
+        nn.Conv2d(8, 8, 3, padding="valid"),  # padding 0, sparse
+        nn.Conv2d(8, 8, 2, padding="same"),  # 'same' with an even kernel pads unevenly: dense
+        nn.Conv2d(8, 8, (3, 4), padding="same", dilation=(1, 2)),  # even total d*(k-1) = (2, 6): sparse
+    )
+    x = torch.randn(2, 8, 9, 9)
+    ref = model(x)
+    report = sparsify(model, "2:4")
+    assert report.sparse_names == ["1", "2", "4"]
+    assert report.dense_names == ["0", "3"]
+    reason = {d.name: d.reason for d in report.layers}["3"]
+    assert "padding='same' not supported" in reason and "kernel_size=(2, 2)" in reason
+    assert type(model[3]) is nn.Conv2d and model[1].padding == (1, 1) and model[4].padding == (1, 3)
+    assert model(x).shape == ref.shape
+    with pytest.raises(ValueError, match="padding='same'.*symmetric"):
+        NMConv2d(8, 8, 2, padding="same")
+    with pytest.raises(ValueError, match="stride 1"):
+        NMConv2d(8, 8, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="unknown padding"):
+        NMConv2d(8, 8, 3, padding="full")
+
+
 def test_backward_mode_attribute_drives_the_weight_gradient():
     torch.manual_seed(0)
     lin = NMLinear(16, 4, pattern="1:4", backward_mode="ste")
