@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run (or resume one)",
                        description="Train one run into OUT/<run id>/, or continue one with --resume.")
-    p.add_argument("--config", "-c", help="YAML config (see configs/)")
+    p.add_argument("--config", "-c", help="YAML config: a path, or a named experiment such as quick or paper/cifar10_resnet32 (configs/)")
     p.add_argument("--set", "-s", action="append", nargs="+", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--out", "-o", default="runs", help="folder of run folders (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last checkpoint "
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="a grid of runs (methods x patterns x seeds), sequentially",
                        description="One run per combination; a combination that already has a completed run "
                                    "with the same resolved config in OUT is skipped.")
-    p.add_argument("--config", "-c", required=True, help="YAML config (see configs/)")
+    p.add_argument("--config", "-c", required=True, help="YAML config: a path, or a named experiment such as quick or paper/cifar10_resnet32 (configs/)")
     p.add_argument("--methods", help="comma-separated, e.g. bame,srste")
     p.add_argument("--patterns", help="comma-separated, e.g. 2:4,1:16")
     p.add_argument("--seeds", help="comma-separated, e.g. 0,1,2")

@@ -23,6 +23,7 @@ from .nm import Layout, NMPattern
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "MethodConfig", "TrainConfig",
     "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
+    "configs_dir", "available_configs", "resolve_config_path",
 ]
 
 
@@ -401,9 +402,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
+def configs_dir() -> Path:
+    """The named experiments: the repository's ``configs/`` in a source checkout (editable install), or
+    the copy a wheel installs as ``bame/configs/``."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return package / "configs"
+
+
+def available_configs() -> list[str]:
+    """Names of the named experiments, e.g. ``quick`` or ``paper/cifar10_resnet32``."""
+    root = configs_dir()
+    return sorted(p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``path`` itself when it exists; else the named experiment it names: ``quick``, ``quick.yaml``,
+    ``paper/cifar10_resnet32`` or ``configs/quick.yaml`` (so the README's commands work from any directory
+    once bame is installed). Unresolvable paths come back unchanged (``load_config`` then says so)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    name = p.as_posix().removeprefix("./").removeprefix("configs/")
+    for candidate in (configs_dir() / name, configs_dir() / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return p
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
-        raise ConfigError([f"{path}: config file not found (see configs/ for the named experiments)"])
+        names = ", ".join(available_configs()) or "none found"
+        raise ConfigError([f"{path}: config file not found; give a YAML path or a named experiment "
+                           f"({names}; e.g. --config quick)"])
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -426,7 +459,9 @@ def _reject_unquoted_patterns(node: Any) -> Any:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None), apply overrides, validate."""
-    data = _read_yaml(Path(path)) if path is not None else {}
+    if path is not None:
+        path = resolve_config_path(path)
+    data = _read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "<defaults>"
     if overrides:
         data = apply_overrides(data, overrides)

@@ -24,16 +24,16 @@ DEMO_RUNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("bame 1:4", ("method.name=bame", "method.pattern=1:4")),
     ("bame 1:16", ("method.name=bame", "method.pattern=1:16")),
 )
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+DEFAULT_CONFIG = "demo"  # the named experiment configs/demo.yaml (packaged with the wheel too)
 
 
-def demo_configs(config: Path, root: Optional[str], extra: list[str]) -> list[tuple[str, Config]]:
+def demo_configs(config: str | Path, root: Optional[str], extra: list[str]) -> list[tuple[str, Config]]:
     """The resolved config of each demo run (``root`` overrides ``data.root``)."""
     base = [f"data.root={root}"] if root else []
     return [(label, load_config(config, base + list(sets) + extra)) for label, sets in DEMO_RUNS]
 
 
-def run_demo(out: Path, config: Path = DEFAULT_CONFIG, root: Optional[str] = None,
+def run_demo(out: Path, config: str | Path = DEFAULT_CONFIG, root: Optional[str] = None,
              extra: Optional[list[str]] = None, progress: Optional[bool] = None) -> Path:
     """Train (or reuse) every demo run under ``out``, write ``out/report.md``; returns its path."""
     from analysis import load_runs, paper_table, to_markdown, write_report
@@ -63,7 +63,7 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p = subparsers.add_parser("demo", help="train BAME and the baselines on Fashion-MNIST, write a report",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("--out", "-o", default="runs/demo", help="folder for the runs and report.md")
-    p.add_argument("--config", "-c", default=str(DEFAULT_CONFIG), help="base config (default configs/demo.yaml)")
+    p.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="base config: a path or a named experiment (default: demo, i.e. configs/demo.yaml)")
     p.add_argument("--root", help="data root (default: the config's data.root)")
     p.add_argument("--set", "-s", action="append", nargs="+", metavar="KEY=VALUE",
                    help="override a key for every demo run, e.g. train.epochs=5")
@@ -74,5 +74,5 @@ def add_demo_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
 
 def cli_demo(args: argparse.Namespace) -> int:
     extra = [item for group in (args.set or []) for item in group]
-    run_demo(Path(args.out), Path(args.config), args.root, extra, progress=False if args.no_progress else None)
+    run_demo(Path(args.out), args.config, args.root, extra, progress=False if args.no_progress else None)
     return 0

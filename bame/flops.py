@@ -508,7 +508,7 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
         description="Measure one normal and one adaptation training step of the configured model and "
                     "method with the FLOPs ledger (a real forward+backward on a random batch), and the "
                     f"whole-run total under the config's schedule. Counts are {CONVENTION}.")
-    p.add_argument("--config", default=None, help="YAML config (defaults when omitted)")
+    p.add_argument("--config", default=None, help="YAML config or named experiment (defaults when omitted)")
     p.add_argument("--set", dest="set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. method.pattern=1:16 (repeatable)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

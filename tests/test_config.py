@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bame.config import (Config, ConfigError, apply_overrides, dump_yaml, from_dict, load_config, to_dict)
+from bame.config import (Config, ConfigError, apply_overrides, available_configs, dump_yaml, from_dict, load_config,
+                         resolve_config_path, to_dict)
 from bame.schedule import resolve_interval
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -175,3 +176,22 @@ def test_interval_fraction_replaces_interval_steps():
     assert resolve_interval(both.method.bame.interval_steps, both.method.bame.interval_fraction, 1000) == 50
     with pytest.raises(ConfigError, match=r"method.bame.interval_fraction: must lie in \(0, 1\]"):
         load_config(None, ["method.bame.interval_fraction=0"])
+
+
+def test_named_experiments_resolve_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    quick = load_config(CONFIGS_DIR / "quick.yaml")
+    for name in ("quick", "quick.yaml", "configs/quick.yaml", "./configs/quick.yaml"):
+        assert load_config(name) == quick, name
+    assert load_config("paper/imagenet_resnet50").model.name == "resnet50"
+    assert resolve_config_path("quick") == CONFIGS_DIR / "quick.yaml"
+    assert {"quick", "demo", "paper/cifar10_resnet32", "study/fmnist_lenet_wide"} <= set(available_configs())
+    (tmp_path / "quick.yaml").write_text("name: mine\nmethod:\n  name: static\n")
+    assert load_config("quick.yaml").name == "mine"  # a file that exists wins over the named experiment
+    assert load_config("quick").name == "quick"
+
+
+def test_an_unknown_config_lists_the_named_experiments(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"qiuck: config file not found; .*paper/cifar10_resnet32.*quick"):
+        load_config("qiuck")
