@@ -131,3 +131,20 @@ def test_python_dash_m_bame(monkeypatch, capsys):
     out = capsys.readouterr().out
     for cmd in ("train", "sweep", "inspect", "data", "flops", "export"):
         assert cmd in out
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys):
+    """`bame flops --json | head`: stdout's reader is gone; exit 141 (128 + SIGPIPE), no traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE
+    gone = os.fdopen(write_end, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", gone)
+    try:
+        assert main(["flops", "--config", str(QUICK), "--json"]) == 141
+        gone.write("after\n")  # stdout now leads to /dev/null: a final flush cannot raise again
+        gone.flush()
+    finally:
+        gone.close()
+    assert "Traceback" not in capsys.readouterr().err
