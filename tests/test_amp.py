@@ -36,12 +36,8 @@ DEVICES = [
 
 
 @pytest.fixture(autouse=True)
-def exact_float32():
-    """TF32 would blur the float32 references on CUDA."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+def _tf32_off(exact_float32):
+    """TF32 would blur the float32 references on CUDA. (tests/conftest.py)"""
 
 
 def _train(tmp_path, device, *sets):

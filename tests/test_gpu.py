@@ -34,12 +34,8 @@ SMALL = ["train.progress=false", "data.synthetic_train_size=256", "data.syntheti
 
 
 @pytest.fixture(autouse=True)
-def exact_float32():
-    """TF32 would make CUDA float32 matmuls/convs differ from the CPU by ~1e-3."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+def _tf32_off(exact_float32):
+    """TF32 would make CUDA float32 matmuls/convs differ from the CPU by ~1e-3. (tests/conftest.py)"""
 
 
 def _grads(fn, x, w, b, device):
