@@ -15,7 +15,8 @@ BAME_KEYS = ["lma", "rho", "interval_steps", "regrow", "obf_bias_correction", "s
 
 
 def _pm(mean: float, std: float) -> str:
-    return f"{mean:.2f} ± {std:.2f}"
+    """Mean ± sample std; a single seed has no spread to show."""
+    return f"{mean:.2f}" if std != std else f"{mean:.2f} ± {std:.2f}"  # std != std: NaN (one seed)
 
 
 def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:

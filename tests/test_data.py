@@ -210,6 +210,22 @@ def test_imagenet_image_folder(tmp_path):
         assert x.shape == (3, 16, 16) and y == 2
 
 
+def test_imagenet_transforms_are_the_standard_ones(tmp_path):
+    """Train: RandomResizedCrop(size) + horizontal flip; val: short side to size * 256/224, centre crop."""
+    from torchvision import transforms as T
+
+    write_image_folder(tmp_path)
+    bundle = build_datasets(DataConfig(name="imagenet", root=str(tmp_path), image_size=64))
+    train, val = bundle.train.transform.transforms, bundle.test.transform.transforms
+    assert [type(t) for t in train[:2]] == [T.RandomResizedCrop, T.RandomHorizontalFlip]
+    assert train[0].size == (64, 64)
+    assert [type(t) for t in val[:2]] == [T.Resize, T.CenterCrop]
+    assert val[0].size == round(64 * 256 / 224) and val[1].size == (64, 64)
+    assert all(type(t) in (T.ToTensor, T.Normalize) for t in train[2:] + val[2:])
+    plain = build_datasets(DataConfig(name="imagenet", root=str(tmp_path), image_size=64, augment=False))
+    assert [type(t) for t in plain.train.transform.transforms[:2]] == [T.Resize, T.CenterCrop]
+
+
 def test_imagenet_splits_with_different_classes_are_refused(tmp_path):
     write_image_folder(tmp_path)
     (tmp_path / "imagenet" / "val" / "eel").rename(tmp_path / "imagenet" / "val" / "fox")
