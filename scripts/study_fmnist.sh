@@ -32,12 +32,13 @@ sweep --methods bame --patterns 1:16 "$@" \
   --variant method.bame.lma=gradient \
   --variant method.bame.lma=gradient method.bame.regrow=zero
 # 1b. OBF and block shape under the gradient reading (the default since 1.): OBF off, OBF made to act
-# (a lower threshold after one change), taller and wider blocks.
+# (a lower threshold after one change), blocks of 4 and 16 rows (block_groups > 1 cannot tile this
+# model: its layers have 25, 50 and 8 groups per row).
 sweep --methods bame --patterns 1:16 "$@" \
   --variant method.bame.lma=gradient method.bame.obf=false \
   --variant method.bame.lma=gradient method.bame.tau=0.2 method.bame.min_changes=1 \
   --variant method.bame.lma=gradient method.bame.block_rows=4 \
-  --variant method.bame.lma=gradient method.bame.block_groups=4
+  --variant method.bame.lma=gradient method.bame.block_rows=16
 fi
 
 if [[ $PHASE == methods || $PHASE == all ]]; then
