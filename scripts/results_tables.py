@@ -11,7 +11,8 @@ import pandas as pd
 
 from analysis import load_runs, paper_table
 
-BAME_KEYS = ["lma", "rho", "interval_steps", "regrow", "obf_bias_correction", "selection", "t_f_fraction"]
+BAME_KEYS = ["lma", "rho", "interval_steps", "regrow", "obf", "obf_bias_correction", "tau", "min_changes", "selection",
+             "t_f_fraction", "block_rows"]
 
 
 def _pm(mean: float, std: float) -> str:
@@ -33,8 +34,9 @@ def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
     row("static", "fixed magnitude mask", static)
     row("srste", "dense backward", runs[runs["method.name"] == "srste"]["top1"])
     bame = runs[runs["method.name"] == "bame"]
-    reference = {"lma": "taylor", "rho": 0.05, "interval_steps": 100, "regrow": "stored",
-                 "obf_bias_correction": False, "selection": "freeze_then_topk", "t_f_fraction": 0.5}
+    reference = {"lma": "taylor", "rho": 0.05, "interval_steps": 100, "regrow": "stored", "obf": True,
+                 "obf_bias_correction": False, "tau": 0.5, "min_changes": 2, "selection": "freeze_then_topk",
+                 "t_f_fraction": 0.5, "block_rows": 1}
     groups = bame.groupby([f"method.bame.{k}" for k in BAME_KEYS], dropna=False)
     for values, g in sorted(groups, key=lambda kv: -kv[1]["top1"].mean()):
         changed = [f"{k}={v}" for k, v in zip(BAME_KEYS, values) if v != reference[k]]
