@@ -31,12 +31,12 @@ sweep --methods bame --patterns 1:16 "$@" \
   --variant method.bame.lma=taylor method.bame.t_f_fraction=0.8 \
   --variant method.bame.lma=gradient \
   --variant method.bame.lma=gradient method.bame.regrow=zero
-# 1b. OBF and block shape under the gradient reading (the default since 1.): OBF off, OBF made to act
-# (a lower threshold after one change), blocks of 4 and 16 rows (block_groups > 1 cannot tile this
-# model: its layers have 25, 50 and 8 groups per row).
+# 1b. OBF and block shape under the gradient reading (the default since 1.): OBF off; OBF made to act
+# (tau 0.1: one A->B->A event puts (1 - beta) = 0.1 into the EMA); blocks of 4 and of 16 rows
+# (block_groups > 1 cannot tile this model: its layers have 25, 50 and 8 groups per row).
 sweep --methods bame --patterns 1:16 "$@" \
   --variant method.bame.lma=gradient method.bame.obf=false \
-  --variant method.bame.lma=gradient method.bame.tau=0.2 method.bame.min_changes=1 \
+  --variant method.bame.lma=gradient method.bame.tau=0.1 method.bame.min_changes=1 \
   --variant method.bame.lma=gradient method.bame.block_rows=4 \
   --variant method.bame.lma=gradient method.bame.block_rows=16
 fi
