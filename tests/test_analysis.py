@@ -26,6 +26,7 @@ import yaml
 
 import analysis
 from analysis.readers import accuracy_percent
+from bame.config import BameConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "configs" / "quick.yaml"
@@ -475,7 +476,8 @@ def test_comparable_keys_apply_only_where_they_matter_and_ignore_keys_older_runs
 # scripts/results_tables.py (the tables and figures of docs/results.md)
 
 # BAME with the current defaults of its readings (quick.yaml's rho=0.2, T=2 are an ablation reading)
-BAME_DEFAULTS = ("method.bame.rho=0.05", "method.bame.interval_steps=100")
+DEFAULT_RHO = BameConfig().rho
+BAME_DEFAULTS = (f"method.bame.rho={DEFAULT_RHO}", f"method.bame.interval_steps={BameConfig().interval_steps}")
 
 
 def _markdown_rows(text: str, heading: str) -> list[list[str]]:
@@ -509,7 +511,7 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
     for summary_path in sorted(root.rglob("summary.json")):
         summary = json.loads(summary_path.read_text())
         rho = yaml.safe_load((summary_path.parent / "config.yaml").read_text())["method"]["bame"]["rho"]
-        key = (summary["method"], summary["pattern"], summary["method"] != "bame" or rho == 0.05)
+        key = (summary["method"], summary["pattern"], summary["method"] != "bame" or rho == DEFAULT_RHO)
         groups.setdefault(key, []).append((100 * summary["final"]["test_acc"], summary["flops"]["ideal_flops"]))
     assert len(groups) == 8 and all(len(v) == 2 for v in groups.values())  # the unfinished run has no summary
 
@@ -535,7 +537,10 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
     ablation = _markdown_rows(out, "Readings of BAME at 1:16")
     static = np.mean(top1(("static", "1:16", True)))
     assert [r[:2] for r in ablation[:2]] == [["static", "fixed magnitude mask"], ["srste", "dense backward"]]
-    readings = {"lma=gradient": ("bame", "1:16", True),
+    # labels name what differs from the table's reference reading (method.md's lma=taylor, rho=0.05)
+    first = {"lma": "taylor", "rho": 0.05}
+    default_label = ", ".join(f"{k}={getattr(BameConfig(), k)}" for k in first if getattr(BameConfig(), k) != first[k])
+    readings = {default_label: ("bame", "1:16", True),
                 "lma=gradient, rho=0.2, interval_steps=2": ("bame", "1:16", False)}
     assert [r[0] for r in ablation[2:]] == ["bame", "bame"] and {r[1] for r in ablation[2:]} == set(readings)
     means = [float(r[3].split(" ± ")[0]) for r in ablation[2:]]
