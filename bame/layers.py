@@ -291,7 +291,8 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
             except ValueError as err:
                 if policy.on_indivisible == "error":
                     raise ValueError(f"layer {name!r}: {err}") from None
-                reason = f"K not divisible by M={pattern.m} ({err})"
+                what = "Cin/groups" if layout is Layout.CHANNEL else "K"
+                reason = f"{what} not divisible by M={pattern.m} ({err})"
         if reason is None:
             cls = NMConv2d if kind == "conv" else NMLinear
             _set_submodule(model, name, cls.from_dense(module, **nm_kwargs))

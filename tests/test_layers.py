@@ -190,3 +190,12 @@ def test_torchvision_resnet18_sparsifies_and_trains_one_step():
     model(x).sum().backward()
     for name, layer in nm_layers(model):
         assert (layer.weight.grad[~layer.mask] == 0).all(), name
+
+
+def test_sparsify_names_cin_in_the_channel_layout_reason():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 8, 3))
+    report = sparsify(model, "2:4", layout="channel", policy=LayerPolicy(first_conv_dense=False, classifier_dense=False))
+    reasons = {d.name: d.reason for d in report.layers}
+    assert reasons["0"].startswith("Cin/groups not divisible by M=4") and "Cin/groups=3" in reasons["0"]
+    assert reasons["1"] == "N:M 2:4"
+    assert reasons["2"].startswith("Cin/groups not divisible by M=4")
