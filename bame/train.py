@@ -186,16 +186,19 @@ def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_deca
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda (current device, or LOCAL_RANK under torchrun) when available, else cpu."""
+    """'auto' -> cuda when available, else cpu. A CUDA device without an index is ``LOCAL_RANK``'s under
+    torchrun (one GPU per process, whether or not the caller ran ``torch.cuda.set_device``), else the
+    current device."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        name = "cuda"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"train.device: {name!r} asked for but CUDA is not available (use 'auto' or 'cpu')"])
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+        local_rank = os.environ.get("LOCAL_RANK")
+        device = torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
     return device
 
 

@@ -396,3 +396,21 @@ def test_paper_configs_train_end_to_end_on_files_in_the_real_format(tmp_path, pa
     r = load_run(res.run_dir)
     assert r.done and r.summary["final"]["test_acc"] is not None
     assert r.table("sparsify")["sparse"].any()
+
+
+def test_a_cuda_device_without_an_index_is_local_ranks_under_torchrun(monkeypatch):
+    """One GPU per process: 'auto' and 'cuda' pick LOCAL_RANK's device even where nobody called
+    torch.cuda.set_device (bame.train from a user's script under torchrun); explicit indices stay."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert train_mod.resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    for name in ("auto", "cuda"):
+        assert train_mod.resolve_device(name) == torch.device("cuda", 3), name
+    assert train_mod.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert train_mod.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_mod.resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        train_mod.resolve_device("cuda")
