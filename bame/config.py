@@ -102,6 +102,10 @@ class BameConfig:
     # blocks selected per layer = rounding(rho(t) * num_blocks): 'round' (half up), 'ceil', 'floor'
     rho_rounding: str = _choices("round", "ceil", "floor", default="round")
     swaps_per_block: int = 1
+    # LMA scores from the mean candidate gradient of the last score_steps steps up to and including the
+    # adaptation step (1: that step's mini-batch only, method.md). Candidate blocks get their dense weight
+    # gradient on each of those steps (counted by the ledger); at most T.
+    score_steps: int = 1
     regrow: str = _choices("stored", "zero", default="stored")  # value of a regrown weight
 
 
@@ -286,7 +290,7 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("method.bame.t_i_fraction", f"t_i ({b.t_i_fraction}) is after t_f ({b.t_f_fraction})")
     if b.t_i_steps is not None and b.t_f_steps is not None and b.t_i_steps > b.t_f_steps:
         bad("method.bame.t_i_steps", f"t_i_steps ({b.t_i_steps}) is after t_f_steps ({b.t_f_steps})")
-    for key in ("interval_steps", "block_rows", "block_groups", "swaps_per_block"):
+    for key in ("interval_steps", "block_rows", "block_groups", "swaps_per_block", "score_steps"):
         if getattr(b, key) < 1:
             bad(f"method.bame.{key}", f"must be >= 1, got {getattr(b, key)}")
     if b.interval_fraction is not None and not 0.0 < b.interval_fraction <= 1.0:

@@ -501,6 +501,19 @@ def _adaptation_plan(method, run_steps: int) -> list[dict[str, int]]:
     return [budgets(s) for s in range(run_steps) if is_adapt(s)]
 
 
+def _candidate_plan(method, run_steps: int) -> list[dict[str, int]]:
+    """Per step before ``run_steps`` that computes candidate gradients, each layer's block budget: the
+    adaptation steps, and with BAME's ``score_steps > 1`` the scoring steps before each of them."""
+    candidate_budgets = getattr(method, "candidate_budgets", None)
+    if candidate_budgets is None:
+        return _adaptation_plan(method, run_steps)
+    plan = []
+    for s in range(run_steps):
+        if method.scoring_target(s) is not None:
+            plan.append(candidate_budgets(s))
+    return plan
+
+
 def add_flops_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``bame flops --config FILE [--set key=value ...] [--json]`` to ``subparsers``."""
     p = subparsers.add_parser(
@@ -582,7 +595,7 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
     plan = _adaptation_plan(method, run)
     extra = {n: [scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][k] - sparse.step.by_layer[(n, WEIGHT_GRAD)][k])
                  for k in (0, 1)] for n in nm_names if (n, WEIGHT_GRAD) in sparse.step.by_layer}
-    for budgets in plan:
+    for budgets in _candidate_plan(method, run):
         for n, (xi, xe) in extra.items():
             if budgets.get(n, 1) > 0:
                 total_i, total_e = total_i + xi, total_e + xe

@@ -543,8 +543,9 @@ def _recorded_conv_linear_macs(run_dir: Path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("method,extra", [("dense", []), ("static", []), ("ste", []), ("srste", []),
-                                          ("asp", []), ("bame", []), ("bame", _FREEZING)],
-                         ids=["dense", "static", "ste", "srste", "asp", "bame", "bame-freezing"])
+                                          ("asp", []), ("bame", []), ("bame", _FREEZING),
+                                          ("bame", ["method.bame.score_steps=2"])],
+                         ids=["dense", "static", "ste", "srste", "asp", "bame", "bame-freezing", "bame-score-steps"])
 def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
     """``bame flops --json``'s ``run_total_macs`` against the total a real ``bame.train`` run of the same
     config records (conv/linear phases; the adaptation line is booked only by runs).
@@ -555,7 +556,8 @@ def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
     block (nothing frozen), so it is an upper bound, and exact while no block freezes and every layer's
     budget is non-zero: that is quick.yaml (4 adaptation steps early in the window, rho 0.2 of thousands
     of blocks, freezing needs two changes of a block). With freezing forced (``_FREEZING``) the run
-    computes fewer candidate gradients and the bound is strict. Executed MACs (masked dense kernels) are
+    computes fewer candidate gradients and the bound is strict. With ``score_steps=2`` the step before each
+    adaptation step computes the candidate gradient too, and the prediction counts it. Executed MACs (masked dense kernels) are
     those of the predicted executed total for every method."""
     sets = _SMALL + [f"method.name={method}"] + extra
     rep = json.loads(_run_cli(["flops", "--config", str(QUICK), "--set", *sets, "--json"]))
@@ -570,7 +572,7 @@ def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
         adaptation = list(csv.DictReader((res.run_dir / "adaptation.csv").open()))
         frozen = sum(int(r["frozen_blocks"]) for r in adaptation)
         assert rep["adaptation_steps"] == len({r["step"] for r in adaptation}) > 0
-        if extra:
+        if extra == _FREEZING:
             assert frozen > 0 and ideal < rep["run_total_macs"]
             return
         assert frozen == 0

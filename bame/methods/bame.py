@@ -68,6 +68,9 @@ class Bame(Static):
         self.t_i, self.t_f = resolve_window(b.t_i_steps, b.t_i_fraction, b.t_f_steps, b.t_f_fraction,
                                             ctx.total_steps)
         self.interval = resolve_interval(b.interval_steps, b.interval_fraction, ctx.total_steps)  # T in steps
+        if b.score_steps > self.interval:
+            raise ValueError(f"bame: method.bame.score_steps={b.score_steps} is longer than the adaptation interval "
+                             f"T={self.interval} steps: scoring windows would overlap; lower score_steps or raise T")
         self.grids: dict[str, BlockGrid] = {}
         self.obf: dict[str, OBFState] = {}
         self.last_score: dict[str, torch.Tensor] = {}  # [B] R_b at the last adaptation (nan: not a candidate)
@@ -79,6 +82,10 @@ class Bame(Static):
         # at that version is all False, and is not cleared again (an in-place write would bump its version
         # and invalidate the layers' cached counts for nothing, every step)
         self._cleared: dict[str, tuple[int, int]] = {}
+        # score_steps > 1: the candidate gradients of the scoring window so far (summed), and how many steps
+        self._score_sum: dict[str, torch.Tensor] = {}
+        self._score_count = 0
+        self._candidates: Optional[dict[str, int]] = None  # this step's candidate budgets (None: no candidates)
 
     # -- set-up --------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -116,6 +123,22 @@ class Bame(Static):
         return {name: selection_budget(rho, grid.num_blocks, self.bcfg.rho_rounding)
                 for name, grid in self.grids.items()}
 
+    def scoring_target(self, step: int) -> Optional[int]:
+        """The adaptation step whose scores use ``step``'s candidate gradient (``step`` itself on an
+        adaptation step; the ``score_steps - 1`` steps before it too), or None."""
+        for ahead in range(self.bcfg.score_steps):
+            if self.is_adaptation_step(step + ahead):
+                return step + ahead
+        return None
+
+    def candidate_budgets(self, step: int) -> dict[str, int]:
+        """Per layer, the block budget of the adaptation step ``step`` scores for (0 everywhere when none):
+        a layer with a non-zero budget computes its candidate blocks' weight gradient at ``step``."""
+        target = self.scoring_target(step)
+        if target is None:
+            return {name: 0 for name in self.grids}
+        return self.budgets(target)
+
     def _freezes(self) -> bool:
         return self.bcfg.obf and self.bcfg.selection == "freeze_then_topk"
 
@@ -125,8 +148,14 @@ class Bame(Static):
         super().before_step(step)
         self._plans = {}
         self._budgets = self.budgets(step) if self.is_adaptation_step(step) else None
+        if self._budgets is not None:
+            self._candidates = self._budgets
+        elif self.bcfg.score_steps > 1 and self.scoring_target(step) is not None:
+            self._candidates = self.candidate_budgets(step)
+        else:
+            self._candidates = None
         for name, layer in self.layers():
-            if self._budgets is not None and self._budgets[name] > 0:
+            if self._candidates is not None and self._candidates[name] > 0:
                 candidates = ~self._state(name, layer).frozen
                 layer.grad_mask.copy_(self._expand(name, layer, candidates))
             else:
@@ -148,7 +177,28 @@ class Bame(Static):
     def after_backward(self, step: int) -> None:
         if self._budgets is not None:
             self.last_adaptation = self._adapt(step, self._budgets)
+        elif self._candidates is not None:
+            self._accumulate_scores(self._candidates)
         self.mask_gradients_and_decay()
+
+    def _accumulate_scores(self, budgets: dict[str, int]) -> None:
+        """A scoring step before the adaptation step: keep the candidates' gradient (skipped on an fp16
+        overflow, as the grad scaler skips the step)."""
+        if not self._gradients_finite():
+            return
+        for name, layer in self.layers():
+            g = layer.weight.grad
+            if budgets[name] > 0 and g is not None:
+                acc = self._score_sum.get(name)
+                self._score_sum[name] = g.detach().clone() if acc is None else acc.add_(g)
+        self._score_count += 1
+
+    def _scoring_gradient(self, name: str, g: torch.Tensor) -> torch.Tensor:
+        """This step's gradient, or with ``score_steps > 1`` its mean with the window's earlier ones."""
+        acc = self._score_sum.get(name)
+        if acc is None:
+            return g
+        return (acc + g) / (self._score_count + 1)
 
     def _adapt(self, step: int, budgets: dict[str, int]) -> AdaptationRecord:
         """Score, select and track oscillations in every layer; store the plans; describe them."""
@@ -161,6 +211,8 @@ class Bame(Static):
             grid, st = self.grids[name], self._state(name, layer)
             budget = budgets[name]
             w, g = layer.weight.detach(), layer.weight.grad
+            if g is not None:
+                g = self._scoring_gradient(name, g)
             if budget == 0 or g is None:
                 self.last_score[name] = torch.full_like(self.last_score[name], float("nan"))
                 record.layers.append(self._layer_record(name, grid, st, 0, 0, 0, 0, None))
@@ -192,6 +244,7 @@ class Bame(Static):
                                                     int(events.sum()), score[candidates]))
         self.adaptations += 1
         self.last_adaptation_step = step
+        self._score_sum, self._score_count = {}, 0
         return record
 
     def _gradients_finite(self) -> bool:
@@ -253,9 +306,12 @@ class Bame(Static):
             layers[name] = {"frequency": st.frequency, "updates": st.updates, "changes": st.changes,
                             "frozen": st.frozen, "prev_state": st.prev_state, "has_prev": st.has_prev,
                             "last_score": self.last_score[name]}
+            if name in self._score_sum:  # mid-way through a scoring window (score_steps > 1)
+                layers[name]["score_sum"] = self._score_sum[name]
         return {"version": torch.tensor(_STATE_VERSION),
                 "adaptations": torch.tensor(self.adaptations),
                 "last_adaptation_step": torch.tensor(self.last_adaptation_step),
+                "score_count": torch.tensor(self._score_count),
                 "window": torch.tensor([self.t_i, self.t_f]),
                 "layers": {k: {kk: vv.detach().clone() for kk, vv in v.items()} for k, v in layers.items()}}
 
@@ -278,6 +334,9 @@ class Bame(Static):
                                      f"{tuple(a.shape)} {a.dtype} (different block size or pattern?)")
             self.obf[name] = new
             self.last_score[name] = s["last_score"].to(device)
+        self._score_sum = {name: s["score_sum"].to(layers[name].weight.device)
+                           for name, s in state["layers"].items() if "score_sum" in s}
+        self._score_count = int(state.get("score_count", 0))
         self.adaptations = int(state["adaptations"])
         self.last_adaptation_step = int(state["last_adaptation_step"])
-        self._plans, self._budgets = {}, None
+        self._plans, self._budgets, self._candidates = {}, None, None
