@@ -12,7 +12,7 @@ import pandas as pd
 from analysis import load_runs, paper_table
 
 BAME_KEYS = ["lma", "rho", "interval_steps", "regrow", "obf", "obf_bias_correction", "tau", "min_changes", "selection",
-             "t_f_fraction", "block_rows"]
+             "t_f_fraction", "block_rows", "score_steps"]
 
 
 def _pm(mean: float, std: float) -> str:
@@ -36,7 +36,7 @@ def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
     bame = runs[runs["method.name"] == "bame"]
     reference = {"lma": "taylor", "rho": 0.05, "interval_steps": 100, "regrow": "stored", "obf": True,
                  "obf_bias_correction": False, "tau": 0.5, "min_changes": 2, "selection": "freeze_then_topk",
-                 "t_f_fraction": 0.5, "block_rows": 1}
+                 "t_f_fraction": 0.5, "block_rows": 1, "score_steps": 1}
     groups = bame.groupby([f"method.bame.{k}" for k in BAME_KEYS], dropna=False)
     for values, g in sorted(groups, key=lambda kv: -kv[1]["top1"].mean()):
         changed = [f"{k}={v}" for k, v in zip(BAME_KEYS, values) if v != reference[k]]
@@ -81,8 +81,20 @@ def save_figures(runs: pd.DataFrame, out: str) -> None:
     save(accuracy_vs_flops(ablation), f"{out}/study_ablation_1of16", formats=("png",))
 
 
+def with_new_options(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs from before a BAME option existed lack its column: they ran what its default does (a new
+    option's default keeps the old behaviour), so fill it in."""
+    from bame.config import BameConfig
+
+    runs = runs.copy()
+    for k in BAME_KEYS:
+        col, default = f"method.bame.{k}", getattr(BameConfig(), k)
+        runs[col] = runs[col].astype(object).where(runs[col].notna(), default) if col in runs else default
+    return runs
+
+
 def main(root: str, figures: str | None = None) -> None:
-    runs = load_runs(root)
+    runs = with_new_options(load_runs(root))
     if figures:
         save_figures(runs, figures)
     print("## Readings of BAME at 1:16\n")

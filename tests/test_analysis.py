@@ -561,3 +561,17 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
         srste = np.mean([f for _, f in groups[("srste", key[1], True)]])
         assert row[2:6] == ["2", _pm(top1(key)), f"{flops:.3e}", f"{flops / dense_flops:.3f}"], row
         assert row[6] == ("–" if row[0] == "dense" else f"{flops / srste:.3f}"), row
+
+
+def test_results_tables_fill_options_older_runs_lack_with_their_default():
+    """A run from before ``score_steps`` existed ran what its default (1) does: it groups with the new runs
+    at 1, not as a separate 'nan' reading, and stays among the current defaults."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("results_tables", REPO / "scripts" / "results_tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    runs = pd.DataFrame({"method.name": ["bame", "bame"], "method.bame.score_steps": [np.nan, 3.0]})
+    filled = tables.with_new_options(runs)
+    assert filled["method.bame.score_steps"].tolist() == [BameConfig().score_steps, 3.0]
+    assert filled["method.bame.rho"].tolist() == [BameConfig().rho] * 2  # a column missing altogether
