@@ -36,13 +36,16 @@ sweep --methods bame --patterns 1:16 "$@" --set $FIRST \
 # 1b. OBF, block shape and swap budget under the gradient reading (the default since 1.): OBF off; OBF
 # made to act (tau 0.1: one A->B->A event puts (1 - beta) = 0.1 into the EMA); blocks of 4 and of 16 rows
 # (block_groups > 1 cannot tile this model: its layers have 25, 50 and 8 groups per row); a quarter of
-# the swaps (rho 0.0125, the default since the 10-epoch run of this script).
+# the swaps (rho 0.0125, the default since the 10-epoch run of this script); scores from the mean
+# candidate gradient of 10 steps (score_steps).
 sweep --methods bame --patterns 1:16 "$@" --set $FIRST \
   --variant method.bame.lma=gradient method.bame.obf=false \
   --variant method.bame.lma=gradient method.bame.tau=0.1 method.bame.min_changes=1 \
   --variant method.bame.lma=gradient method.bame.block_rows=4 \
   --variant method.bame.lma=gradient method.bame.block_rows=16 \
-  --variant method.bame.lma=gradient method.bame.rho=0.0125
+  --variant method.bame.lma=gradient method.bame.rho=0.0125 \
+  --variant method.bame.lma=gradient method.bame.score_steps=10 \
+  --variant method.bame.lma=gradient method.bame.rho=0.0125 method.bame.score_steps=10
 fi
 
 if [[ $PHASE == methods || $PHASE == all ]]; then

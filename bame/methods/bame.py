@@ -14,6 +14,10 @@ One step (see docs/method.md and bame/bame_core.py for the math):
   value (``regrow: stored``) or zero, the optimizer state (momentum) at every swapped position (pruned
   and regrown) restarts at zero, and each group is checked to hold exactly N. ``grad_mask`` is cleared.
 
+With ``score_steps = k > 1`` the ``k - 1`` steps before each adaptation step are scoring steps: their
+``grad_mask`` holds the adaptation step's candidates too, ``after_backward`` adds their gradient to a
+per-layer sum, and the adaptation step scores from the mean over the window (itself included).
+
 Decisions depend only on weights, masks, gradients and this method's tensors (no RNG), so DDP ranks,
 whose gradients are all-reduced before ``after_backward``, decide identically. State lives on the
 weight's device and follows it if the model moves after ``prepare``.
