@@ -90,6 +90,8 @@ def with_new_options(runs: pd.DataFrame) -> pd.DataFrame:
     for k in BAME_KEYS:
         col, default = f"method.bame.{k}", getattr(BameConfig(), k)
         runs[col] = runs[col].astype(object).where(runs[col].notna(), default) if col in runs else default
+        if type(default) is int:  # a column with gaps was read as floats: 10.0 -> 10
+            runs[col] = runs[col].map(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
     return runs
 
 

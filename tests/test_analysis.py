@@ -573,5 +573,6 @@ def test_results_tables_fill_options_older_runs_lack_with_their_default():
     spec.loader.exec_module(tables)
     runs = pd.DataFrame({"method.name": ["bame", "bame"], "method.bame.score_steps": [np.nan, 3.0]})
     filled = tables.with_new_options(runs)
-    assert filled["method.bame.score_steps"].tolist() == [BameConfig().score_steps, 3.0]
+    assert filled["method.bame.score_steps"].tolist() == [BameConfig().score_steps, 3]
+    assert [type(v) for v in filled["method.bame.score_steps"]] == [int, int]  # labelled 'score_steps=3', not '3.0'
     assert filled["method.bame.rho"].tolist() == [BameConfig().rho] * 2  # a column missing altogether
