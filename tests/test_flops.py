@@ -21,6 +21,7 @@ from bame.config import load_config
 from bame.flops import (ADAPTATION, ADAPTATION_LAYER, CONVENTION, FlopsLedger, add_flops_parser,
                         conv2d_macs, linear_macs, model_step_costs)
 from bame.layers import LayerPolicy, NMConv2d, NMLayer, NMLinear, sparsify
+from bame.step import training_step
 
 PHASES = ("forward", "input_grad", "weight_grad")
 
@@ -486,14 +487,7 @@ def test_ledger_reads_nothing_from_the_device_in_the_steady_state(monkeypatch, m
     reads = []
 
     def step(t):
-        method.before_step(t)
-        ledger.begin_step()
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        method.after_backward(t)
-        opt.step()
-        method.after_optimizer_step(t)
-        return ledger.end_step()
+        return training_step(t, model, method, opt, ledger, x, y).cost
 
     for t in range(3):  # step 0 adapts (bame); steps 1 and 2 see its new masks once, then nothing new
         step(t)

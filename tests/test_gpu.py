@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from bame.autograd import Backward, WeightGradKernel, nm_conv2d, nm_linear
 from bame.config import BameConfig, MethodConfig
 from bame.flops import FlopsLedger
 from bame.methods import MethodContext, create_method
 from bame.nm import nm_mask
+from bame.step import training_step
 from bame.runs import load_run
 
 pytestmark = [pytest.mark.gpu,
@@ -93,14 +93,7 @@ def test_steady_state_step_with_ledger_does_not_sync(method_name):
     x, y = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
 
     def step(t):
-        method.before_step(t)
-        ledger.begin_step()
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        method.after_backward(t)
-        opt.step()
-        method.after_optimizer_step(t)
-        ledger.end_step()
+        training_step(t, model, method, opt, ledger, x, y)
 
     for t in range(3):
         step(t)
