@@ -507,11 +507,7 @@ def _candidate_plan(method, run_steps: int) -> list[dict[str, int]]:
     candidate_budgets = getattr(method, "candidate_budgets", None)
     if candidate_budgets is None:
         return _adaptation_plan(method, run_steps)
-    plan = []
-    for s in range(run_steps):
-        if method.scoring_target(s) is not None:
-            plan.append(candidate_budgets(s))
-    return plan
+    return [budgets for s in range(run_steps) if (budgets := candidate_budgets(s)) is not None]
 
 
 def add_flops_parser(subparsers) -> argparse.ArgumentParser:

@@ -135,13 +135,11 @@ class Bame(Static):
                 return step + ahead
         return None
 
-    def candidate_budgets(self, step: int) -> dict[str, int]:
-        """Per layer, the block budget of the adaptation step ``step`` scores for (0 everywhere when none):
-        a layer with a non-zero budget computes its candidate blocks' weight gradient at ``step``."""
+    def candidate_budgets(self, step: int) -> Optional[dict[str, int]]:
+        """Per layer, the block budget of the adaptation step ``step`` scores for (None when it scores for
+        none): a layer with a non-zero budget computes its candidate blocks' weight gradient at ``step``."""
         target = self.scoring_target(step)
-        if target is None:
-            return {name: 0 for name in self.grids}
-        return self.budgets(target)
+        return None if target is None else self.budgets(target)
 
     def _freezes(self) -> bool:
         return self.bcfg.obf and self.bcfg.selection == "freeze_then_topk"
@@ -151,13 +149,8 @@ class Bame(Static):
     def before_step(self, step: int) -> None:
         super().before_step(step)
         self._plans = {}
-        self._budgets = self.budgets(step) if self.is_adaptation_step(step) else None
-        if self._budgets is not None:
-            self._candidates = self._budgets
-        elif self.bcfg.score_steps > 1 and self.scoring_target(step) is not None:
-            self._candidates = self.candidate_budgets(step)
-        else:
-            self._candidates = None
+        self._candidates = self.candidate_budgets(step)
+        self._budgets = self._candidates if self.is_adaptation_step(step) else None
         for name, layer in self.layers():
             if self._candidates is not None and self._candidates[name] > 0:
                 candidates = ~self._state(name, layer).frozen
