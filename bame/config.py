@@ -290,9 +290,7 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("method.bame.t_i_fraction", f"t_i ({b.t_i_fraction}) is after t_f ({b.t_f_fraction})")
     if b.t_i_steps is not None and b.t_f_steps is not None and b.t_i_steps > b.t_f_steps:
         bad("method.bame.t_i_steps", f"t_i_steps ({b.t_i_steps}) is after t_f_steps ({b.t_f_steps})")
-    for key in ("interval_steps", "block_rows", "block_groups", "swaps_per_block", "score_steps"):
-        if getattr(b, key) < 1:
-            bad(f"method.bame.{key}", f"must be >= 1, got {getattr(b, key)}")
+    at_least(b, "method.bame", ("interval_steps", "block_rows", "block_groups", "swaps_per_block", "score_steps"), 1)
     if b.interval_fraction is not None and not 0.0 < b.interval_fraction <= 1.0:
         bad("method.bame.interval_fraction", f"must lie in (0, 1] (T as a fraction of training steps), "
             f"got {b.interval_fraction}")
@@ -320,11 +318,7 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("train.epochs", "must be > 0 (or set train.max_steps)")
     elif t.epochs < 0:
         bad("train.epochs", f"must be >= 0, got {t.epochs} (0: the schedule is train.max_steps long)")
-    if t.max_steps is not None and t.max_steps < 1:
-        bad("train.max_steps", f"must be >= 1, got {t.max_steps}")
-    for key in ("batch_size", "eval_batch_size", "log_every_steps"):
-        if getattr(t, key) < 1:
-            bad(f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    at_least(t, "train", ("max_steps", "batch_size", "eval_batch_size", "log_every_steps"), 1)
     if t.checkpoint_every_steps is not None and t.checkpoint_every_steps < 1:
         bad("train.checkpoint_every_steps", f"must be >= 1 or null (checkpoint at epoch ends only), "
             f"got {t.checkpoint_every_steps}")
