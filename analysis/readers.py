@@ -54,7 +54,7 @@ FLOPS_COLUMNS = ["epoch", "step", "layer", "phase", "ideal_macs", "executed_macs
 MASKS_COLUMNS = ["step", "layer", "flips", "flip_fraction"]
 ADAPTATION_COLUMNS = ["step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
                       "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
-                      "freq_mean", "freq_p90", "frozen_fraction"]
+                      "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks"]
 BLOCK_FIELDS = ("frequency", "frozen", "last_score", "changes")
 BLOCKS_COLUMNS = ["step", "layer", "block", *BLOCK_FIELDS]
 PHASES = ("forward", "input_grad", "weight_grad", "adaptation")

@@ -61,14 +61,19 @@ from .schedule import round_half_up
 __all__ = [
     "LMA_SCORES", "SELECTIONS", "OBF_UPDATES", "ROUNDINGS",
     "BlockSwaps", "pairs_per_group", "gradient_grow_scale", "swap_values", "block_swaps",
-    "apply_swaps", "block_equal", "OBFState", "oscillation_events", "obf_step", "effective_frequency",
+    "apply_swaps", "magnitude_blocks", "block_equal", "OBFState", "oscillation_events", "obf_step", "effective_frequency",
     "selection_budget", "selection_key", "select_blocks", "adaptation_elementwise_ops",
+    "magnitude_elementwise_ops", "obf_elementwise_ops", "DESIGNATED_GRADS", "PRUNED_UPDATES", "REGROW_RULES", "DESIGNATIONS",
 ]
 
 LMA_SCORES = ("taylor", "gradient")
 SELECTIONS = ("freeze_then_topk", "joint")
 OBF_UPDATES = ("changed", "candidates")
 ROUNDINGS = ("round", "ceil", "floor")
+DESIGNATED_GRADS = ("adaptation", "window")
+PRUNED_UPDATES = ("frozen", "train")
+REGROW_RULES = ("lma", "magnitude")
+DESIGNATIONS = ("topk", "progressive")
 
 Scalar = Union[float, torch.Tensor]
 
@@ -187,6 +192,21 @@ def apply_swaps(mask: torch.Tensor, drop: torch.Tensor, grow: torch.Tensor,
     if selected is None:
         return new
     return torch.where(selected.view(-1, *([1] * (mask.dim() - 1))), new, mask)
+
+
+def magnitude_blocks(w: torch.Tensor, n: int) -> torch.Tensor:
+    """``[B, G, m]`` bool: the ``n`` largest ``|w|`` of every group (SR-STE's rule inside a block).
+
+    Ties go to the earlier position (a stable sort), so the choice is deterministic on every rank.
+    """
+    if w.dim() != 3:
+        raise ValueError(f"magnitude_blocks takes block form [B, G, m], got shape {tuple(w.shape)}")
+    nb, gpb, m = w.shape
+    if not 1 <= n <= m:
+        raise ValueError(f"magnitude_blocks: cannot keep {n} of every {m}")
+    order = torch.sort(w.detach().abs(), dim=-1, descending=True, stable=True).indices[..., :n]
+    keep = torch.zeros(w.shape, dtype=torch.bool, device=w.device)
+    return keep.scatter_(-1, order, True)
 
 
 def block_equal(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -357,5 +377,16 @@ def adaptation_elementwise_ops(num_candidates: int, groups_per_block: int, m: in
     best_k = block_pairs if k == 1 else block_pairs * _log2(block_pairs) + k
     per_block = e * per_weight + groups_per_block * (order_per_group + pairs) + best_k
     select = c * (2 + (3 if selection == "joint" else 0)) + c * _log2(c)
-    obf = num_changed * 2 * e + num_updated * (3 + 2)
-    return int(c * per_block + scale + select + obf)
+    return int(c * per_block + scale + select + obf_elementwise_ops(num_changed, num_updated, e))
+
+
+def magnitude_elementwise_ops(num_blocks: int, groups_per_block: int, m: int) -> int:
+    """Element-wise work of re-choosing ``num_blocks`` blocks by magnitude: ``|w|`` (1 op per weight) and a
+    sort of every group (``m * ceil(log2 m)`` comparisons). OBF's share: :func:`obf_elementwise_ops`."""
+    return int(num_blocks) * groups_per_block * m * (1 + _log2(m))
+
+
+def obf_elementwise_ops(num_changed: int, num_updated: int, block_numel: int) -> int:
+    """OBF's work on one adaptation step: ``2E`` comparisons per changed block (changed? back to the
+    previous state?), 3 ops per EMA update and 2 per freeze test."""
+    return int(num_changed) * 2 * block_numel + int(num_updated) * (3 + 2)

@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     _add_optional_parser(sub, "data", "data", "add_data_parser", "list and fetch data sets")
-    _add_optional_parser(sub, "flops", "flops", "add_flops_parser", "count training FLOPs")
+    _add_optional_parser(sub, "flops", "flops_report", "add_flops_parser", "count training FLOPs")
     _add_optional_parser(sub, "export", "export", "add_export_parser", "export a run's N:M layers compressed")
     _add_optional_parser(sub, "demo", "demo", "add_demo_parser", "the demo: BAME vs baselines on Fashion-MNIST")
     return parser

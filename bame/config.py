@@ -21,7 +21,7 @@ import yaml
 from .nm import Layout, NMPattern
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "MethodConfig", "TrainConfig",
+    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "PhasedConfig", "MethodConfig", "TrainConfig",
     "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
     "configs_dir", "available_configs", "resolve_config_path",
 ]
@@ -107,11 +107,34 @@ class BameConfig:
     # gradient on each of those steps (counted by the ledger); at most T.
     score_steps: int = 1
     regrow: str = _choices("stored", "zero", default="stored")  # value of a regrown weight
+    # -- the second family: designated blocks that learn (docs/method.md, "Blocks that learn") --------
+    # Which blocks compute their full weight gradient: 'adaptation' (the candidates, on adaptation steps
+    # only) or 'window' (the blocks designated at an adaptation step, on every step up to and including the
+    # next adaptation step, or t_f).
+    designated_grad: str = _choices("adaptation", "window", default="adaptation")
+    # 'frozen': pruned weights keep their stored value; 'train': the pruned weights of designated blocks
+    # take the optimizer update (momentum, masked weight decay) from that gradient (needs 'window').
+    pruned_update: str = _choices("frozen", "train", default="frozen")
+    # SR-STE's refined decay lambda_w (1 - m) W on the pruned weights of designated blocks ('train' only);
+    # None: method.srste_decay; 0: off
+    pruned_decay: Optional[float] = None
+    # How a block's mask is re-chosen: 'lma' (its best LMA swap) or 'magnitude' (top-N |W| of each group)
+    regrow_rule: str = _choices("lma", "magnitude", default="lma")
+    # Which blocks are designated: 'topk' (the top rho(t) of a layer by LMA score) or 'progressive' (every
+    # non-frozen block; OBF freezing shrinks the set; rho is unused)
+    designation: str = _choices("topk", "progressive", default="topk")
+
+
+@dataclass(frozen=True)
+class PhasedConfig:
+    """``phased``: SR-STE until ``switch_fraction`` of the training steps, then a frozen mask (static)."""
+
+    switch_fraction: float = 0.25
 
 
 @dataclass(frozen=True)
 class MethodConfig:
-    name: str = _choices("dense", "static", "ste", "srste", "asp", "bame", default="bame")
+    name: str = _choices("dense", "static", "ste", "srste", "asp", "bame", "phased", default="bame")
     pattern: str = "2:4"  # N:M, e.g. '1:16'
     layout: str = _choices("row", "channel", default="row")
     mask_init: str = _choices("magnitude", "random", default="magnitude")
@@ -125,6 +148,7 @@ class MethodConfig:
     # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
     weight_grad_kernel: str = _choices("masked_dense", "gather", "auto", default="masked_dense")
     bame: BameConfig = field(default_factory=BameConfig)
+    phased: PhasedConfig = field(default_factory=PhasedConfig)
 
 
 @dataclass(frozen=True)
@@ -308,6 +332,18 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("method.bame.joint_lambda", f"must be >= 0 (0 ranks by R_b alone), got {b.joint_lambda}")
     if not 0.0 <= b.rho <= 1.0:
         bad("method.bame.rho", f"must lie in [0, 1], got {b.rho}")
+    if b.designated_grad == "window" and b.pruned_update != "train":
+        bad("method.bame.designated_grad", "'window' computes the designated blocks' full weight gradient on "
+            "every step, which only method.bame.pruned_update=train uses: set pruned_update=train (or "
+            "designated_grad=adaptation)")
+    if b.pruned_update == "train" and b.designated_grad != "window":
+        bad("method.bame.pruned_update", "'train' needs method.bame.designated_grad=window (with 'adaptation' "
+            "the designated blocks have a gradient on one step only)")
+    if b.pruned_decay is not None and b.pruned_decay < 0:
+        bad("method.bame.pruned_decay", f"must be >= 0 or null (method.srste_decay), got {b.pruned_decay}")
+    if not 0.0 <= cfg.method.phased.switch_fraction <= 1.0:
+        bad("method.phased.switch_fraction", f"must lie in [0, 1] (a fraction of training), "
+            f"got {cfg.method.phased.switch_fraction}")
     if not 0.0 <= cfg.method.asp_prune_fraction <= 1.0:
         bad("method.asp_prune_fraction", f"must lie in [0, 1], got {cfg.method.asp_prune_fraction}")
     if cfg.method.srste_decay < 0:

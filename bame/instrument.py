@@ -36,7 +36,7 @@ __all__ = ["Recorders", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
 
 ADAPTATION_COLUMNS = ("step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
                       "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
-                      "freq_mean", "freq_p90", "frozen_fraction")
+                      "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks")
 FREQ_QUANTILE = 0.9  # freq_p90
 
 
@@ -65,6 +65,7 @@ def adaptation_rows(record) -> list[dict[str, Any]]:
             freq_p90=float(np.quantile(freq.astype(np.float64), FREQ_QUANTILE)) if freq is not None and freq.size
             else None,
             frozen_fraction=la.frozen_blocks / la.num_blocks if la.num_blocks else 0.0,
+            designated_blocks=int(la.designated_blocks),
         ))
     return rows
 
@@ -81,6 +82,8 @@ def block_arrays(record) -> dict[str, np.ndarray]:
             out[f"{la.layer}.frozen"] = frozen.astype(bool)
         if score is not None:
             out[f"{la.layer}.last_score"] = score.astype(np.float32)
+        if la.designated is not None:
+            out[f"{la.layer}.designated"] = _numpy(la.designated).astype(bool)
         if changes is not None:
             big = changes.size and int(np.abs(changes).max()) > np.iinfo(np.int16).max
             out[f"{la.layer}.changes"] = changes.astype(np.int32 if big else np.int16)

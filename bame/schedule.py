@@ -74,8 +74,14 @@ def is_adaptation_step(step: int, t_i: int, t_f: int, interval: int, anchor: str
 
 
 def adaptation_steps(t_i: int, t_f: int, interval: int, anchor: str = "absolute") -> list[int]:
-    """Every adaptation step of the window, in order."""
-    return [s for s in range(t_i, t_f) if is_adaptation_step(s, t_i, t_f, interval, anchor)]
+    """Every adaptation step of the window, in order (without visiting the steps in between)."""
+    if interval < 1:
+        raise ValueError(f"adaptation interval must be >= 1, got {interval}")
+    if anchor not in INTERVAL_ANCHORS:
+        raise ValueError(f"unknown interval anchor {anchor!r}: use one of {list(INTERVAL_ANCHORS)}")
+    origin = 0 if anchor == "absolute" else t_i
+    first = t_i + (origin - t_i) % interval  # the first step >= t_i on the interval's grid
+    return list(range(first, t_f, interval))
 
 
 def rho_at(step: int, rho: float, t_i: int, t_f: int, decay: str = "cosine") -> float:

@@ -717,14 +717,15 @@ def training_flops() -> list:
     ### The paper models
 
     The same measurement for the paper's models and recipes (`configs/paper/`), through
-    `bame.flops.flops_report` (the dict `bame flops --json` prints), measured at batch 1 (MACs are linear
+    `bame.flops_report.flops_report` (the dict `bame flops --json` prints), measured at batch 1 (MACs are linear
     in the batch). Dense comes with every report (`dense_step_macs`). Whole-run totals follow the
     config's schedule and BAME's default readings (`t_f` = 50% of training, `T` = 100, no block frozen).
     """)
     c.code('''
     import numpy as np
 
-    from bame.flops import PHASES, flops_report
+    from bame.flops import PHASES
+    from bame.flops_report import flops_report
 
     reports, rows = {}, []
     for config in PAPER_CONFIGS:

@@ -34,6 +34,13 @@ SETS = ["train.progress=false", "model.name=lenet5_wide", "data.synthetic_train_
         "method.name=bame", "method.bame.rho=0.3"]
 
 
+OTHER_READINGS = {
+    "window": ["method.bame.designated_grad=window", "method.bame.pruned_update=train",
+               "method.bame.regrow_rule=magnitude", "method.bame.designation=progressive"],
+    "phased": ["method.name=phased", "method.phased.switch_fraction=0.3"],
+}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -51,6 +58,11 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         model = res.model
         out = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "summary": res.summary,
                "test_acc": res.test_acc, "ideal": res.ideal_macs, "run_dir": res.run_dir}
+        # the readings whose masks follow the weights: blocks that learn (magnitude re-choice) and phased
+        for label, extra in OTHER_READINGS.items():
+            other = bame.train(load_config(QUICK, SETS + [f"train.batch_size={PER_RANK}", "train.device=cpu", *extra]),
+                               out_dir=Path(tmp) / label, verbose=False, progress=False)
+            out[label] = {k: v.clone() for k, v in other.model.state_dict().items()}
         # The check option: flip one kept position of rank 1's first N:M layer -> every rank raises.
         if rank == 1:
             _, layer = next(iter(nm_layers(model)))
@@ -93,6 +105,14 @@ def test_ranks_agree_on_masks_and_weights(two_ranks):
     for k, v in r0["model"].items():
         assert torch.equal(v, r1["model"][k]), k  # bit for bit: same all-reduced gradients, same decisions
     assert r0["test_acc"] == r1["test_acc"] and r0["ideal"] == r1["ideal"]
+
+
+@pytest.mark.parametrize("reading", sorted(OTHER_READINGS))
+def test_ranks_agree_under_readings_whose_masks_follow_the_weights(two_ranks, reading):
+    r0, r1 = two_ranks
+    assert sum(k.endswith(".mask") for k in r0[reading]) == 3
+    for k, v in r0[reading].items():
+        assert torch.equal(v, r1[reading][k]), (reading, k)
 
 
 def test_mask_check_raises_on_every_rank(two_ranks):

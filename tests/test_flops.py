@@ -18,8 +18,8 @@ import bame
 from bame import models
 from bame.autograd import Backward, WeightGradKernel
 from bame.config import load_config
-from bame.flops import (ADAPTATION, ADAPTATION_LAYER, CONVENTION, FlopsLedger, add_flops_parser,
-                        conv2d_macs, linear_macs, model_step_costs)
+from bame.flops import ADAPTATION, ADAPTATION_LAYER, CONVENTION, FlopsLedger, conv2d_macs, linear_macs, model_step_costs
+from bame.flops_report import add_flops_parser
 from bame.layers import LayerPolicy, NMConv2d, NMLayer, NMLinear, sparsify
 from bame.step import training_step
 
@@ -536,10 +536,18 @@ def _recorded_conv_linear_macs(run_dir: Path) -> tuple[int, int]:
     return ideal, executed
 
 
+_WINDOW = ["method.bame.designated_grad=window", "method.bame.pruned_update=train"]
+_PROGRESSIVE = _WINDOW + ["method.bame.designation=progressive", "method.bame.regrow_rule=magnitude",
+                          "method.bame.obf=false"]
+
+
 @pytest.mark.parametrize("method,extra", [("dense", []), ("static", []), ("ste", []), ("srste", []),
                                           ("asp", []), ("bame", []), ("bame", _FREEZING),
-                                          ("bame", ["method.bame.score_steps=2"])],
-                         ids=["dense", "static", "ste", "srste", "asp", "bame", "bame-freezing", "bame-score-steps"])
+                                          ("bame", ["method.bame.score_steps=2"]),
+                                          ("phased", ["method.phased.switch_fraction=0.3"]),
+                                          ("bame", _PROGRESSIVE), ("bame", _WINDOW)],
+                         ids=["dense", "static", "ste", "srste", "asp", "bame", "bame-freezing", "bame-score-steps",
+                              "phased", "bame-progressive", "bame-window-topk"])
 def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
     """``bame flops --json``'s ``run_total_macs`` against the total a real ``bame.train`` run of the same
     config records (conv/linear phases; the adaptation line is booked only by runs).
@@ -551,7 +559,9 @@ def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
     budget is non-zero: that is quick.yaml (4 adaptation steps early in the window, rho 0.2 of thousands
     of blocks, freezing needs two changes of a block). With freezing forced (``_FREEZING``) the run
     computes fewer candidate gradients and the bound is strict. With ``score_steps=2`` the step before each
-    adaptation step computes the candidate gradient too, and the prediction counts it. Executed MACs (masked dense kernels) are
+    adaptation step computes the candidate gradient too, and the prediction counts it. ``phased`` costs SR-STE's
+    step before its switch and the static step after it (exact). Blocks that learn: ``progressive`` without
+    OBF designates every block from step 1 to t_f (exact); ``topk`` designates at most the rho budget (a bound). Executed MACs (masked dense kernels) are
     those of the predicted executed total for every method."""
     sets = _SMALL + [f"method.name={method}"] + extra
     rep = json.loads(_run_cli(["flops", "--config", str(QUICK), "--set", *sets, "--json"]))
@@ -560,8 +570,13 @@ def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
     ideal, executed = _recorded_conv_linear_macs(res.run_dir)
     assert executed == rep["run_total_executed_macs"]
     assert ideal <= rep["run_total_macs"]
-    if method == "asp":
-        assert 0 < rep["prune_step"] < rep["run_steps"]  # both branches of the ASP prediction are used
+    if method in ("asp", "phased"):
+        assert 0 < rep["prune_step"] < rep["run_steps"]  # both regimes of the prediction are used
+    if extra == _WINDOW:  # topk designates only blocks with a gain: the prediction is an upper bound
+        adaptation = list(csv.DictReader((res.run_dir / "adaptation.csv").open()))
+        assert sum(int(r["designated_blocks"]) for r in adaptation) > 0
+        assert ideal <= rep["run_total_macs"]
+        return
     if method == "bame":
         adaptation = list(csv.DictReader((res.run_dir / "adaptation.csv").open()))
         frozen = sum(int(r["frozen_blocks"]) for r in adaptation)
@@ -572,3 +587,32 @@ def test_cli_flops_run_total_matches_a_real_run(tmp_path, method, extra):
         assert frozen == 0
     assert ideal == rep["run_total_macs"]
     assert rep["dense_run_total_macs"] == json.loads((res.run_dir / "summary.json").read_text())["flops"]["dense_macs"]
+
+
+def test_cli_target_ratio_solves_each_budget(tmp_path):
+    """``bame flops --target-ratio R`` prints the budget whose whole-run total puts SR-STE / method at R (as
+    near as the budget's steps allow), and the plain report at that budget agrees."""
+    def total(*sets):
+        return json.loads(_run_cli(["flops", "--config", str(QUICK), "--set", *_SMALL, *sets, "--json"]))["run_total_macs"]
+
+    srste = total("method.name=srste")
+    target = (1 + srste / total("method.name=static")) / 2  # halfway between SR-STE and the static mask
+    for sets in (["method.name=phased"], ["method.name=bame", *_WINDOW, "method.bame.rho_decay=constant"],
+                 ["method.name=bame", *_PROGRESSIVE]):
+        out = json.loads(_run_cli(["flops", "--config", str(QUICK), "--set", *_SMALL, *sets,
+                                   "--target-ratio", str(target), "--json"]))
+        assert out["srste_macs"] == srste
+        at = total(*sets, f"{out['key']}={out['value']}")
+        assert at == out["run_macs"] and abs(srste / at - target) <= abs(out["ratio_other"] - target) + 1e-12
+        assert abs(out["ratio"] - target) < 0.01
+
+
+def test_cli_target_ratio_errors_name_the_fix(capsys):
+    from bame.cli import main
+
+    for sets, ratio, message in ((["method.name=static"], "2", "no training-FLOPs budget"),
+                                 (["method.name=phased"], "100", "out of reach, even method.phased.switch_fraction=0.0"),
+                                 (["method.name=bame", *_WINDOW], "1.0001", "rho_decay=constant")):
+        assert main(["flops", "--config", str(QUICK), "--set", *_SMALL, *sets, "--target-ratio", ratio]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -99,7 +99,6 @@ def test_bame_with_interval_fraction_adapts_at_the_resolved_steps():
     from torch.nn import functional as F
 
     from bame.config import BameConfig, MethodConfig
-    from bame.flops import _adaptation_plan
     from bame.methods import MethodContext, create_method
 
     total = 30
@@ -114,7 +113,8 @@ def test_bame_with_interval_fraction_adapts_at_the_resolved_steps():
     torch.manual_seed(0)
     model = method.prepare(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
                                          nn.Linear(8 * 6 * 6, 10)))
-    assert len(_adaptation_plan(method, total)) == len(expected)
+    assert method.adaptation_steps(total) == expected
+    assert [(seg.start, seg.stop) for seg in method.gradient_plan(total)] == [(s, s + 1) for s in expected]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     method.attach_optimizer(opt)
     adapted = []

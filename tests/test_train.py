@@ -198,9 +198,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert test_a.loc[common].equals(test_b.loc[common])
 
 
-@pytest.mark.parametrize("method, k, n", [("bame", 3, 12), ("srste", 5, 12)])
-def test_resume_is_exact(tmp_path, method, k, n):
-    sets = [f"method.name={method}"]
+_WINDOW = ("method.bame.designated_grad=window", "method.bame.pruned_update=train", "method.bame.regrow_rule=magnitude")
+
+
+@pytest.mark.parametrize("method, k, n, extra", [("bame", 3, 12, ()), ("srste", 5, 12, ()),
+                                                 ("bame", 3, 12, _WINDOW),  # designated at 2: mid-window at 3
+                                                 ("phased", 3, 12, ())],  # switch at step 4
+                         ids=["bame", "srste", "bame-window", "phased"])
+def test_resume_is_exact(tmp_path, method, k, n, extra):
+    sets = [f"method.name={method}", *extra]
     full = run(quick(*sets, f"train.max_steps={n}"), tmp_path / "full")
     part = run(quick(*sets, f"train.max_steps={k}"), tmp_path / "part")
     assert part.status == "completed" and load_run(part.run_dir).done

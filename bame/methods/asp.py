@@ -43,6 +43,10 @@ class ASP(Static):
             layer.mask.fill_(True)  # dense phase; set_mask would refuse a non-N:M mask
         return model
 
+    @property
+    def regime_switch_step(self) -> int:
+        return self.prune_step
+
     def before_step(self, step: int) -> None:
         super().before_step(step)
         if not self.pruned and step >= self.prune_step:

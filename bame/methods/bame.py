@@ -2,17 +2,34 @@
 
 One step (see docs/method.md and bame/bame_core.py for the math):
 
-- ``before_step(t)``: on an adaptation step (``t_i <= t < t_f``, interval condition, a non-zero block
-  budget), each layer's ``grad_mask`` is set to every position of its candidate blocks (all non-frozen
-  blocks), so the SPARSE backward computes ``g = dL/d(W*m)`` at ``mask | candidates``; otherwise
-  ``grad_mask`` is cleared and the weight gradient exists at the mask only.
-- ``after_backward(t)``: on an adaptation step, per layer: LMA swap scores per candidate block, block
-  selection (top ``rho(t)`` of the layer's blocks), OBF update (oscillation events, EMA frequency,
-  freezing); the plan is stored and ``last_adaptation`` describes it. Then (every step) the gradients
-  are masked to the *old* mask and the masked weight decay is added (``mask_gradients_and_decay``).
-- ``after_optimizer_step(t)``: the plan is applied: the mask swaps, a regrown weight takes its stored
-  value (``regrow: stored``) or zero, the optimizer state (momentum) at every swapped position (pruned
-  and regrown) restarts at zero, and each group is checked to hold exactly N. ``grad_mask`` is cleared.
+- ``before_step(t)``: sets each layer's ``grad_mask``, the positions beyond the mask whose weight
+  gradient the SPARSE backward computes: on an adaptation step (``t_i <= t < t_f``, interval condition,
+  a non-zero block budget) every position of the candidate blocks (all non-frozen blocks); under the
+  ``window`` reading also every position of the designated blocks; nothing otherwise.
+- ``after_backward(t)``: on an adaptation step, per layer: the blocks whose mask is re-chosen and how
+  (LMA swap or top-N magnitude), the OBF update (oscillation events, EMA frequency, freezing) and, under
+  ``window``, the blocks designated for the next window; the plan is stored and ``last_adaptation``
+  describes it. Then (every step) the gradients are masked to the positions that may move (the *old*
+  mask; under ``pruned_update: train`` also the designated blocks' pruned weights) and the masked weight
+  decay is added (``mask_gradients_and_decay``).
+- ``after_optimizer_step(t)``: the plan is applied: the mask changes, a regrown weight takes its stored
+  value (``regrow: stored``) or zero, the optimizer state (momentum) restarts at zero where it must (see
+  below), and each group is checked to hold exactly N.
+
+Two families of readings (docs/method.md):
+
+- ``designated_grad: adaptation`` (the first family): at an adaptation step the top ``rho(t)`` blocks by
+  LMA score (``designation: topk``; every non-frozen block with ``progressive``) are re-chosen at once;
+  pruned weights never move. Momentum restarts at both ends of every change.
+- ``designated_grad: window`` with ``pruned_update: train`` (blocks that learn): the blocks designated at
+  adaptation step ``t_k`` compute their full weight gradient on every step ``t_k < t <= t_{k+1}`` (the
+  next adaptation step, or ``t_f``, the *settle* step, when there is none) and their pruned weights take
+  the optimizer update from it (with ``pruned_decay``, SR-STE's ``lambda_w (1 - m) W`` inside them). At
+  ``t_{k+1}`` their masks are re-chosen from the trained weights (their best LMA swap where it gains, or
+  the top-N ``|W|`` of each group), A->B->A changes feed OBF, and the next designation follows on the
+  re-chosen masks. With ``progressive`` every non-frozen block is designated and no candidate gradient
+  is needed beyond the designated blocks'. Momentum restarts wherever a weight leaves the set of weights
+  that move (pruned and not designated); a regrown weight that was training keeps its momentum.
 
 With ``score_steps = k > 1`` the ``k - 1`` steps before each adaptation step are scoring steps: their
 ``grad_mask`` holds the adaptation step's candidates too, ``after_backward`` adds their gradient to a
@@ -24,38 +41,53 @@ weight's device and follows it if the model moves after ``prepare``.
 
 A layer whose budget ``rho(t) * num_blocks`` rounds to 0 has no candidates on that step: it would change
 nothing, so its dense candidate gradient is not computed at all. If any N:M weight gradient is not finite
-on an adaptation step (an fp16 overflow, after which the grad scaler skips the optimizer step), nothing
-is selected on that step.
+on an adaptation step (an fp16 overflow, after which the grad scaler skips the optimizer step), no mask
+changes on that step and the designation stays as it was (it ends at the settle step).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from ..autograd import Backward
-from ..bame_core import (OBFState, adaptation_elementwise_ops, apply_swaps, block_swaps, effective_frequency,
-                         gradient_grow_scale, obf_step, select_blocks, selection_budget)
+from ..bame_core import (BlockSwaps, OBFState, adaptation_elementwise_ops, apply_swaps, block_equal, block_swaps,
+                         effective_frequency, gradient_grow_scale, magnitude_blocks, magnitude_elementwise_ops,
+                         obf_elementwise_ops, obf_step, select_blocks, selection_budget)
 from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
-from ..schedule import is_adaptation_step, resolve_interval, resolve_window, rho_at
-from .base import AdaptationRecord, LayerAdaptation, register
+from ..schedule import adaptation_steps, is_adaptation_step, resolve_interval, resolve_window, rho_at
+from .base import AdaptationRecord, GradientSegment, LayerAdaptation, register
 from .static import Static
 
 __all__ = ["Bame"]
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: per-layer 'designated' blocks (version 1 checkpoints load with none designated)
 
 
 @dataclass
 class _Plan:
-    """One layer's pending swaps, in the weight's shape (between after_backward and after_optimizer_step)."""
+    """One layer's pending change, applied by after_optimizer_step."""
 
-    drop: torch.Tensor  # bool: kept weights to prune
-    grow: torch.Tensor  # bool: pruned weights to enable
+    new_mask: torch.Tensor  # bool, the weight's shape: the mask after this adaptation
+    designated: torch.Tensor  # [B] bool: the blocks designated for the next window (all False: none)
+
+
+@dataclass
+class _LayerDecision:
+    """What ``_decide`` chose for one layer (block form), and what it cost."""
+
+    new_blocks: torch.Tensor  # [B, G, m] bool: the mask after the re-choice
+    state: OBFState  # OBF state after this adaptation
+    events: torch.Tensor  # [B] bool: oscillation events
+    designated: torch.Tensor  # [B] bool: designated for the next window
+    scored: torch.Tensor  # [B] bool: blocks with a full gradient on this step (candidates + designated)
+    score: torch.Tensor  # [B] R_b recorded for the recorders (nan where not scored)
+    ops: int  # element-wise work of scoring, selection, re-choice and OBF
 
 
 @register("bame")
@@ -75,17 +107,26 @@ class Bame(Static):
         if b.score_steps > self.interval:
             raise ValueError(f"bame: method.bame.score_steps={b.score_steps} is longer than the adaptation interval "
                              f"T={self.interval} steps: scoring windows would overlap; lower score_steps or raise T")
+        self.window = b.designated_grad == "window"
+        self.train_pruned = b.pruned_update == "train"
+        self.pruned_decay = float(cfg.srste_decay if b.pruned_decay is None else b.pruned_decay)
+        # Candidates (every non-frozen block) compute their full gradient on adaptation steps so that LMA can
+        # score them; 'progressive' under 'window' designates every non-frozen block anyway and scores only
+        # the designated ones, so it needs no candidates.
+        self.scores_candidates = not (self.window and b.designation == "progressive")
         self.grids: dict[str, BlockGrid] = {}
         self.obf: dict[str, OBFState] = {}
-        self.last_score: dict[str, torch.Tensor] = {}  # [B] R_b at the last adaptation (nan: not a candidate)
+        self.last_score: dict[str, torch.Tensor] = {}  # [B] R_b at the last adaptation (nan: not scored)
+        self.designated: dict[str, torch.Tensor] = {}  # [B] bool: blocks designated for the current window
+        self._designated_positions: dict[str, Optional[torch.Tensor]] = {}  # the weight's shape (None: none)
         self.adaptations = 0  # adaptation steps run so far
         self.last_adaptation_step = -1
-        self._budgets: Optional[dict[str, int]] = None  # set by before_step on an adaptation step
+        self._budgets: Optional[dict[str, int]] = None  # set by before_step on an adaptation / settle step
         self._plans: dict[str, _Plan] = {}
-        # layer -> (id, _version) of its grad_mask right after this method cleared it: a grad_mask still
-        # at that version is all False, and is not cleared again (an in-place write would bump its version
-        # and invalidate the layers' cached counts for nothing, every step)
-        self._cleared: dict[str, tuple[int, int]] = {}
+        # layer -> (id, _version, what) of its grad_mask right after this method wrote it: a grad_mask still at
+        # that version holds 'what' and is not written again (an in-place write would bump its version and
+        # invalidate the layers' cached counts for nothing, every step)
+        self._written: dict[str, tuple] = {}
         # score_steps > 1: the candidate gradients of the scoring window so far (summed), and how many steps
         self._score_sum: dict[str, torch.Tensor] = {}
         self._score_count = 0
@@ -100,17 +141,24 @@ class Bame(Static):
                 grid = block_grid(layer.weight.shape, layer.pattern.m, b.block_rows, b.block_groups, layer.layout)
             except ValueError as err:
                 raise ValueError(f"bame: layer {name!r}: {err}") from None
+            device = layer.weight.device
             self.grids[name] = grid
-            self.obf[name] = OBFState.initial(grid.num_blocks, grid.groups_per_block, grid.m, layer.weight.device)
-            self.last_score[name] = torch.full((grid.num_blocks,), float("nan"), device=layer.weight.device)
+            self.obf[name] = OBFState.initial(grid.num_blocks, grid.groups_per_block, grid.m, device)
+            self.last_score[name] = torch.full((grid.num_blocks,), float("nan"), device=device)
+            self.designated[name] = torch.zeros(grid.num_blocks, dtype=torch.bool, device=device)
+            self._designated_positions[name] = None
         return model
 
     def _state(self, name: str, layer: NMLayer) -> OBFState:
         """The layer's OBF state, moved to the weight's device if the model moved since ``prepare``."""
         st = self.obf[name]
         if st.frequency.device != layer.weight.device:
-            st = self.obf[name] = st.to(layer.weight.device)
-            self.last_score[name] = self.last_score[name].to(layer.weight.device)
+            device = layer.weight.device
+            st = self.obf[name] = st.to(device)
+            self.last_score[name] = self.last_score[name].to(device)
+            self.designated[name] = self.designated[name].to(device)
+            held = self._designated_positions[name]
+            self._designated_positions[name] = None if held is None else held.to(device)
         return st
 
     # -- schedule ------------------------------------------------------------------------------
@@ -118,12 +166,28 @@ class Bame(Static):
         b = self.bcfg
         return is_adaptation_step(step, self.t_i, self.t_f, self.interval, b.interval_anchor)
 
+    def adaptation_steps(self, run_steps: int) -> list[int]:
+        """The adaptation steps before ``run_steps``, and under ``window`` the settle step ``t_f`` after them."""
+        steps = adaptation_steps(self.t_i, self.t_f, self.interval, self.bcfg.interval_anchor)
+        if self.window and steps:
+            steps.append(self.t_f)
+        return [s for s in steps if s < run_steps]
+
+    def is_settle_step(self, step: int) -> bool:
+        """Under ``window``: ``t_f``, where the blocks designated last are re-chosen and the designation ends."""
+        return self.window and step == self.t_f
+
     def rho_at(self, step: int) -> float:
         return rho_at(step, self.bcfg.rho, self.t_i, self.t_f, self.bcfg.rho_decay)
 
     def budgets(self, step: int) -> dict[str, int]:
-        """Blocks each layer may change at ``step`` (all 0 off the adaptation steps)."""
-        rho = self.rho_at(step) if self.is_adaptation_step(step) else 0.0
+        """Blocks each layer may designate at ``step``: ``rho(t)`` of its blocks (``topk``) or all of them
+        (``progressive``) on adaptation steps, 0 elsewhere."""
+        if not self.is_adaptation_step(step):
+            return {name: 0 for name in self.grids}
+        if self.bcfg.designation == "progressive":
+            return {name: grid.num_blocks for name, grid in self.grids.items()}
+        rho = self.rho_at(step)
         return {name: selection_budget(rho, grid.num_blocks, self.bcfg.rho_rounding)
                 for name, grid in self.grids.items()}
 
@@ -138,11 +202,34 @@ class Bame(Static):
     def candidate_budgets(self, step: int) -> Optional[dict[str, int]]:
         """Per layer, the block budget of the adaptation step ``step`` scores for (None when it scores for
         none): a layer with a non-zero budget computes its candidate blocks' weight gradient at ``step``."""
+        if not self.scores_candidates:
+            return None
         target = self.scoring_target(step)
         return None if target is None else self.budgets(target)
 
-    def _freezes(self) -> bool:
-        return self.bcfg.obf and self.bcfg.selection == "freeze_then_topk"
+    def gradient_plan(self, run_steps: int) -> list[GradientSegment]:
+        """The share of each layer's blocks computing their full weight gradient beyond the mask, by step
+        segment, in the first ``run_steps`` steps, if no block freezes and every budget is filled: exact for
+        the first family (its candidates are every block), an upper bound for ``window``."""
+        whole = {name: grid.num_blocks for name, grid in self.grids.items()}
+        adapts = adaptation_steps(self.t_i, self.t_f, self.interval, self.bcfg.interval_anchor)
+        scoring: list[tuple[int, int, dict[str, int]]] = []  # each adaptation step's scoring window: candidates
+        if self.scores_candidates:
+            for a in adapts:
+                blocks = {name: whole[name] if k > 0 else 0 for name, k in self.budgets(a).items()}
+                scoring.append((max(0, a - self.bcfg.score_steps + 1), a + 1, blocks))
+        designated: list[tuple[int, int, dict[str, int]]] = []  # designated at a: a+1 .. the next adaptation
+        if self.window:
+            designated = [(a, end, self.budgets(a)) for a, end in zip(adapts, adapts[1:] + [self.t_f])]
+            designated = [(a + 1, end + 1, held) for a, end, held in designated]
+        segments: list[GradientSegment] = []
+        for start, stop, blocks in _overlay(scoring, designated, run_steps):
+            share = {n: Fraction(k, whole[n]) for n, k in blocks.items()}
+            if segments and segments[-1].stop == start and segments[-1].share == share:
+                segments[-1] = GradientSegment(segments[-1].start, stop, share)
+            elif any(share.values()):
+                segments.append(GradientSegment(start, stop, share))
+        return segments
 
     # -- per step hooks ------------------------------------------------------------------------
     @torch.no_grad()
@@ -150,19 +237,29 @@ class Bame(Static):
         super().before_step(step)
         self._plans = {}
         self._candidates = self.candidate_budgets(step)
-        self._budgets = self._candidates if self.is_adaptation_step(step) else None
+        adapting = self.is_adaptation_step(step) or (
+            self.is_settle_step(step) and any(bool(d.any()) for d in self.designated.values()))
+        self._budgets = self.budgets(step) if adapting else None
         for name, layer in self.layers():
+            st = self._state(name, layer)
+            held = self._designated_positions[name]
             if self._candidates is not None and self._candidates[name] > 0:
-                candidates = ~self._state(name, layer).frozen
-                layer.grad_mask.copy_(self._expand(name, layer, candidates))
+                positions = self._expand(name, layer, ~st.frozen)
+                self._write_grad_mask(name, layer, positions if held is None else positions | held, ("step", step))
+            elif held is not None:
+                self._write_grad_mask(name, layer, held, ("designated", id(held)))
             else:
-                self._clear_grad_mask(name, layer)
+                self._write_grad_mask(name, layer, None, ("clear",))
 
-    def _clear_grad_mask(self, name: str, layer: NMLayer) -> None:
+    def _write_grad_mask(self, name: str, layer: NMLayer, positions: Optional[torch.Tensor], what: tuple) -> None:
         gm = layer.grad_mask
-        if self._cleared.get(name) != (id(gm), gm._version):
+        if self._written.get(name) == (id(gm), gm._version, what):
+            return
+        if positions is None:
             gm.zero_()
-            self._cleared[name] = (id(gm), gm._version)
+        else:
+            gm.copy_(positions)
+        self._written[name] = (id(gm), gm._version, what)
 
     def _expand(self, name: str, layer: NMLayer, per_block: torch.Tensor) -> torch.Tensor:
         """``[B]`` -> the weight's shape: every position of block ``b`` takes ``per_block[b]``."""
@@ -177,6 +274,27 @@ class Bame(Static):
         elif self._candidates is not None:
             self._accumulate_scores(self._candidates)
         self.mask_gradients_and_decay()
+
+    @torch.no_grad()
+    def mask_gradients_and_decay(self) -> None:
+        """grad <- (grad + wd W [+ pruned_decay (1 - m) W inside designated blocks]) * U, with U the mask and,
+        under ``pruned_update: train``, the designated blocks: nothing outside U moves."""
+        if not self.train_pruned:
+            super().mask_gradients_and_decay()
+            return
+        wd = self.ctx.weight_decay
+        for name, layer in self.layers():
+            w, held = layer.weight, self._designated_positions[name]
+            if w.grad is None:
+                continue
+            if wd:
+                w.grad.add_(w, alpha=wd)
+            if held is None:
+                w.grad.mul_(layer.mask)
+                continue
+            if self.pruned_decay:
+                w.grad.add_(w * (held & ~layer.mask), alpha=self.pruned_decay)
+            w.grad.mul_(layer.mask | held)
 
     def _accumulate_scores(self, budgets: dict[str, int]) -> None:
         """A scoring step before the adaptation step: keep the candidates' gradient (skipped on an fp16
@@ -198,51 +316,104 @@ class Bame(Static):
         return (acc + g) / (self._score_count + 1)
 
     def _adapt(self, step: int, budgets: dict[str, int]) -> AdaptationRecord:
-        """Score, select and track oscillations in every layer; store the plans; describe them."""
-        b = self.bcfg
+        """Decide every layer's re-choice, OBF update and designation; store the plans; describe them."""
         record = AdaptationRecord(step=step, rho=self.rho_at(step))
-        if not self._gradients_finite():
-            # fp16 overflow: the grad scaler skips this optimizer step; the mask is left alone too.
-            budgets = {name: 0 for name in budgets}
+        finite = self._gradients_finite()
+        settle = step >= self.t_f
         for name, layer in self.layers():
             grid, st = self.grids[name], self._state(name, layer)
-            budget = budgets[name]
-            w, g = layer.weight.detach(), layer.weight.grad
-            if g is not None:
-                g = self._scoring_gradient(name, g)
-            if budget == 0 or g is None:
+            g = layer.weight.grad
+            held = self.designated[name]
+            budget = budgets[name] if finite else 0
+            active = g is not None and finite and (budget > 0 or bool(held.any()))
+            if not active:
                 self.last_score[name] = torch.full_like(self.last_score[name], float("nan"))
-                record.layers.append(self._layer_record(name, grid, st, 0, 0, 0, 0, None))
+                record.layers.append(self._layer_record(name, grid, st, 0, 0, 0, 0, None, held))
+                if settle:
+                    self._plans[name] = _Plan(layer.mask.clone(), torch.zeros_like(held))
                 continue
-            wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (w, g, layer.mask))
-            candidates = ~st.frozen
-            scale = gradient_grow_scale(w, layer.mask) if b.lma == "gradient" else None
-            swaps = block_swaps(wb, gb, mb, layer.pattern.n, b.lma, b.swaps_per_block, scale)
-            selected = select_blocks(swaps.score, candidates, st.frozen, st.frequency, budget, b.selection,
-                                     b.joint_lambda)
-            new_mb = apply_swaps(mb, swaps.drop, swaps.grow, selected)
-            new_st, events = obf_step(st, mb, new_mb, candidates, b.beta, b.tau, b.min_changes, b.obf_update,
-                                      freeze=self._freezes(), bias_correction=b.obf_bias_correction)
-            self.obf[name] = new_st
-            score = torch.where(candidates, swaps.score, torch.full_like(swaps.score, float("nan")))
-            self.last_score[name] = score.float()
-            sel = selected.view(-1, 1, 1)
-            self._plans[name] = _Plan(drop=self._blocks_to_weight(name, layer, swaps.drop & sel),
-                                      grow=self._blocks_to_weight(name, layer, swaps.grow & sel))
-            n_sel = int(selected.sum())
-            n_swaps = int((swaps.num_swaps * selected).sum())
-            n_cand = int(candidates.sum())
-            n_updated = n_sel if b.obf_update == "changed" else n_cand
-            ops = adaptation_elementwise_ops(n_cand, grid.groups_per_block, grid.m, layer.pattern.n,
-                                             b.swaps_per_block, b.lma, b.selection, n_sel, n_updated,
-                                             layer_numel=w.numel())
-            record.scoring_elementwise_ops += ops
-            record.layers.append(self._layer_record(name, grid, new_st, n_cand, n_sel, n_swaps,
-                                                    int(events.sum()), score[candidates]))
+            d = self._decide(name, layer, self._scoring_gradient(name, g), budget, held, settle)
+            self.obf[name] = d.state
+            self.last_score[name] = d.score.float()
+            old_blocks = to_blocks(layer.mask, grid, layer.layout)
+            changed = ~block_equal(old_blocks, d.new_blocks)
+            self._plans[name] = _Plan(from_blocks(d.new_blocks, grid, layer.weight.shape, layer.layout), d.designated)
+            record.scoring_elementwise_ops += d.ops
+            record.layers.append(self._layer_record(
+                name, grid, d.state, int(d.scored.sum()), int(changed.sum()), int((old_blocks & ~d.new_blocks).sum()),
+                int(d.events.sum()), d.score[d.scored], d.designated))
         self.adaptations += 1
         self.last_adaptation_step = step
         self._score_sum, self._score_count = {}, 0
         return record
+
+    def _decide(self, name: str, layer: NMLayer, g: torch.Tensor, budget: int, held: torch.Tensor,
+                settle: bool) -> _LayerDecision:
+        """One layer's adaptation: which blocks are re-chosen, to what, OBF, and the next designation.
+
+        First family (``adaptation``): the designation of this step is re-chosen at once. ``window``: the
+        blocks ``held`` since the last adaptation are re-chosen, then the next designation is made on the
+        re-chosen masks (none at the settle step).
+        """
+        b, grid, st = self.bcfg, self.grids[name], self.obf[name]
+        w = layer.weight.detach()
+        n = layer.pattern.n
+        wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (w, g, layer.mask))
+        candidates = ~st.frozen if budget > 0 and self.scores_candidates else torch.zeros_like(st.frozen)
+        scale = gradient_grow_scale(w, layer.mask) if b.lma == "gradient" else None
+        e = grid.groups_per_block * grid.m
+        nan = torch.full(st.frozen.shape, float("nan"), device=w.device)
+
+        def swaps_on(blocks: torch.Tensor) -> BlockSwaps:
+            return block_swaps(wb, gb, blocks, n, b.lma, b.swaps_per_block, scale)
+
+        def scoring_ops(scored: torch.Tensor, changed: int, updated: int) -> int:
+            return adaptation_elementwise_ops(int(scored.sum()), grid.groups_per_block, grid.m, n,
+                                              b.swaps_per_block, b.lma, b.selection, changed, updated,
+                                              layer_numel=w.numel())
+
+        def designate(score: torch.Tensor, state: OBFState) -> torch.Tensor:
+            if b.designation == "progressive":
+                return candidates & ~state.frozen if not self.window else ~state.frozen
+            return select_blocks(score, candidates, state.frozen, state.frequency, budget, b.selection,
+                                 b.joint_lambda)
+
+        # Which blocks are re-chosen now: the first family re-chooses this step's designation at once.
+        swaps = swaps_on(mb) if (b.regrow_rule == "lma" or not self.window) else None
+        rechosen = held if self.window else designate(swaps.score, st)
+        if b.regrow_rule == "lma":
+            gains = rechosen & torch.isfinite(swaps.score) & (swaps.score > 0)
+            new_mb = apply_swaps(mb, swaps.drop, swaps.grow, gains)
+        else:
+            new_mb = torch.where(rechosen.view(-1, 1, 1), magnitude_blocks(wb, n), mb)
+        tracked = rechosen | candidates if self.window else candidates
+        state, events = obf_step(st, mb, new_mb, tracked, b.beta, b.tau, b.min_changes, b.obf_update,
+                                 freeze=self._freezes(), bias_correction=b.obf_bias_correction)
+        changed = int((~block_equal(mb, new_mb)).sum())
+        updated = changed if b.obf_update == "changed" else int(tracked.sum())
+        score = nan
+        if swaps is not None:
+            score = torch.where(rechosen | candidates, swaps.score, nan)
+        if b.regrow_rule == "lma":
+            ops = scoring_ops(rechosen if self.window else candidates, changed, updated)
+        else:
+            ops = (magnitude_elementwise_ops(int(rechosen.sum()), grid.groups_per_block, grid.m)
+                   + obf_elementwise_ops(changed, updated, e))
+            if swaps is not None:  # the first family's topk designation scored the candidates
+                ops += scoring_ops(candidates, 0, 0)
+        designated = torch.zeros_like(held)
+        if self.window and not settle:
+            if b.designation == "topk":
+                fresh = swaps_on(new_mb)  # scores on the re-chosen masks
+                designated = designate(fresh.score, state)
+                score = torch.where(candidates, fresh.score, score)
+                ops += scoring_ops(candidates, 0, 0)
+            else:
+                designated = designate(score, state)
+        return _LayerDecision(new_mb, state, events, designated, rechosen | candidates, score, ops)
+
+    def _freezes(self) -> bool:
+        return self.bcfg.obf and self.bcfg.selection == "freeze_then_topk"
 
     def _gradients_finite(self) -> bool:
         """One host sync: every N:M weight gradient is finite."""
@@ -250,11 +421,9 @@ class Bame(Static):
                  if layer.weight.grad is not None]
         return bool(torch.stack(flags).all()) if flags else True
 
-    def _blocks_to_weight(self, name: str, layer: NMLayer, blocks: torch.Tensor) -> torch.Tensor:
-        return from_blocks(blocks, self.grids[name], layer.weight.shape, layer.layout)
-
     def _layer_record(self, name: str, grid: BlockGrid, st: OBFState, candidates: int, selected: int,
-                      swaps: int, events: int, scores: Optional[torch.Tensor]) -> LayerAdaptation:
+                      swaps: int, events: int, scores: Optional[torch.Tensor],
+                      designated: torch.Tensor) -> LayerAdaptation:
         stats: dict[str, float] = {}
         if scores is not None:
             finite = scores[torch.isfinite(scores)]
@@ -267,7 +436,8 @@ class Bame(Static):
             score_stats=stats,
             frequency=effective_frequency(st, b.beta, b.obf_bias_correction).detach().cpu().clone(),
             frozen=st.frozen.detach().cpu().clone(), last_score=self.last_score[name].detach().cpu().clone(),
-            changes=st.changes.detach().cpu().clone())
+            changes=st.changes.detach().cpu().clone(), designated_blocks=int(designated.sum()) if self.window else 0,
+            designated=designated.detach().cpu().clone() if self.window else None)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
@@ -275,26 +445,40 @@ class Bame(Static):
             plan = self._plans.get(name)
             if plan is not None:
                 self._apply(name, layer, plan)
-            if self._budgets is not None:
-                self._clear_grad_mask(name, layer)
+            if self._budgets is not None:  # the candidates are done: only the designated blocks stay
+                held = self._designated_positions[name]
+                self._write_grad_mask(name, layer, held, ("clear",) if held is None else ("designated", id(held)))
         self._plans = {}
         self._budgets = None
 
     def _apply(self, name: str, layer: NMLayer, plan: _Plan) -> None:
-        new_mask = (layer.mask & ~plan.drop) | plan.grow
+        new_mask = plan.new_mask
         n, m = layer.pattern.n, layer.pattern.m
         if not is_nm(new_mask, n, m, layer.layout, exact=True):
-            raise RuntimeError(f"bame: layer {name!r} of shape {tuple(layer.weight.shape)}: mask after the swaps "
-                               f"does not keep exactly {n} of every {m} (a swap plan is inconsistent)")
+            raise RuntimeError(f"bame: layer {name!r} of shape {tuple(layer.weight.shape)}: mask after the "
+                               f"adaptation does not keep exactly {n} of every {m} (a plan is inconsistent)")
+        drop, grow = layer.mask & ~new_mask, new_mask & ~layer.mask
         if self.bcfg.regrow == "zero":
-            layer.weight.masked_fill_(plan.grow, 0)
-        self.reset_optimizer_state(layer.weight, plan.drop | plan.grow)
+            layer.weight.masked_fill_(grow, 0)
+        if self.window:
+            self._set_designation(name, layer, plan.designated)
+        if self.train_pruned:
+            # every weight that will not move keeps a zero optimizer state; trained weights keep theirs
+            held = self._designated_positions[name]
+            self.reset_optimizer_state(layer.weight, ~(new_mask if held is None else new_mask | held))
+        else:
+            self.reset_optimizer_state(layer.weight, drop | grow)
         layer.mask.copy_(new_mask)
+
+    def _set_designation(self, name: str, layer: NMLayer, designated: torch.Tensor) -> None:
+        self.designated[name] = designated
+        self._designated_positions[name] = self._expand(name, layer, designated) if bool(designated.any()) else None
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Per layer: frequency, EMA update counts, change counts, frozen flags, previous block states,
-        last scores; and the step counters. All tensors (masks ride in the model's state dict)."""
+        last scores, designated blocks; and the step counters. All tensors (masks ride in the model's
+        state dict)."""
         if self._plans:
             raise RuntimeError("bame: state_dict between after_backward and after_optimizer_step would lose "
                                "the pending swaps; checkpoint at the end of a step")
@@ -302,7 +486,7 @@ class Bame(Static):
         for name, st in self.obf.items():
             layers[name] = {"frequency": st.frequency, "updates": st.updates, "changes": st.changes,
                             "frozen": st.frozen, "prev_state": st.prev_state, "has_prev": st.has_prev,
-                            "last_score": self.last_score[name]}
+                            "last_score": self.last_score[name], "designated": self.designated[name]}
             if name in self._score_sum:  # mid-way through a scoring window (score_steps > 1)
                 layers[name]["score_sum"] = self._score_sum[name]
         return {"version": torch.tensor(_STATE_VERSION),
@@ -313,15 +497,18 @@ class Bame(Static):
                 "layers": {k: {kk: vv.detach().clone() for kk, vv in v.items()} for k, v in layers.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if int(state["version"]) != _STATE_VERSION:
-            raise ValueError(f"bame: method state version {int(state['version'])} != {_STATE_VERSION}")
+        version = int(state["version"])
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"bame: method state version {version} is not one this version reads "
+                             f"(1 or {_STATE_VERSION})")
         layers = dict(self.layers())
         missing, extra = set(self.obf) - set(state["layers"]), set(state["layers"]) - set(self.obf)
         if missing or extra:
             raise ValueError(f"bame: method state does not match the model's N:M layers: missing {sorted(missing)}, "
                              f"unexpected {sorted(extra)}")
         for name, s in state["layers"].items():
-            device = layers[name].weight.device
+            layer = layers[name]
+            device = layer.weight.device
             old = self.obf[name]
             new = OBFState(s["frequency"], s["updates"], s["changes"], s["frozen"], s["prev_state"],
                            s["has_prev"]).to(device)
@@ -331,9 +518,30 @@ class Bame(Static):
                                      f"{tuple(a.shape)} {a.dtype} (different block size or pattern?)")
             self.obf[name] = new
             self.last_score[name] = s["last_score"].to(device)
+            designated = s.get("designated", torch.zeros_like(old.frozen)).to(device)
+            self._set_designation(name, layer, designated)
         self._score_sum = {name: s["score_sum"].to(layers[name].weight.device)
                            for name, s in state["layers"].items() if "score_sum" in s}
         self._score_count = int(state.get("score_count", 0))
         self.adaptations = int(state["adaptations"])
         self.last_adaptation_step = int(state["last_adaptation_step"])
         self._plans, self._budgets, self._candidates = {}, None, None
+        self._written = {}
+
+
+def _overlay(a: list[tuple[int, int, dict[str, int]]], b: list[tuple[int, int, dict[str, int]]],
+             stop_at: int) -> list[tuple[int, int, dict[str, int]]]:
+    """Two sorted lists of disjoint ``(start, stop, blocks)`` segments as one, cut at every boundary, blocks
+    per layer the larger of the two where they overlap (without freezing a designated block is a candidate
+    too), clipped to ``[0, stop_at)``."""
+    bounds = sorted({x for start, stop, _ in a + b for x in (start, stop) if x < stop_at} | {stop_at})
+    out, i, j = [], 0, 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        while i < len(a) and a[i][1] <= lo:
+            i += 1
+        while j < len(b) and b[j][1] <= lo:
+            j += 1
+        here = [segs[k][2] for segs, k in ((a, i), (b, j)) if k < len(segs) and segs[k][0] <= lo]
+        if here:
+            out.append((lo, hi, {n: max(h.get(n, 0) for h in here) for n in here[0]}))
+    return out

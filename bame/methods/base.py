@@ -18,6 +18,7 @@ no decay and no momentum: they keep their stored value.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, ClassVar, Optional
 from collections.abc import Callable
 
@@ -28,7 +29,7 @@ from ..config import Config, MethodConfig, to_dict
 from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 
 __all__ = ["MethodContext", "Method", "METHODS", "register", "create_method", "available_methods",
-           "AdaptationRecord", "LayerAdaptation", "experiment_identity"]
+           "AdaptationRecord", "LayerAdaptation", "GradientSegment", "experiment_identity"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,19 @@ class LayerAdaptation:
     frozen: Optional[torch.Tensor] = None  # [num_blocks] bool
     last_score: Optional[torch.Tensor] = None  # [num_blocks] R_b of this step (nan where not a candidate)
     changes: Optional[torch.Tensor] = None  # [num_blocks] int, how often each block changed so far
+    designated_blocks: int = 0  # blocks designated for the next window (BAME's 'window' reading)
+    designated: Optional[torch.Tensor] = None  # [num_blocks] bool, those blocks (None: no window reading)
+
+
+@dataclass(frozen=True)
+class GradientSegment:
+    """Steps ``start <= t < stop`` on which ``share[layer]`` of the pruned positions of each N:M layer
+    compute their weight gradient too (a method's declared cost; ``bame flops`` counts it). An exact
+    fraction: BAME's blocks tile a layer, so ``k`` of its ``B`` blocks are ``Fraction(k, B)`` of it."""
+
+    start: int
+    stop: int
+    share: dict[str, Fraction]
 
 
 @dataclass
@@ -111,6 +125,23 @@ class Method:
     def self_decayed_parameters(self) -> list[nn.Parameter]:
         """Parameters whose weight decay this method applies itself (masked)."""
         return []
+
+    # -- declared costs (read by ``bame flops``; the ledger counts what really ran) --------------
+    def adaptation_steps(self, run_steps: int) -> list[int]:
+        """The steps before ``run_steps`` on which this method adapts the masks (none by default)."""
+        return []
+
+    def gradient_plan(self, run_steps: int) -> list[GradientSegment]:
+        """Where, beyond its normal step, this method computes full weight gradients of blocks of its N:M
+        layers during the first ``run_steps`` steps (nowhere by default). Needs ``prepare`` first."""
+        return []
+
+    @property
+    def regime_switch_step(self) -> Optional[int]:
+        """The step from which the method trains in another regime (ASP's prune, ``phased``'s switch): steps
+        before it cost the step of the prepared model, steps from it on the step after
+        ``before_step(regime_switch_step)``. None: one regime throughout."""
+        return None
 
     # -- per step hooks ------------------------------------------------------------------------
     def before_step(self, step: int) -> None:
