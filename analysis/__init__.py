@@ -4,21 +4,13 @@ Pure and one-way: it reads what ``bame/runs.py`` wrote (docs/contracts.md) and n
 training code. FLOPs are counted as multiply-accumulates (MACs); FLOPs = 2 x MACs.
 """
 
-from .figures import (
-    PHASE_LABELS,
-    accuracy_vs_flops,
-    frozen_fraction,
-    layer_flips,
-    mask_flips,
-    phase_breakdown,
-    phase_totals,
-    training_loss,
-)
+from .figures import accuracy_vs_flops, frozen_fraction, layer_flips, mask_flips, training_loss
 from .forest import forest_plot
 from .groups import fill_defaults, run_groups, run_points
 from .heatmaps import oscillation_heatmaps
 from .layout import text_problems
 from .pareto import group_means, pareto_front, pareto_scatter
+from .phases import PHASE_LABELS, phase_breakdown, phase_totals
 from .published import load_published
 from .readers import (
     FLOPS_CONVENTION,

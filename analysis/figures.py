@@ -1,4 +1,4 @@
-"""Curves and bars from run folders: each function returns a matplotlib Figure; :func:`save` writes PNG + PDF.
+"""Curves from run folders: each function returns a matplotlib Figure; :func:`analysis.save` writes PNG + PDF.
 
 Conventions shared by these figures:
 - a *group* is a set of seeds of one experiment (:mod:`analysis.groups`); its label reads ``bame 2:4``
@@ -8,7 +8,7 @@ Conventions shared by these figures:
 - FLOPs on an axis are training FLOPs = 2 x MACs, ideal view, in SI units.
 
 Comparisons of final numbers are in :mod:`analysis.pareto` (accuracy against FLOPs, one marker per
-group) and :mod:`analysis.forest` (readings against the control). Figures never import the training
+group) and :mod:`analysis.forest` (readings against the control); FLOPs per phase in :mod:`analysis.phases`. Figures never import the training
 code and never call ``plt.show``; pick a backend (``Agg`` in tests and scripts) before importing pyplot
 elsewhere.
 """
@@ -29,34 +29,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .groups import DENSE_PATTERN, _method_rank, _pattern_rank, run_groups
-from .readers import (
-    PHASES,
-    RunLike,
-    accuracy_percent,
-    load_adaptation,
-    load_flops,
-    load_masks,
-    load_metrics,
-    load_runs,
-    load_sparsify,
-)
+from .readers import accuracy_percent, load_adaptation, load_masks, load_metrics, load_runs, load_sparsify
 from .style import empty, flops_axis, group_styles, legend_beside, legend_inside_or_below, new_figure, style
 
-__all__ = [
-    "PHASE_LABELS",
-    "accuracy_vs_flops",
-    "frozen_fraction",
-    "layer_flips",
-    "mask_flips",
-    "phase_breakdown",
-    "phase_totals",
-    "training_loss",
-]
+__all__ = ["accuracy_vs_flops", "frozen_fraction", "layer_flips", "mask_flips", "training_loss"]
 
-PHASE_LABELS = {"forward": "forward", "input_grad": "input gradient", "weight_grad": "weight gradient",
-                "adaptation": "mask adaptation"}
-_PHASE_COLORS = {"forward": "#0072B2", "input_grad": "#56B4E9", "weight_grad": "#D55E00",
-                 "adaptation": "#CC79A7"}
 RunsLike = Union[str, Path, pd.DataFrame]
 Curve = Callable[[pd.Series], pd.DataFrame]
 
@@ -391,64 +368,4 @@ def layer_flips(runs: RunsLike, completed_only: bool = True) -> Figure:
         handles = [Line2D([], [], color=colors[layer], lw=1.4) for layer in layers]
         legend_beside(fig, handles, layers, title="layer")
         fig.suptitle("Mask flips per layer since the start (mean over seeds)")
-    return fig
-
-
-# --------------------------------------------------------------------------------------------------
-# per-phase FLOPs
-
-
-def phase_totals(run: RunLike, view: str = "ideal") -> pd.Series:
-    """Training FLOPs (2 x MACs) of one run per phase, from flops.csv (every epoch and layer)."""
-    f = load_flops(run)
-    col = f"{view}_macs"
-    if f.empty:
-        return pd.Series({p: 0.0 for p in PHASES}, dtype=float)
-    totals = 2.0 * f.groupby("phase")[col].sum().astype(float)
-    phases = list(PHASES) + [p for p in totals.index if p not in PHASES]
-    return totals.reindex(phases, fill_value=0.0)
-
-
-def phase_breakdown(runs: RunsLike, view: str = "ideal", completed_only: bool = True) -> Figure:
-    """Stacked horizontal bars: training FLOPs per phase (forward, input gradient, weight gradient,
-    adaptation).
-
-    One bar per group (top to bottom in table order), the mean over its seeds of each phase's total
-    from flops.csv; ``view`` is ``ideal`` or ``executed``. Each bar segment's gid is ``<group>|<phase>``.
-    """
-    if view not in ("ideal", "executed"):
-        raise ValueError(f"view must be 'ideal' or 'executed', got {view!r}")
-    df = _runs(runs, completed_only)
-    labels = run_groups(df)
-    groups = [g[0] for g in _group_order(df, labels)] if not df.empty else []
-    totals: dict[str, list[pd.Series]] = {g: [] for g in groups}
-    for idx, run in df.iterrows():
-        t = phase_totals(run, view)
-        if t.sum() > 0:
-            totals[labels[idx]].append(t)
-    groups = [g for g in groups if totals[g]]
-    with style():
-        fig, ax = new_figure(7.2, 0.32 * len(groups) + 1.8)
-        if not groups:
-            empty(ax, "no runs" if df.empty else "no flops.csv in these runs")
-            return fig
-        means = pd.DataFrame({g: pd.concat(totals[g], axis=1).mean(axis=1) for g in groups}).fillna(0.0)
-        y = np.arange(len(groups))
-        left = np.zeros(len(groups))
-        for phase in means.index:
-            values = means.loc[phase].to_numpy(float)
-            if not values.any():
-                continue
-            bars = ax.barh(y, values, left=left, color=_PHASE_COLORS.get(phase), height=0.65,
-                           label=PHASE_LABELS.get(phase, phase))
-            for g, patch in zip(groups, bars.patches):
-                patch.set_gid(f"{g}|{phase}")
-            left += values
-        ax.set_yticks(y)
-        ax.set_yticklabels(groups)
-        ax.invert_yaxis()
-        ax.grid(axis="y", visible=False)
-        flops_axis(ax.xaxis, f"training FLOPs ({view}), mean over seeds")
-        ax.set_title(f"Training FLOPs per phase ({view})")
-        fig.legend(loc="outside lower center", ncols=4)
     return fig

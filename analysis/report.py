@@ -18,7 +18,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from . import figures, heatmaps
+from . import figures, heatmaps, phases
 from .forest import forest_plot
 from .groups import fill_defaults, run_points
 from .pareto import group_means, pareto_scatter
@@ -126,9 +126,9 @@ def _draw_figures(runs: pd.DataFrame, points: pd.DataFrame, readings: pd.DataFra
     if len(readings):
         out.add("readings", "Change in top-1 against the static control (shaded: its ±1 std)",
                 forest_plot(readings))
-    out.add("phase_breakdown", "Training FLOPs per phase (ideal, mean over seeds)", figures.phase_breakdown(runs))
+    out.add("phase_breakdown", "Training FLOPs per phase (ideal, mean over seeds)", phases.phase_breakdown(runs))
     out.add("phase_breakdown_executed", "Training FLOPs per phase as executed by this machine's kernels",
-            figures.phase_breakdown(runs, view="executed"))
+            phases.phase_breakdown(runs, view="executed"))
     shown = _curve_runs(runs, points)
     out.add("training_loss", "Training loss per pattern (dense in each panel)", figures.training_loss(shown))
     out.add("layer_flips", "Mask flips per layer since the start, as a fraction of the layer's weights",

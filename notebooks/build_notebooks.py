@@ -769,7 +769,7 @@ def training_flops() -> list:
     bottom = np.zeros(len(view))
     for ph in PHASES:
         values = 2 * view[f"step {ph}"].to_numpy(float)
-        ax.bar(labels, values, bottom=bottom, label=analysis.figures.PHASE_LABELS[ph])
+        ax.bar(labels, values, bottom=bottom, label=analysis.PHASE_LABELS[ph])
         bottom += values
     ax.plot(labels, 2 * view["step executed"].to_numpy(float), "kx", ms=9, label="executed here (all phases)")
     ax.set(ylabel="FLOPs per training step (2 x MACs)", title=f"{model}: one normal training step by phase (ideal)")
