@@ -342,8 +342,8 @@ def layer_flips(runs: RunsLike, completed_only: bool = True) -> Figure:
     ncols = 2 if len(curves) > 3 else 1
     nrows = max(1, math.ceil(len(curves) / ncols))
     with style():
-        fig, axes = new_figure(5.0 + 3.6 * ncols, 2.3 * nrows + 0.6, nrows=nrows, ncols=ncols, sharex=True,
-                               squeeze=False)
+        height = max(2.3 * nrows + 0.6, 0.19 * len(layers) + 0.9)  # room for the legend of every layer
+        fig, axes = new_figure(5.0 + 3.6 * ncols, height, nrows=nrows, ncols=ncols, sharex=True, squeeze=False)
         if not curves:
             empty(axes[0, 0], "no mask flips in these runs")
             return fig

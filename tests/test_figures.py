@@ -62,6 +62,11 @@ def _figure_builders(runs: pd.DataFrame, runs_root: Path, tmp: Path) -> dict:
     study = _study_points()
     study_readings = analysis.readings_table(study[study["family"].isna()])
     no_blocks = shutil.copytree(bame["path"], tmp / "no-snapshots", ignore=shutil.ignore_patterns("blocks"))
+    srste = runs[(runs["method.name"] == "srste") & (runs["status"] == "completed")].iloc[0]
+    deep = shutil.copytree(srste["path"], tmp / "runs-deep" / "deep", ignore=shutil.ignore_patterns("checkpoints"))
+    masks = pd.read_csv(deep / "masks.csv")  # a model with 20 N:M layers: one legend entry each
+    pd.concat([masks.assign(layer=f"layer{i // 6 + 1}.{i % 3}.conv{i % 2 + 1}.{i}") for i in range(20)]).to_csv(
+        deep / "masks.csv", index=False)
     return {
         "pareto_scatter": lambda: analysis.pareto_scatter(analysis.run_points(runs)),
         "pareto_scatter:study": lambda: analysis.pareto_scatter(study),
@@ -73,6 +78,7 @@ def _figure_builders(runs: pd.DataFrame, runs_root: Path, tmp: Path) -> dict:
         "training_loss:empty": lambda: analysis.training_loss(empty),
         "layer_flips": lambda: analysis.layer_flips(runs),
         "layer_flips:empty": lambda: analysis.layer_flips(empty),
+        "layer_flips:20 layers": lambda: analysis.layer_flips(analysis.load_runs(tmp / "runs-deep")),
         "accuracy_vs_flops": lambda: analysis.accuracy_vs_flops(runs),
         "accuracy_vs_flops:logx": lambda: analysis.accuracy_vs_flops(runs, logx=True),
         "mask_flips": lambda: analysis.mask_flips(runs),
