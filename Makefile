@@ -1,12 +1,15 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The set-up commands of the README: `make demo`, `make test` and `make notebooks`.
 # Each creates .venv when missing, installs the project into it, fetches the offline data, and runs.
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= data
+# `make notebooks`: quick mode (seconds per notebook) unless BAME_NOTEBOOK_MODE=full is set
+BAME_NOTEBOOK_MODE ?= quick
+NOTEBOOK_HTML      ?= runs/notebooks/html
 
-.PHONY: demo test test-all lint venv data clean-venv
+.PHONY: demo test test-all lint notebooks venv data clean-venv
 
 venv: $(VENV)/.installed
 
@@ -28,6 +31,12 @@ test: venv data
 
 test-all: venv data
 	$(PY) -m pytest -q -m ''
+
+# Every notebook executed into $(NOTEBOOK_HTML)/<notebook>.html (the kernel is the venv's python: the
+# one that runs nbconvert).
+notebooks: venv data
+	BAME_NOTEBOOK_MODE=$(BAME_NOTEBOOK_MODE) \
+	$(PY) -m jupyter nbconvert --execute --to html --output-dir $(NOTEBOOK_HTML) notebooks/*.ipynb
 
 lint: venv
 	$(PY) -m ruff check bame analysis tests

@@ -1,20 +1,16 @@
-"""Analysis of run folders: runs -> pandas DataFrames -> tables and matplotlib figures.
+"""Analysis of run folders: runs -> pandas DataFrames -> tables, figures and reports.
 
 Pure and one-way: it reads what ``bame/runs.py`` wrote (docs/contracts.md) and never imports the
 training code. FLOPs are counted as multiply-accumulates (MACs); FLOPs = 2 x MACs.
 """
 
-from .figures import (
-    accuracy_vs_flops,
-    frozen_fraction,
-    has_data,
-    mask_flips,
-    oscillation_heatmaps,
-    phase_breakdown,
-    phase_totals,
-    run_groups,
-    save,
-)
+from .figures import accuracy_vs_flops, frozen_fraction, layer_flips, mask_flips, training_loss
+from .forest import forest_plot
+from .groups import fill_defaults, run_groups, run_points
+from .heatmaps import oscillation_heatmaps
+from .layout import text_problems
+from .pareto import group_means, pareto_front, pareto_scatter
+from .phases import PHASE_LABELS, phase_breakdown, phase_totals
 from .published import load_published
 from .readers import (
     FLOPS_CONVENTION,
@@ -33,7 +29,9 @@ from .readers import (
     load_summary,
     run_path,
 )
+from .readings import format_readings_table, readings_table
 from .report import write_report
+from .style import has_data, save
 from .tables import comparable_keys, format_paper_table, paper_table, to_markdown
 
 __all__ = [
@@ -41,11 +39,13 @@ __all__ = [
     "FLOPS_CONVENTION", "NotARunFolderError", "find_run_folders", "run_path", "load_runs",
     "load_manifest", "load_config", "load_summary", "load_metrics", "load_flops", "load_masks",
     "load_adaptation", "load_sparsify", "load_blocks", "load_block_arrays", "load_published",
-    # tables
-    "paper_table", "format_paper_table", "to_markdown", "comparable_keys",
+    # groups and tables
+    "run_groups", "run_points", "fill_defaults", "comparable_keys", "paper_table", "format_paper_table",
+    "readings_table", "format_readings_table", "to_markdown",
     # figures
+    "pareto_scatter", "pareto_front", "group_means", "forest_plot", "training_loss", "layer_flips",
     "accuracy_vs_flops", "oscillation_heatmaps", "frozen_fraction", "mask_flips", "phase_breakdown",
-    "phase_totals", "run_groups", "has_data", "save",
+    "phase_totals", "PHASE_LABELS", "has_data", "save", "text_problems",
     # report
     "write_report",
 ]

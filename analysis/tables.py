@@ -8,12 +8,24 @@ counted as MACs and reported as FLOPs = 2 x MACs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from .groups import (
+    _BASE_KEYS,
+    DENSE_PATTERN,
+    METHOD_ORDER,
+    _hashable,
+    _method_rank,
+    _pattern_rank,
+    comparable_keys,
+    group_settings,
+    prepare_groups,
+    reference_reading,
+)
 from .readers import FLOPS_CONVENTION
 
 __all__ = [
@@ -25,104 +37,31 @@ __all__ = [
     "to_markdown",
 ]
 
-# The order methods appear in tables and legends; unknown methods follow alphabetically.
-METHOD_ORDER = ("dense", "static", "ste", "srste", "asp", "lbc", "bimask", "bame")
-DENSE_PATTERN = "dense"  # the pattern column of a dense row (its config pattern is not used)
-
-# Config keys that never change the numbers a run produces: not grouped on, not checked.
-_IGNORED_KEYS = ("name", "train.seed", "train.device", "train.progress", "data.root", "data.num_workers",
-                 "train.eval_batch_size", "train.log_every_steps", "train.checkpoint_every_steps")
-_IGNORED_PREFIXES = ("instrument.",)
-_CONFIG_PREFIXES = ("data.", "model.", "method.", "train.")
-_BASE_KEYS = ("data.name", "model.name")
-
-
-def _method_rank(name: Any) -> tuple[int, str]:
-    name = str(name)
-    return (METHOD_ORDER.index(name), name) if name in METHOD_ORDER else (len(METHOD_ORDER), name)
-
-
-def _pattern_rank(p: Any) -> float:
-    """Sort N:M patterns by density (2:4 before 1:4 before 1:16); unparsable ones last."""
-    try:
-        n, m = str(p).split(":")
-        return -int(n) / int(m)
-    except ValueError:
-        return math.inf
-
-
-def _config_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns
-            if c.startswith(_CONFIG_PREFIXES) and c not in _IGNORED_KEYS
-            and not c.startswith(_IGNORED_PREFIXES) and c not in ("method.name", "method.pattern")]
-
-
-def _hashable(v: Any) -> Any:
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
-
-
-def comparable_keys(runs: pd.DataFrame, dense: str = "dense") -> list[str]:
-    """Config keys that differ between runs of one (data, model, method, pattern) cell.
-
-    Runs differing in such a key are not seeds of one experiment, so :func:`paper_table` keeps them
-    apart. A key is compared only between the runs it applies to (:func:`_applies`). A key that some
-    older run folders lack (added to the config later) splits nothing unless two real values differ.
-    """
-    keys = []
-    cell = [k for k in ("data.name", "model.name", "method.name", "method.pattern") if k in runs]
-    for col in _config_columns(runs):
-        if col in _BASE_KEYS:
-            continue
-        sub = runs[_applies(runs, col, dense)]
-        if sub.empty:
-            continue
-        values = sub[col].map(_hashable)
-        n = values.groupby([sub[k].map(_hashable).astype(str) for k in cell]).nunique(dropna=True)
-        if (n > 1).any():
-            keys.append(col)
-    return keys
-
-
-def _applies(runs: pd.DataFrame, col: str, dense: str) -> pd.Series:
-    """Which runs a config key matters to: ``method.<name>.*`` only to method ``<name>``, other
-    ``method.*`` keys to every method but dense, the rest to every run."""
-    names = runs["method.name"].astype(str)
-    parts = col.split(".")
-    if len(parts) > 2 and parts[0] == "method":
-        return names == parts[1]
-    if parts[0] == "method":
-        return names != dense
-    return pd.Series(True, index=runs.index)
+# How tables name a reference method in a ratio's header ("x SR-STE").
+DISPLAY_NAMES = {"srste": "SR-STE", "ste": "STE", "asp": "ASP", "lbc": "LBC"}
 
 
 def paper_table(runs: pd.DataFrame, baseline: str = "srste", dense: str = "dense",
-                by: Sequence[str] | None = None) -> pd.DataFrame:
+                by: Sequence[str] | None = None, reference: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Method x pattern: top-1 mean ± std over seeds, training FLOPs, and their ratios to references.
 
     Only completed runs count. Rows are grouped by ``data.name``, ``model.name``, ``method``,
     ``pattern`` and, unless ``by`` gives the extra keys explicitly, by every config key that differs
     between runs of one such cell (see :func:`comparable_keys`; listed in ``attrs['group_keys']``).
 
-    Columns: the group keys, ``n_seeds``, ``seeds``, ``top1_mean``, ``top1_std`` (percent, ddof=1),
+    Columns: the group keys, ``settings`` (what the row's group keys change from the reference reading:
+    ``reference`` where it names a key, else the key's most common value; see analysis.groups),
+    ``n_seeds``, ``seeds``, ``top1_mean``, ``top1_std`` (percent, ddof=1),
     ``train_macs`` (ideal, mean over seeds), ``train_flops`` (= 2 x ``train_macs``),
     ``train_flops_executed``, ``flops_x_dense`` (this row's ideal FLOPs over the ``dense`` row of
     the same data/model/other keys; without one, the mean of the runs' ``ideal_x_dense``, their
     ledger's ratio to the dense-equivalent count of the same steps), ``flops_x_<baseline>`` (over
     the ``baseline`` row at the same pattern), ``wall_time_s`` (mean). ``attrs['caption']`` states the conventions.
     """
-    if "status" in runs:
-        runs = runs[runs["status"] == "completed"]
-    runs = runs.copy()
-    extra = list(by) if by is not None else comparable_keys(runs, dense=dense)
-    runs["method"] = runs["method.name"].astype(str)
-    runs["pattern"] = np.where(runs["method"] == dense, DENSE_PATTERN, runs["method.pattern"].astype(str))
-    for col in extra:
-        runs[col] = runs[col].map(_hashable).astype(object)
-        # a run a key does not apply to (dense and method options, static and BAME's options)
-        # must not be split or labelled by it
-        runs.loc[~_applies(runs, col, dense), col] = None
+    runs, extra = prepare_groups(runs, by, dense)
+    reading = reference_reading(runs, extra, reference, dense)
+    settings = group_settings(runs, extra, reading, dense)
+    runs["settings"] = settings
     keys = [k for k in _BASE_KEYS if k in runs] + ["method", "pattern"] + extra
     seed_col = "train.seed" if "train.seed" in runs else None
 
@@ -132,6 +71,7 @@ def paper_table(runs: pd.DataFrame, baseline: str = "srste", dense: str = "dense
         top1 = g["top1"].astype(float)
         row = dict(zip(keys, cell))
         row.update({
+            "settings": g["settings"].iloc[0],
             "n_seeds": len(g),
             "seeds": tuple(sorted(g[seed_col].tolist())) if seed_col else (),
             "top1_mean": float(top1.mean()),
@@ -144,7 +84,7 @@ def paper_table(runs: pd.DataFrame, baseline: str = "srste", dense: str = "dense
             else math.nan,
         })
         rows.append(row)
-    table = pd.DataFrame(rows, columns=keys + ["n_seeds", "seeds", "top1_mean", "top1_std", "train_macs",
+    table = pd.DataFrame(rows, columns=keys + ["settings", "n_seeds", "seeds", "top1_mean", "top1_std", "train_macs",
                                                "train_flops", "train_flops_executed", "wall_time_s",
                                                "_ledger_x_dense"])
 
@@ -184,14 +124,16 @@ def paper_table(runs: pd.DataFrame, baseline: str = "srste", dense: str = "dense
     table.attrs.update({
         "kind": "paper_table",
         "group_keys": extra,
+        "reference": reading,
         "baseline": baseline,
         "dense": dense,
         "caption": (f"Top-1 test accuracy (%) as mean ± std over seeds (sample std, n = n_seeds); "
                     f"completed runs only. Training FLOPs: exact ledger counts over the whole run, ideal "
                     f"view (every phase incl. mask adaptation); {FLOPS_CONVENTION} 'x dense': ratio to "
                     f"the dense run of the same experiment (or, without one, to the ledger's dense-"
-                    f"equivalent count); 'x {baseline}': ratio to {baseline} at the "
-                    f"same N:M pattern. Wall time: mean seconds per run (machine-dependent)."),
+                    f"equivalent count); 'x {display_name(baseline)}': ratio to {baseline} at the "
+                    f"same N:M pattern. Settings: what a group changed from the reference reading. Wall "
+                    f"time: mean seconds per run (machine-dependent)."),
     })
     return table
 
@@ -206,24 +148,45 @@ def _fmt_num(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
-def format_paper_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The paper table as display strings (``71.23 ± 0.15``, ``1.23e+12``, ``0.42x``)."""
+def pm(mean: float, std: float) -> str:
+    """Mean ± sample std (``85.76 ± 0.37``); one seed has no spread (``85.76``); ``–`` without a number."""
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def display_name(method: str) -> str:
+    """A method as a column header names it (``SR-STE``)."""
+    return DISPLAY_NAMES.get(method, method)
+
+
+def shown_columns(table: pd.DataFrame) -> dict[str, str]:
+    """The data / model columns worth showing (when the table spans several), with their display names."""
+    names = {"data.name": "data", "model.name": "model"}
+    return {k: v for k, v in names.items() if k in table and table[k].nunique(dropna=False) > 1}
+
+
+def format_paper_table(table: pd.DataFrame, details: bool = False) -> pd.DataFrame:
+    """The paper table as display strings: method, pattern, settings (when a group has any), seeds,
+    top-1 (%) as mean ± std, training FLOPs (ideal, ``1.23e+12``) and the ratios x dense and x baseline
+    (``0.566``); data and model first when the table spans several. ``details`` adds the executed FLOPs
+    and the wall time."""
     baseline = table.attrs.get("baseline", "srste")
-    keep = [k for k in table.columns if k in _BASE_KEYS or k in ("method", "pattern")]
-    keep += list(table.attrs.get("group_keys", []))
-    out = table[keep].copy()
-    out = out.rename(columns={"data.name": "data", "model.name": "model"})
+    first = shown_columns(table)
+    out = table[list(first)].rename(columns=first)
+    out["method"] = table["method"]
+    out["pattern"] = table["pattern"]
+    if "settings" in table and (table["settings"].fillna("") != "").any():
+        out["settings"] = table["settings"].fillna("")
     out["seeds"] = table["n_seeds"].astype(int).astype(str)
-    out["top-1 (%)"] = [
-        f"{m:.2f} ± {s:.2f}" if not math.isnan(s) else f"{m:.2f}" if not math.isnan(m) else "–"
-        for m, s in zip(table["top1_mean"], table["top1_std"])]
-    out["train FLOPs (ideal)"] = [_fmt_num(v, ".3e") for v in table["train_flops"]]
-    out["x dense"] = [_fmt_num(v, ".3f") + ("x" if not math.isnan(v) else "") for v in table["flops_x_dense"]]
-    col = f"flops_x_{baseline}"
-    out[f"x {baseline}"] = [_fmt_num(v, ".3f") + ("x" if not math.isnan(v) else "") for v in table[col]]
-    out["train FLOPs (executed)"] = [_fmt_num(v, ".3e") for v in table["train_flops_executed"]]
-    out["wall time (s)"] = [_fmt_num(v, ".1f") for v in table["wall_time_s"]]
-    out.attrs = dict(table.attrs)
+    out["top-1 (%)"] = [pm(m, s) for m, s in zip(table["top1_mean"], table["top1_std"])]
+    out["training FLOPs (ideal)"] = [_fmt_num(v, ".3e") for v in table["train_flops"]]
+    out["x dense"] = [_fmt_num(v, ".3f") for v in table["flops_x_dense"]]
+    out[f"x {display_name(baseline)}"] = [_fmt_num(v, ".3f") for v in table[f"flops_x_{baseline}"]]
+    if details:
+        out["training FLOPs (executed)"] = [_fmt_num(v, ".3e") for v in table["train_flops_executed"]]
+        out["wall time (s)"] = [_fmt_num(v, ".1f") for v in table["wall_time_s"]]
+    out.attrs = {k: v for k, v in table.attrs.items() if k != "kind"}  # formatted: not to be formatted again
     return out
 
 
@@ -238,12 +201,13 @@ def _cell(v: Any, floatfmt: str) -> str:
 
 
 def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g", index: bool = False,
-                caption: bool = True) -> str:
+                caption: bool = True, pad: bool = True) -> str:
     """A GitHub-flavoured markdown table (no ``tabulate`` needed).
 
     A paper table (``attrs['kind'] == 'paper_table'``) is first formatted by
     :func:`format_paper_table`; its ``attrs['caption']`` follows the table when ``caption``.
-    Numeric columns are right-aligned; floats use ``floatfmt``; ``|`` in cells is escaped.
+    Numeric columns are right-aligned; floats use ``floatfmt``; ``|`` in cells is escaped. ``pad``:
+    columns padded to one width (readable as text); without, ``| --- | ---: |`` rows as written by hand.
     """
     if df.attrs.get("kind") == "paper_table":
         df = format_paper_table(df)
@@ -257,13 +221,13 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".4g", index: bool = False,
     for j in range(len(headers)):
         if not numeric[j] and len(df) and all(_looks_numeric(r[j]) for r in body):
             numeric[j] = True
-    widths = [max([len(h)] + [len(r[j]) for r in body] + [3]) for j, h in enumerate(headers)]
+    widths = [max([len(h)] + [len(r[j]) for r in body] + [3]) if pad else 0 for j, h in enumerate(headers)]
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.rjust(w) if num else c.ljust(w)
                                  for c, w, num in zip(cells, widths, numeric)) + " |"
 
-    sep = "| " + " | ".join(("-" * (w - 1) + ":") if num else "-" * w
+    sep = "| " + " | ".join(("-" * (w - 1) + ":" if pad else "---:") if num else ("-" * w if pad else "---")
                             for w, num in zip(widths, numeric)) + " |"
     lines = [line(headers), sep] + [line(r) for r in body]
     text = "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@
     bame data ...                  (bame.data)
     bame flops ...                 (bame.flops)
     bame export RUN_DIR            (bame.export)
+    bame report DIR [--out FILE]   (bame.report: tables, figures and commands of a folder of runs)
 
 User mistakes (a missing file, a bad key or pattern, a data set not on disk, a missing run folder)
 print one line per problem and exit with status 2, without a traceback.
@@ -393,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_optional_parser(sub, "flops", "flops_report", "add_flops_parser", "count training FLOPs")
     _add_optional_parser(sub, "export", "export", "add_export_parser", "export a run's N:M layers compressed")
     _add_optional_parser(sub, "demo", "demo", "add_demo_parser", "the demo: BAME vs baselines on Fashion-MNIST")
+    _add_optional_parser(sub, "report", "report", "add_report_parser", "tables and figures of a folder of runs")
     return parser
 
 

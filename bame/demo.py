@@ -36,9 +36,10 @@ def demo_configs(config: str | Path, root: Optional[str], extra: list[str]) -> l
 def run_demo(out: Path, config: str | Path = DEFAULT_CONFIG, root: Optional[str] = None,
              extra: Optional[list[str]] = None, progress: Optional[bool] = None) -> Path:
     """Train (or reuse) every demo run under ``out``, write ``out/report.md``; returns its path."""
-    from analysis import load_runs, paper_table, to_markdown, write_report
+    from analysis import load_runs, paper_table, to_markdown
 
     from .cli import completed_runs
+    from .report import write_report
     from .train import train
 
     runs = demo_configs(config, root, extra or [])  # every config is validated before anything runs
@@ -51,7 +52,7 @@ def run_demo(out: Path, config: str | Path = DEFAULT_CONFIG, root: Optional[str]
             continue
         print(f"[demo {i}/{len(runs)}] {label}: training ({time.perf_counter() - start:.0f}s elapsed)")
         train(cfg, out_dir=out, command=[*sys.argv, "#", label], progress=progress)
-    report = write_report(out, out, title="bame demo: BAME vs dense-backward baselines on Fashion-MNIST")
+    report = write_report(out, out / "report.md", title="bame demo: BAME vs dense-backward baselines on Fashion-MNIST")
     table = paper_table(load_runs(out))
     print()
     print(to_markdown(table))

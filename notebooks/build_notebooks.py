@@ -452,36 +452,27 @@ def reproduce() -> list:
     c.md("""
     ## Accuracy against training FLOPs
 
-    Left: test top-1 at each evaluation against the cumulative training FLOPs (thin lines: runs; thick:
-    mean over seeds with a ±1 std band). Right: final top-1 (mean ± std) against the whole run's
-    training FLOPs, one point per method x pattern.
+    First: final top-1 against the whole run's training FLOPs, one marker per method x pattern (mean ±
+    std over seeds; colour: method, marker: pattern; dashed: the Pareto front). Then: test top-1 at each
+    evaluation against the cumulative training FLOPs (thin lines: runs; thick: mean over seeds with a ±1
+    std band).
     """)
+    c.code('''
+    fig = analysis.pareto_scatter(analysis.run_points(runs))
+    save_figure(fig, "final_accuracy_vs_flops")
+    plt.show()
+    ''', "check-figure")
     c.code('''
     fig = analysis.accuracy_vs_flops(runs)
     save_figure(fig, "accuracy_vs_flops")
     plt.show()
     ''', "check-figure")
-    c.code('''
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, rows in table.groupby("method", sort=False):
-        ax.errorbar(rows["train_flops"], rows["top1_mean"], yerr=rows["top1_std"].fillna(0), fmt="o",
-                    capsize=3, label=method)
-        for _, r in rows.iterrows():
-            ax.annotate(r["pattern"], (r["train_flops"], r["top1_mean"]), fontsize=7,
-                        xytext=(4, 3), textcoords="offset points")
-    ax.set(xlabel="training FLOPs per run (ideal; 2 x MACs)", ylabel="final test top-1 (%)",
-           title="Final accuracy vs training FLOPs (mean ± std over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, "final_accuracy_vs_flops")
-    plt.show()
-    ''', "check-figure")
     c.md("""
     ## A report to keep
 
-    `analysis.write_report` writes the table, every figure (PNG + PDF) and the published numbers as
-    one markdown file next to the runs.
+    `analysis.write_report` (the command line: `bame report DIR`) writes the tables, every figure (PNG +
+    PDF), each group's run ids and commands and the published numbers as one markdown file next to the
+    runs (`.html` too: `--out report.html`).
     """)
     c.code('''
     report = analysis.write_report(OUT, OUT / "report", title=f"BAME vs baselines ({MODE} mode)")
@@ -779,7 +770,7 @@ def training_flops() -> list:
     bottom = np.zeros(len(view))
     for ph in PHASES:
         values = 2 * view[f"step {ph}"].to_numpy(float)
-        ax.bar(labels, values, bottom=bottom, label=analysis.figures.PHASE_LABELS[ph])
+        ax.bar(labels, values, bottom=bottom, label=analysis.PHASE_LABELS[ph])
         bottom += values
     ax.plot(labels, 2 * view["step executed"].to_numpy(float), "kx", ms=9, label="executed here (all phases)")
     ax.set(ylabel="FLOPs per training step (2 x MACs)", title=f"{model}: one normal training step by phase (ideal)")

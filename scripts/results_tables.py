@@ -1,6 +1,10 @@
-"""Print the tables of docs/results.md from the study's run folders, and save its figures.
+"""Print the tables of docs/results.md from the study's run folders, and save its figures (PNG + PDF).
 
     .venv/bin/python scripts/results_tables.py runs/study [docs/figures]
+
+The tables and figures are those of ``bame report`` (analysis/), with the study's choices: the readings
+at 1:16 are named relative to method.md's first defaults, and the methods table holds BAME at the
+current defaults only. For the whole report of a folder: ``bame report runs/study``.
 """
 
 from __future__ import annotations
@@ -9,90 +13,74 @@ import sys
 
 import pandas as pd
 
-from analysis import load_runs, paper_table
+from analysis import (
+    fill_defaults,
+    format_paper_table,
+    format_readings_table,
+    load_runs,
+    paper_table,
+    readings_table,
+    run_points,
+    to_markdown,
+)
 
 # The reading the ablation table's rows are relative to (method.md's first defaults), and its columns.
 FIRST_READING = {"lma": "taylor", "rho": 0.05, "interval_steps": 100, "regrow": "stored", "obf": True,
                  "obf_bias_correction": False, "tau": 0.5, "min_changes": 2, "selection": "freeze_then_topk",
                  "t_f_fraction": 0.5, "block_rows": 1, "score_steps": 1}
-BAME_KEYS = list(FIRST_READING)
+BAME_KEYS = [f"method.bame.{k}" for k in FIRST_READING]
+SETTINGS_HEADER = "settings (changed from lma=taylor, rho=0.05, T=100, t_f=0.5)"
 
 
-def _pm(mean: float, std: float) -> str:
-    """Mean ± sample std; a single seed has no spread to show."""
-    return f"{mean:.2f}" if std != std else f"{mean:.2f} ± {std:.2f}"  # std != std: NaN (one seed)
+def current_bame_defaults() -> dict:
+    """The current defaults of the readings (dotted keys)."""
+    from bame.config import BameConfig
+
+    return {key: getattr(BameConfig(), key.split(".")[-1]) for key in BAME_KEYS}
+
+
+def with_new_options(runs: pd.DataFrame) -> pd.DataFrame:
+    """Runs from before a BAME option existed lack its column: they ran what its default does."""
+    return fill_defaults(runs, current_bame_defaults())
+
+
+def ablation(runs: pd.DataFrame, pattern: str = "1:16") -> pd.DataFrame:
+    """Each BAME reading at ``pattern`` and SR-STE against the static control, over seeds."""
+    runs = runs[(runs["status"] == "completed") & (runs["method.pattern"] == pattern)
+                & runs["method.name"].isin(["static", "srste", "bame"])]
+    return readings_table(run_points(runs, by=BAME_KEYS, reference=dict(zip(BAME_KEYS, FIRST_READING.values()))))
 
 
 def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
-    """Each BAME reading at ``pattern`` against the static control, over seeds."""
-    runs = runs[(runs["status"] == "completed") & (runs["method.pattern"] == pattern)]
-    static = runs[runs["method.name"] == "static"]["top1"]
-    lines = ["| run | settings (changed from lma=taylor, rho=0.05, T=100, t_f=0.5) | seeds | top-1 (%) | vs static |",
-             "| --- | --- | ---: | ---: | ---: |"]
-
-    def row(name: str, settings: str, top1: pd.Series) -> None:
-        delta = top1.mean() - static.mean()
-        lines.append(f"| {name} | {settings} | {len(top1)} | {_pm(top1.mean(), top1.std())} | {delta:+.2f} |")
-
-    row("static", "fixed magnitude mask", static)
-    row("srste", "dense backward", runs[runs["method.name"] == "srste"]["top1"])
-    bame = runs[runs["method.name"] == "bame"]
-    groups = bame.groupby([f"method.bame.{k}" for k in BAME_KEYS], dropna=False)
-    for values, g in sorted(groups, key=lambda kv: -kv[1]["top1"].mean()):
-        changed = [f"{k}={v}" for k, v in zip(BAME_KEYS, values) if v != FIRST_READING[k]]
-        row("bame", ", ".join(changed) or "(the first default)", g["top1"])
-    return "\n".join(lines)
+    shown = format_readings_table(ablation(runs, pattern), reference_label="(the first default)")
+    shown = shown.drop(columns=["pattern"]).rename(columns={"method": "run", "settings": SETTINGS_HEADER})
+    return to_markdown(shown, caption=False, pad=False).rstrip("\n")
 
 
 def current_defaults(runs: pd.DataFrame) -> pd.DataFrame:
     """The completed runs of every method, BAME only with the current defaults of its readings."""
-    from bame.config import BameConfig
-
-    default = BameConfig()
     is_default = pd.Series(True, index=runs.index)
-    for k in BAME_KEYS:
-        is_default &= runs[f"method.bame.{k}"].map(lambda v, k=k: v == getattr(default, k))
+    for key, default in current_bame_defaults().items():
+        is_default &= runs[key].map(lambda v, d=default: v == d)
     return runs[(runs["status"] == "completed") & ((runs["method.name"] != "bame") | is_default)]
 
 
 def methods_table(runs: pd.DataFrame) -> str:
     """Method x pattern with the current defaults: top-1, training FLOPs vs dense and vs SR-STE."""
-    table = paper_table(current_defaults(runs), by=[])
-    lines = ["| method | pattern | seeds | top-1 (%) | training FLOPs (ideal) | x dense | x SR-STE |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
-    for _, r in table.iterrows():
-        srste = "–" if pd.isna(r["flops_x_srste"]) else f"{r['flops_x_srste']:.3f}"
-        lines.append(f"| {r['method']} | {r['pattern']} | {r['n_seeds']} | {_pm(r['top1_mean'], r['top1_std'])} | "
-                     f"{r['train_flops']:.3e} | {r['flops_x_dense']:.3f} | {srste} |")
-    return "\n".join(lines)
+    table = format_paper_table(paper_table(current_defaults(runs), by=[]))
+    return to_markdown(table, caption=False, pad=False).rstrip("\n")
 
 
 def save_figures(runs: pd.DataFrame, out: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    from analysis.figures import accuracy_vs_flops, phase_breakdown, save
+    from analysis import forest_plot, pareto_scatter, phase_breakdown, save
 
     methods = current_defaults(runs)
-    save(accuracy_vs_flops(methods, logx=True), f"{out}/study_accuracy_vs_flops", formats=("png",))
-    save(phase_breakdown(methods), f"{out}/study_phase_breakdown", formats=("png",))
-    ablation = runs[(runs["status"] == "completed") & (runs["method.pattern"] == "1:16")
-                    & runs["method.name"].isin(["bame", "static"])]
-    save(accuracy_vs_flops(ablation), f"{out}/study_ablation_1of16", formats=("png",))
-
-
-def with_new_options(runs: pd.DataFrame) -> pd.DataFrame:
-    """Runs from before a BAME option existed lack its column: they ran what its default does (a new
-    option's default keeps the old behaviour), so fill it in."""
-    from bame.config import BameConfig
-
-    runs = runs.copy()
-    for k in BAME_KEYS:
-        col, default = f"method.bame.{k}", getattr(BameConfig(), k)
-        runs[col] = runs[col].astype(object).where(runs[col].notna(), default) if col in runs else default
-        if type(default) is int:  # a column with gaps was read as floats: 10.0 -> 10
-            runs[col] = runs[col].map(lambda v: int(v) if isinstance(v, float) and v.is_integer() else v)
-    return runs
+    save(pareto_scatter(run_points(methods, by=[])), f"{out}/study_accuracy_vs_flops")
+    save(phase_breakdown(methods), f"{out}/study_phase_breakdown")
+    save(forest_plot(ablation(runs), reference_label="(the first default)"), f"{out}/study_ablation_1of16")
 
 
 def main(root: str, figures: str | None = None) -> None:

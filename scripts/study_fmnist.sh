@@ -54,8 +54,4 @@ sweep --methods dense "$@"
 sweep --methods srste,ste,static,bame --patterns 2:4,1:4,1:16 "$@"
 fi
 
-.venv/bin/python - "$OUT" <<'PY'
-import sys
-from analysis import write_report
-print(write_report(sys.argv[1], sys.argv[1], title="Fashion-MNIST study: BAME readings and the baselines"))
-PY
+$BAME report "$OUT" --title "Fashion-MNIST study: BAME readings and the baselines"

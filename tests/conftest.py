@@ -13,3 +13,89 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+# --------------------------------------------------------------------------------------------------
+# real run folders for the tests of analysis/, the figures and the report
+
+QUICK_METHODS = ("bame", "srste", "static", "dense")
+QUICK_SEEDS = (0, 1)
+# configs/quick.yaml, smaller still: 2 epochs of 4 steps of 32 images, BAME adapting at steps 0 and 2
+SHORTER = ("data.synthetic_train_size=128", "train.batch_size=32", "data.synthetic_test_size=64")
+
+
+@pytest.fixture(scope="session")
+def train_quick():
+    """``train_quick(out, "method.name=srste", ...)``: one real run of configs/quick.yaml, cut to 8 steps
+    (a few seconds on a CPU), into the folder ``out``."""
+    from pathlib import Path
+
+    from bame.cli import main
+
+    quick = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
+
+    def train(out, *sets: str) -> None:
+        rc = main(["train", "--config", str(quick), "--out", str(out), "--no-progress", "--set", *SHORTER, *sets])
+        assert rc == 0, sets
+
+    return train
+
+
+def _make_partial_copy(src, dst, upto_step: int):
+    """A copy of a finished run as it looked while still training at ``upto_step``."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
+    (dst / "DONE").unlink()
+    (dst / "summary.json").unlink()
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest.update(id=dst.name, status="running", finished=None)
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    for table in ("metrics", "masks", "adaptation", "flops"):
+        path = dst / f"{table}.csv"
+        if path.exists():
+            df = pd.read_csv(path)
+            df[df["step"] <= upto_step].to_csv(path, index=False)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory, train_quick):
+    """Real run folders: configs/quick.yaml for bame, srste, static, dense with 2 seeds each (a few
+    seconds in all on a CPU) under ``quick/``, and one unfinished run (a finished one cut back to
+    mid-training) under ``unfinished/``."""
+    root = tmp_path_factory.mktemp("runs")
+    out = root / "quick"
+    for method in QUICK_METHODS:
+        for seed in QUICK_SEEDS:
+            train_quick(out, f"method.name={method}", f"train.seed={seed}")
+    src = next(p for p in sorted(out.iterdir()) if "-bame-" in p.name)
+    _make_partial_copy(src, root / "unfinished" / (src.name + "-partial"), upto_step=4)
+    return root
+
+
+@pytest.fixture(scope="session")
+def runs(runs_root):
+    """``analysis.load_runs`` of the ``runs_root`` fixture."""
+    import analysis
+
+    return analysis.load_runs(runs_root)
+
+
+@pytest.fixture(scope="session")
+def jupyter_path(tmp_path_factory):
+    """A Jupyter data dir whose kernels/python3 runs this interpreter (``sys.executable``): set it as
+    ``JUPYTER_PATH`` so that a kernel never is whichever ``python`` happens to be first on ``PATH``."""
+    import json
+    import sys
+
+    root = tmp_path_factory.mktemp("jupyter")
+    spec_dir = root / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "Python 3 (bame tests)", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return root

@@ -29,50 +29,7 @@ from analysis.readers import accuracy_percent
 from bame.config import BameConfig
 
 REPO = Path(__file__).resolve().parents[1]
-QUICK = REPO / "configs" / "quick.yaml"
-METHODS = ("bame", "srste", "static", "dense")
-SEEDS = (0, 1)
-# quick.yaml, smaller still: 2 epochs of 4 steps of 32 images, BAME adapting at steps 0 and 2
-SHORTER = ("data.synthetic_train_size=128", "train.batch_size=32", "data.synthetic_test_size=64")
-
-
-def _make_partial_copy(src: Path, dst: Path, upto_step: int) -> Path:
-    """A copy of a finished run as it looked while still training at ``upto_step``."""
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints"))
-    (dst / "DONE").unlink()
-    (dst / "summary.json").unlink()
-    manifest = json.loads((dst / "manifest.json").read_text())
-    manifest.update(id=dst.name, status="running", finished=None)
-    (dst / "manifest.json").write_text(json.dumps(manifest))
-    for table in ("metrics", "masks", "adaptation", "flops"):
-        path = dst / f"{table}.csv"
-        if path.exists():
-            df = pd.read_csv(path)
-            df[df["step"] <= upto_step].to_csv(path, index=False)
-    return dst
-
-
-@pytest.fixture(scope="session")
-def runs_root(tmp_path_factory):
-    """Real run folders: configs/quick.yaml for bame, srste, static, dense with 2 seeds each (a few
-    seconds in all on a CPU), and one unfinished run (a finished one cut back to mid-training)."""
-    from bame.cli import main
-
-    root = tmp_path_factory.mktemp("runs")
-    out = root / "quick"
-    for method in METHODS:
-        for seed in SEEDS:
-            rc = main(["train", "--config", str(QUICK), "--out", str(out), "--no-progress",
-                       "--set", f"method.name={method}", f"train.seed={seed}", *SHORTER])
-            assert rc == 0, (method, seed)
-    src = next(p for p in sorted(out.iterdir()) if "-bame-" in p.name)
-    _make_partial_copy(src, root / "unfinished" / (src.name + "-partial"), upto_step=4)
-    return root
-
-
-@pytest.fixture(scope="session")
-def runs(runs_root):
-    return analysis.load_runs(runs_root)
+SEEDS = (0, 1)  # of the runs of the runs_root fixture (tests/conftest.py) and of the results-tables runs
 
 
 @pytest.fixture(autouse=True)
@@ -251,7 +208,8 @@ def test_paper_table_keeps_runs_with_different_settings_apart(runs, tmp_path):
     # both ablations still find the dense reference (a dense run ignores method options)
     assert bame["flops_x_dense"].notna().all()
     assert table[table["method"] == "dense"]["n_seeds"].tolist() == [2]
-    assert "rho" in analysis.to_markdown(table).splitlines()[0]
+    md = analysis.to_markdown(table)
+    assert "settings" in md.splitlines()[0] and "rho=0.5" in md  # the less common value is named
 
 
 def test_paper_table_without_a_dense_run_uses_the_ledgers_dense_count(runs):
@@ -267,7 +225,7 @@ def test_to_markdown_writes_a_table_without_tabulate(runs):
     md = analysis.to_markdown(table)
     lines = md.strip().splitlines()
     header, sep = lines[0], lines[1]
-    assert header.startswith("| ") and "top-1 (%)" in header and "x srste" in header
+    assert header.startswith("| ") and "top-1 (%)" in header and "x SR-STE" in header
     assert set(sep.replace("|", "").replace(" ", "")) <= {"-", ":"}
     n_cols = header.count("|")
     body = lines[2:2 + len(table)]
@@ -329,10 +287,10 @@ def test_phase_breakdown_bars_add_up_to_the_table_flops(runs):
     assert ax.patches
     heights: dict[str, float] = {}
     phases: dict[str, set] = {}
-    for patch in ax.patches:
+    for patch in ax.patches:  # horizontal bars: a segment's width is its FLOPs
         group, phase = patch.get_gid().split("|")
-        heights[group] = heights.get(group, 0.0) + patch.get_height()
-        if patch.get_height() > 0:
+        heights[group] = heights.get(group, 0.0) + patch.get_width()
+        if patch.get_width() > 0:
             phases.setdefault(group, set()).add(phase)
     table = analysis.paper_table(runs)
     for _, row in table.iterrows():
@@ -492,20 +450,16 @@ def _pm(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}"
 
 
-def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root, tmp_path):
+def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root, train_quick, tmp_path):
     """The script on real runs: the fixture's 2:4 runs (BAME there with quick.yaml's rho=0.2, T=2, not
     the current defaults; one unfinished run) plus 1:16 runs of static, srste, BAME with the current
     defaults and BAME with quick's reading, 2 seeds each. Every number is checked against the runs'
     summary.json files."""
-    from bame.cli import main
-
     root = tmp_path / "runs"
     shutil.copytree(runs_root, root, ignore=shutil.ignore_patterns("checkpoints", "blocks"))
     for method, extra in (("static", ()), ("srste", ()), ("bame", BAME_DEFAULTS), ("bame", ())):
         for seed in SEEDS:
-            assert main(["train", "--config", str(QUICK), "--out", str(root / "p16"), "--no-progress", "--set",
-                         f"method.name={method}", "method.pattern=1:16", f"train.seed={seed}", *SHORTER,
-                         *extra]) == 0
+            train_quick(root / "p16", f"method.name={method}", "method.pattern=1:16", f"train.seed={seed}", *extra)
     # the runs, from their own files: (method, pattern, current BAME defaults?) -> [(top-1 %, ideal FLOPs)]
     groups: dict[tuple, list[tuple[float, int]]] = {}
     for summary_path in sorted(root.rglob("summary.json")):
@@ -522,13 +476,14 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
     out = proc.stdout
     assert "FLOPs = 2 x MACs" in out
 
-    # the figures it says it saves, as real PNGs
-    for stem in ("study_accuracy_vs_flops", "study_phase_breakdown", "study_ablation_1of16"):
+    # the figures it says it saves, as real PNGs and PDFs
+    stems = ("study_accuracy_vs_flops", "study_phase_breakdown", "study_ablation_1of16")
+    for stem in stems:
         png = figures / f"{stem}.png"
         assert png.is_file() and png.stat().st_size > 1000, stem
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in figures.iterdir()) == sorted(
-        f"{s}.png" for s in ("study_accuracy_vs_flops", "study_phase_breakdown", "study_ablation_1of16"))
+        assert (figures / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
+    assert sorted(p.name for p in figures.iterdir()) == sorted(f"{s}.{x}" for s in stems for x in ("png", "pdf"))
 
     def top1(key):
         return [t for t, _ in groups[key]]

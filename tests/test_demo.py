@@ -15,13 +15,15 @@ def test_demo_trains_every_run_writes_the_report_and_reuses_runs(tmp_path, capsy
     runs = sorted(p for p in out.iterdir() if (p / "DONE").exists())
     assert len(runs) == len(DEMO_RUNS)
     report = (out / "report.md").read_text()
-    table_rows = [line for line in report.splitlines() if line.startswith("| fashion-mnist")]
+    methods = report.split("## Methods\n", 1)[1].strip().split("\n\n", 1)[0]
+    table_rows = methods.splitlines()[2:]
     assert len(table_rows) == len(DEMO_RUNS)  # one row per (method, pattern)
     for label, _ in DEMO_RUNS:
         method, _, pattern = label.partition(" ")
-        assert any(f"| {method} " in row and f"| {pattern or 'dense'} " in row for row in table_rows), label
+        assert any(row.startswith(f"| {method} ") and f"| {pattern or 'dense'} " in row for row in table_rows), label
     assert "FLOPs = 2 x MACs" in report
-    assert sum(line.startswith("| fashion-mnist") for line in first.splitlines()) == len(DEMO_RUNS)
+    printed = [line for line in first.splitlines() if line.startswith("| ")]
+    assert len(printed) == 2 + len(DEMO_RUNS)  # header, separator, one row per (method, pattern)
     figures = [line.split("](")[1].rstrip(" )") for line in report.splitlines() if line.startswith("![")]
     assert figures and all((out / Path(f)).is_file() for f in figures)
 

@@ -11,8 +11,6 @@ Cells tagged ``check-table`` must print a table and cells tagged ``check-figure`
 from __future__ import annotations
 
 import importlib.util
-import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ pytest.importorskip("ipykernel")
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 CELL_TIMEOUT_S = 240  # generous: quick-mode cells take seconds, but the machine may be shared
-KERNEL_NAME = "python3"
+KERNEL_NAME = "python3"  # the kernel spec of the jupyter_path fixture (tests/conftest.py)
 
 
 def _builder():
@@ -77,18 +75,6 @@ def test_first_cell_holds_the_parameters(stem):
 
 # --------------------------------------------------------------------------------------------------
 # execution
-
-
-@pytest.fixture(scope="module")
-def jupyter_path(tmp_path_factory) -> Path:
-    """A data dir whose kernels/python3 runs this interpreter."""
-    root = tmp_path_factory.mktemp("jupyter")
-    spec_dir = root / "kernels" / KERNEL_NAME
-    spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "Python 3 (bame tests)", "language": "python"}
-    (spec_dir / "kernel.json").write_text(json.dumps(spec))
-    return root
 
 
 def _text_of(output) -> str:
