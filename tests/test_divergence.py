@@ -27,7 +27,7 @@ def _strict(path: Path) -> dict:
 
 def test_a_run_whose_loss_goes_nan_stops_as_diverged(tmp_path, capsys):
     argv = ["train", "--config", str(QUICK), "--out", str(tmp_path), "--set", *SMALL, *NAN_LR,
-            "train.max_steps=40", "train.nan_patience=4", "train.log_every_steps=1"]
+            "train.max_steps=40", "train.nan_patience=4", "train.log_every_steps=1", "train.checkpoint_every_steps=1"]
     assert main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("bame: error: run ") and "diverged at step" in err and "last finite loss" in err
@@ -42,6 +42,11 @@ def test_a_run_whose_loss_goes_nan_stops_as_diverged(tmp_path, capsys):
     assert summary["final"]["train_loss"] is None  # NaN written as null, not as a bare NaN
     assert main(["inspect", str(run.path)]) == 0
     assert "status    diverged" in capsys.readouterr().out
+    ckpt = run.load_checkpoint()  # none written once the loss stopped being finite: the last one is usable
+    assert ckpt["step"] == manifest["checkpoint_step"] < d["step"] - d["patience"] + 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert main(["export", str(run.path)]) == 0
+    assert "is diverged, not completed" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
