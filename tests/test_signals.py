@@ -1,5 +1,5 @@
-"""SIGTERM / SIGUSR1 stop a run like Ctrl-C (checkpoint, interrupted, exit 128 + N); a killed writer's
-folder reads as stale and resumes. Each test drives a real `python -m bame train` process."""
+"""SIGTERM, SIGUSR1 and Ctrl-C stop a run at the end of a step (checkpoint, interrupted, exit 128 + N); a
+killed writer's folder reads as stale and resumes. Each test drives a real `python -m bame train` process."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def train_rows(run: Path) -> int:
     return max(0, len(p.read_text().splitlines()) - 1) if p.is_file() else 0
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)], ids=["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGUSR1", "Ctrl-C"])
 def test_a_scheduler_signal_checkpoints_the_step_and_marks_the_run_interrupted(tmp_path, capsys, sig, status):
     proc = start_training(tmp_path)
     run = wait_for(proc, tmp_path, lambda r: train_rows(r) >= 3)
