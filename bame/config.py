@@ -260,10 +260,10 @@ def _from_dict(cls: type, data: dict, prefix: str, errors: list[str], source: st
 
 def _check_values(cfg: Config, source: str) -> list[str]:
     """Cross-field and range checks that types cannot express; each message says what to write instead."""
-    found: list[tuple[str, str]] = []
+    errors = []
 
     def bad(key: str, msg: str) -> None:
-        found.append((key, msg))
+        errors.append(f"{source}: {key}: {msg}")
 
     def at_least(section: Any, prefix: str, keys: tuple[str, ...], low: int, meaning: str = "") -> None:
         for key in keys:
@@ -353,8 +353,8 @@ def _check_values(cfg: Config, source: str) -> list[str]:
     at_least(cfg.instrument, "instrument", ("block_state_every_adaptations",), 0, " (0: never)")
     # A method section (method.bame, ...) is checked only for a method that reads it: a static or SR-STE
     # run does not fail on values BAME alone would use.
-    unread = tuple(f"method.{name}." for name in _unread_method_sections(cfg))
-    return [f"{source}: {key}: {msg}" for key, msg in found if not key.startswith(unread)]
+    unread = tuple(f"{source}: method.{name}." for name in _unread_method_sections(cfg))
+    return [e for e in errors if not e.startswith(unread)]
 
 
 def _unread_method_sections(cfg: Config) -> list[str]:
@@ -456,8 +456,8 @@ def _read_yaml(path: Path) -> dict:
         raise ConfigError([f"{path}: config file not found; give a YAML path or a named experiment "
                            f"({names}; e.g. --config quick)"])
     if path.is_dir():
-        inside = sorted(p.name for p in path.glob("*.yaml"))[:3]
-        example = f" (e.g. {path / inside[0]})" if inside else ""
+        first = next(iter(sorted(path.glob("*.yaml"))), None)
+        example = f" (e.g. {first})" if first is not None else ""
         raise ConfigError([f"{path}: is a folder, not a config file; give a YAML file{example}"])
     try:
         data = yaml.safe_load(path.read_text()) or {}
