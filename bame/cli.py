@@ -328,8 +328,7 @@ def _extension_lines(run: RunReader, m: dict) -> list[str]:
         return []
     if last.get("status") in (None, "completed"):
         return []
-    state = "running" if last.get("status") == "running" else last.get("status")
-    lines = [f"extension from step {last.get('from_step')} to {last.get('to_step')}: {state}"
+    lines = [f"extension from step {last.get('from_step')} to {last.get('to_step')}: {last['status']}"
              + (f" ({last['error']})" if last.get("error") else "")
              + f"; DONE and summary.json still describe step {last.get('from_step')}"]
     if last.get("status") != "running" or run.lock_holder() is None:
@@ -392,10 +391,9 @@ def describe_run(run: RunReader) -> str:
     lines += _extension_lines(run, m)
     if m.get("error"):
         lines.append(f"error     {m['error']}")
-    if state.startswith("stale") and m.get("status") == "running" or m.get("status") in ("failed", "interrupted"):
-        how = f"bame train --resume {run.path}"
-        lines.append(f"resume    {how}" if m.get("checkpoint_step") is not None
-                     else f"resume    none: no checkpoint was saved ({how} would say so)")
+    if (state.startswith("stale") and m.get("status") == "running") or m.get("status") in ("failed", "interrupted"):
+        lines.append(f"resume    bame train --resume {run.path}" if m.get("checkpoint_step") is not None
+                     else "resume    none: it saved no checkpoint; train it again")
     return "\n".join(lines)
 
 
