@@ -440,7 +440,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per run folder found under ``root`` (recursively), incomplete runs included.
 
     Columns: ``run_id`` (the folder's name; its path under ``root`` where two folders share a
-    name), ``path``, ``relpath``, ``status`` (completed | running | failed | interrupted | unknown,
+    name), ``path``, ``relpath``, ``status`` (completed | running | failed | interrupted | diverged | unknown,
     from manifest.json and DONE), ``done``, ``has_summary``; every config key flattened with dots
     (``method.name``, ``method.pattern``, ``train.seed``, ``data.name``, ``model.name``,
     ``method.bame.rho``...); final numbers from summary.json, or from the last rows of metrics.csv

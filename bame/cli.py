@@ -11,8 +11,10 @@
     bame export RUN_DIR            (bame.export)
     bame report DIR [--out FILE]   (bame.report: tables, figures and commands of a folder of runs)
 
-User mistakes (a missing file, a bad key or pattern, a data set not on disk, a missing run folder)
-print one line per problem and exit with status 2, without a traceback.
+User mistakes (a missing file, a bad key or pattern, a data set not on disk, a missing, locked or
+damaged run folder, an unsafe checkpoint) print one line per problem and exit with status 2, without a
+traceback. Exit status: 0 ok; 1 a sweep run failed or diverged; 2 a user mistake; 3 the run diverged;
+128 + N a run stopped by signal N at the end of a step, with a checkpoint (130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -26,17 +28,24 @@ from typing import Any, Optional
 from collections.abc import Callable, Sequence
 
 from .config import Config, ConfigError, dump_yaml, load_config
-from .runs import RunNotFoundError, RunReader, find_runs, load_run
+from .progress import SweepProgress
+from .runs import RunFolderError, RunNotFoundError, RunReader, find_runs, load_run
 
 __all__ = ["main", "build_parser"]
 
+EXIT_FAILED = 1
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process killed by it
 
 
 def _err(msg: str) -> None:
     print(f"bame: error: {msg}", file=sys.stderr)
+
+
+def _warn(msg: str) -> None:
+    print(f"bame: warning: {msg}", file=sys.stderr)
 
 
 def _flatten_sets(sets: Optional[list[list[str]]]) -> list[str]:
@@ -98,50 +107,74 @@ def _train(args: argparse.Namespace) -> int:
         result = train(cfg, out_dir=args.out, command=args.command, progress=progress)
     if result.run_dir is not None:
         print(result.run_dir)
+    if result.status == "diverged":
+        _err(_diverged_message(result))
+        return EXIT_DIVERGED
     return 0
+
+
+def _diverged_message(result: Any) -> str:
+    """The manifest's account of a diverged run (an extension's is in its resume entry)."""
+    if result.run_dir is None:
+        return "the run diverged (see rank 0's run folder)"
+    m = load_run(result.run_dir).manifest
+    return f"run {result.run_id} {m.get('error') or (m.get('resumes') or [{}])[-1].get('error')}"
 
 
 # --------------------------------------------------------------------------------------------------
 # sweep
 
 
-def completed_runs(out: Path) -> Callable[[Config], Optional[RunReader]]:
-    """A look-up from a config to a completed run in ``out`` of the same experiment (see
-    ``experiment_identity``). The run folders are read once, not once per config looked up."""
+def finished_runs(out: Path, statuses: tuple[str, ...] = ("completed",),
+                  warn: Optional[Callable[[str], None]] = None) -> Callable[[Config], Optional[RunReader]]:
+    """A look-up from a config to a run in ``out`` of the same experiment (see ``experiment_identity``)
+    that ended with one of ``statuses`` (a completed run also needs its ``DONE``). The run folders are
+    read once, not once per config looked up; a damaged one is reported through ``warn`` and passed over."""
     from .methods import experiment_identity
 
-    done = []
+    found = []
     for run in find_runs(out):
-        if not run.done or run.status != "completed":
-            continue
         try:
-            done.append((experiment_identity(run.config), run))
+            status = run.status
+            if status not in statuses or (status == "completed" and not run.done):
+                continue
+            found.append((experiment_identity(run.config), run))
+        except RunFolderError as err:
+            if warn is not None:
+                warn(f"{err} (passed over)")
         except (ConfigError, OSError):
             continue  # an older run whose config no longer loads cannot be a match
 
     def lookup(cfg: Config) -> Optional[RunReader]:
         identity = experiment_identity(cfg)
-        return next((run for ident, run in done if ident == identity), None)
+        return next((run for ident, run in found if ident == identity), None)
 
     return lookup
 
 
-def _sweep_in_processes(args: argparse.Namespace, todo: list, total: int, out: Path) -> tuple[list, list]:
+def completed_runs(out: Path) -> Callable[[Config], Optional[RunReader]]:
+    """:func:`finished_runs` of completed runs only (the sweep and the demo skip those)."""
+    return finished_runs(out, ("completed",))
+
+
+def _sweep_in_processes(args: argparse.Namespace, todo: list, total: int, out: Path,
+                        progress: SweepProgress) -> tuple[list, list, list]:
     """Run the sweep's runs as ``bame train`` subprocesses, ``args.jobs`` at a time.
 
     Each process gets ``cpu_count // jobs`` threads (OMP_NUM_THREADS), so the jobs share the machine
     instead of fighting over it; each one's output goes to ``OUT/sweep-logs/<label>.log``.
+    Returns the labels that completed, failed and diverged.
     """
     import concurrent.futures
     import hashlib
-    import os
     import subprocess
+    import time
 
     logs = out / "sweep-logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
-    def one(item: tuple) -> tuple[str, int, Path]:
+    def one(item: tuple) -> tuple[str, int, Path, float]:
         i, label, _, cfg = item
         # The child trains exactly the config resolved here (not one it would resolve itself later).
         text = dump_yaml(cfg)
@@ -150,17 +183,25 @@ def _sweep_in_processes(args: argparse.Namespace, todo: list, total: int, out: P
         resolved.write_text(text)
         cmd = [sys.executable, "-m", "bame", "train", "--config", str(resolved), "--out", str(out), "--no-progress"]
         print(f"[{i}/{total}] run {label} (log: {log})", flush=True)
+        start = time.perf_counter()
         with open(log, "a") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-        return label, rc, log
+        return label, rc, log, time.perf_counter() - start
 
-    done, failed = [], []
+    done, failed, diverged = [], [], []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        for label, rc, log in pool.map(one, todo):
-            (done if rc == 0 else failed).append(label)
-            if rc != 0:
+        for future in concurrent.futures.as_completed([pool.submit(one, item) for item in todo]):
+            label, rc, log, seconds = future.result()
+            if rc == 0:
+                done.append(label)
+            elif rc == EXIT_DIVERGED:
+                diverged.append(label)
+                _err(f"{label}: diverged, see {log}")
+            else:
+                failed.append(label)
                 _err(f"{label}: exit status {rc}, see {log}")
-    return done, failed
+            print(progress.finished(seconds), flush=True)
+    return done, failed, diverged
 
 
 def _slug_label(label: str) -> str:
@@ -168,8 +209,6 @@ def _slug_label(label: str) -> str:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .train import train
-
     sets = _flatten_sets(args.set)
     methods = _split_list(args.methods) if args.methods else [None]
     patterns = _split_list(args.patterns) if args.patterns else [None]
@@ -188,37 +227,65 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if errors:
         raise ConfigError(errors)  # nothing runs until the whole grid is valid
     out = Path(args.out)
-    done, failed, skipped = [], [], []
-    todo = []
-    completed = completed_runs(out)
+    skipped, todo, diverged = [], [], []
+    finished = finished_runs(out, ("completed", "diverged"), warn=_warn)
     for i, (extra, cfg) in enumerate(grid, 1):
         label = " ".join(extra) or "(config as is)"
-        match = completed(cfg)
-        if match is not None:
+        match = finished(cfg)
+        if match is not None and match.status == "completed":
             print(f"[{i}/{len(grid)}] skip {label}: completed in {match.path}")
             skipped.append(match.path)
+        elif match is not None and not args.retry_diverged:
+            print(f"[{i}/{len(grid)}] skip {label}: diverged in {match.path} (not retried: --retry-diverged "
+                  f"runs it again)")
+            diverged.append(label)
         elif args.dry_run:
             print(f"[{i}/{len(grid)}] would run {label}")
         else:
             todo.append((i, label, extra, cfg))
+    progress = SweepProgress(len(todo), args.jobs)
+    if todo:
+        print(progress.line())
     if args.jobs > 1:
-        done, failed = _sweep_in_processes(args, todo, len(grid), out)
+        done, failed, diverged_now = _sweep_in_processes(args, todo, len(grid), out, progress)
     else:
-        for i, label, extra, cfg in todo:
-            print(f"[{i}/{len(grid)}] run {label}")
-            try:
-                result = train(cfg, out_dir=out, command=args.command + ["#", *extra],
-                               progress=False if args.no_progress else None)
-                done.append(result.run_dir)
-            except KeyboardInterrupt:
-                raise
-            except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
-                _err(f"{label}: {type(err).__name__}: {err}")
-                failed.append(label)
-    print(f"sweep: {len(done)} run, {len(skipped)} skipped (already completed), {len(failed)} failed")
+        done, failed, diverged_now = _sweep_in_process(args, todo, len(grid), out, progress)
+    diverged += diverged_now
+    print(f"sweep: {len(done)} run, {len(skipped)} skipped (already completed), {len(failed)} failed, "
+          f"{len(diverged)} diverged")
     for label in failed:
         print(f"  failed: {label}")
-    return 1 if failed else 0
+    for label in diverged:
+        print(f"  diverged: {label}")
+    return EXIT_FAILED if failed or diverged else 0
+
+
+def _sweep_in_process(args: argparse.Namespace, todo: list, total: int, out: Path,
+                      progress: SweepProgress) -> tuple[list, list, list]:
+    """Train the sweep's runs one after the other in this process; returns what completed, failed, diverged."""
+    import time
+
+    from .train import train
+
+    done, failed, diverged = [], [], []
+    for i, label, extra, cfg in todo:
+        print(f"[{i}/{total}] run {label}")
+        start = time.perf_counter()
+        try:
+            result = train(cfg, out_dir=out, command=args.command + ["#", *extra],
+                           progress=False if args.no_progress else None)
+            if result.status == "diverged":
+                _err(f"{label}: diverged, see {result.run_dir}")
+                diverged.append(label)
+            else:
+                done.append(result.run_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # noqa: BLE001 - one failed run must not stop the sweep
+            _err(f"{label}: {type(err).__name__}: {err}")
+            failed.append(label)
+        print(progress.finished(time.perf_counter() - start))
+    return done, failed, diverged
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,11 +308,43 @@ def _last(rows: list[dict], split: str) -> Optional[dict]:
     return None
 
 
+def run_state(run: RunReader) -> str:
+    """The manifest's status, or what is really going on: ``running (process N)`` while a process holds
+    the folder's lock, ``stale (process N not running)`` when the manifest says running and none does."""
+    status = str(run.manifest.get("status", "?"))
+    pid = run.writing_pid()
+    if pid is None:
+        return status
+    holder = run.lock_holder()
+    if holder is None:
+        return f"stale (process {pid} not running)"
+    return f"running ({holder})" if status == "running" else f"{status}, extension running ({holder})"
+
+
+def _extension_lines(run: RunReader, m: dict) -> list[str]:
+    """The last resume of a completed run, when it did not complete (the run stays completed)."""
+    resumes = m.get("resumes") or []
+    last = resumes[-1] if resumes else {}
+    if m.get("status") != "completed" or last.get("previous_status") != "completed":
+        return []
+    if last.get("status") in (None, "completed"):
+        return []
+    lines = [f"extension from step {last.get('from_step')} to {last.get('to_step')}: {last['status']}"
+             + (f" ({last['error']})" if last.get("error") else "")
+             + f"; DONE and summary.json still describe step {last.get('from_step')}"]
+    if last.get("status") != "running" or run.lock_holder() is None:
+        more = f" --set train.max_steps={last['max_steps']}" if last.get("max_steps") else ""
+        lines.append(f"resume    bame train --resume {run.path}{more}")
+    return lines
+
+
 def describe_run(run: RunReader) -> str:
-    """A readable multi-line summary of one run folder."""
+    """A readable multi-line summary of one run folder; a damaged manifest, config or summary raises
+    ``RunFolderError`` naming the file."""
     m = run.manifest
+    state = run_state(run)
     lines = [f"run       {run.id}  ({run.path})",
-             f"status    {m.get('status')}" + ("  [DONE]" if run.done else "")
+             f"status    {state}" + ("  [DONE]" if run.done else "")
              + f"  started {m.get('started')}" + (f", finished {m.get('finished')}" if m.get("finished") else "")]
     try:
         c = run.config
@@ -255,8 +354,8 @@ def describe_run(run: RunReader) -> str:
                      f"/ seed {t.seed} / {length}, batch {t.batch_size}, lr {t.lr:g} ({t.lr_schedule}"
                      f"{f', warm-up {t.warmup_epochs:g} ep' if t.warmup_epochs else ''}), wd {t.weight_decay:g}, "
                      f"label smoothing {t.label_smoothing:g}")
-    except (ConfigError, OSError) as err:
-        lines.append(f"config    unreadable: {err}")
+    except ConfigError as err:
+        lines.append(f"config    does not load in this bame: {'; '.join(err.errors)}")
     s = run.summary if run.done else None
     metrics = run.rows("metrics")
     if s is not None:
@@ -290,10 +389,12 @@ def describe_run(run: RunReader) -> str:
         lines.append(f"git       {g['commit'][:12]}{dirty}")
     if m.get("resumes"):
         lines.append(f"resumed   {len(m['resumes'])}x (from steps {[r.get('from_step') for r in m['resumes']]})")
+    lines += _extension_lines(run, m)
     if m.get("error"):
         lines.append(f"error     {m['error']}")
-        if m.get("status") in ("failed", "interrupted"):
-            lines.append(f"resume    bame train --resume {run.path}")
+    if (state.startswith("stale") and m.get("status") == "running") or m.get("status") in ("failed", "interrupted"):
+        lines.append(f"resume    bame train --resume {run.path}" if m.get("checkpoint_step") is not None
+                     else "resume    none: it saved no checkpoint; train it again")
     return "\n".join(lines)
 
 
@@ -302,15 +403,26 @@ def describe_runs(runs: list[RunReader]) -> str:
     lines = [f"{'run':<52} {'status':<11} {'method':<7} {'pattern':<7} {'seed':>4} {'steps':>7} "
              f"{'test acc':>8} {'ideal FLOPs':>11}"]
     for run in runs:
-        m = run.manifest
-        s = run.summary if run.done else None
-        steps = s["steps"] if s else "-"
-        acc = _fmt(s["final"]["test_acc"]) if s else "-"
-        flops = f"{s['flops']['ideal_flops']:.3g}" if s else "-"
-        seed = (m.get("seeds") or {}).get("train.seed", "-")
-        lines.append(f"{run.id:<52} {m.get('status', '?'):<11} {m.get('method', '?'):<7} {m.get('pattern', '?'):<7} "
-                     f"{seed!s:>4} {steps!s:>7} {acc:>8} {flops:>11}")
+        try:
+            lines.append(_run_line(run))
+        except RunFolderError as err:
+            lines.append(f"{run.id:<52} {'damaged':<11} (see the warning)")
+            _warn(f"{err} (listed as damaged)")
     return "\n".join(lines)
+
+
+def _run_line(run: RunReader) -> str:
+    m = run.manifest
+    s = run.summary if run.done else None
+    steps = s["steps"] if s else "-"
+    acc = _fmt(s["final"]["test_acc"]) if s else "-"
+    flops = f"{s['flops']['ideal_flops']:.3g}" if s else "-"
+    seed = (m.get("seeds") or {}).get("train.seed", "-")
+    state = run_state(run)
+    status = "stale" if state.startswith("stale") else m.get("status", "?")
+    pattern = "dense" if m.get("method") == "dense" else m.get("pattern", "?")
+    return (f"{run.id:<52} {status:<11} {m.get('method', '?'):<7} {pattern:<7} "
+            f"{seed!s:>4} {steps!s:>7} {acc:>8} {flops:>11}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -364,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", "-s", action="append", nargs="+", metavar="KEY=VALUE", help=set_help)
     p.add_argument("--out", "-o", default="runs", help="folder of run folders (default: runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder from its last checkpoint "
-                   "(only train.max_steps may change)")
+                   "(only train.max_steps and the log/eval/checkpoint cadence may change: docs/run_folders.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -383,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "variants x methods x patterns x seeds, e.g. --variant base --variant method.bame.rho=0.2")
     p.add_argument("--jobs", "-j", type=int, default=1,
                    help="runs at a time, each a subprocess with cpu_count/jobs threads (default 1: in-process)")
+    p.add_argument("--retry-diverged", action="store_true",
+                   help="train again the combinations whose earlier run diverged (by default they are reported, "
+                        "not retried: the same config diverges again)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
 
@@ -399,20 +514,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from .train import ResumeError
+    from .checkpoint import CheckpointError
+    from .resume import ResumeError
+    from .runlock import RunLockedError
 
-    types: list[type[BaseException]] = [ResumeError, RunNotFoundError]
+    types: list[type[BaseException]] = [ResumeError, RunNotFoundError, RunFolderError, RunLockedError,
+                                        CheckpointError]
     try:
-        from .data import DatasetNotFoundError
+        from .data import DatasetCorruptError, DatasetNotFoundError
 
-        types.append(DatasetNotFoundError)
+        types += [DatasetNotFoundError, DatasetCorruptError]
     except ImportError:
         pass
     return tuple(types)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 a sweep run failed, 2 usage, 130 Ctrl-C)."""
+    """Run the command line; returns the exit status (see the module docstring)."""
+    from .signals import StopRequested
+
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command = _command(argv)
@@ -426,6 +546,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except user_errors as err:
         _err(str(err).strip().replace("\n", " "))
         return EXIT_USAGE
+    except StopRequested as stop:
+        _err(f"stopped by {stop.name} (checkpoint saved; the run is marked interrupted)")
+        return stop.exit_status
     except KeyboardInterrupt:
         _err("interrupted")
         return EXIT_INTERRUPTED

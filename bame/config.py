@@ -180,6 +180,9 @@ class TrainConfig:
     # torchrun: after every mask-adaptation step all-reduce a checksum of each N:M mask and raise if the
     # ranks disagree (two tiny all-reduces per adaptation step; nothing for one process)
     check_mask_sync: bool = True
+    # stop the run as 'diverged' once the training loss has been non-finite (NaN, inf) for this many
+    # consecutive optimizer steps (steps the fp16 GradScaler skipped do not count); 0: never
+    nan_patience: int = 10
 
 
 @dataclass(frozen=True)
@@ -382,8 +385,22 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("train.label_smoothing", f"must lie in [0, 1), got {t.label_smoothing} (0: off; 0.1 is usual)")
     if t.eval_every_epochs < 0:
         bad("train.eval_every_epochs", f"must be >= 0 (0: evaluate only at the end), got {t.eval_every_epochs}")
+    at_least(t, "train", ("nan_patience",), 0, " (0: no divergence guard)")
     at_least(cfg.instrument, "instrument", ("block_state_every_adaptations",), 0, " (0: never)")
-    return errors
+    # A method section (method.bame, ...) is checked only for a method that reads it: a static or SR-STE
+    # run does not fail on values BAME alone would use.
+    unread = tuple(f"{source}: method.{name}." for name in _unread_method_sections(cfg))
+    return [e for e in errors if not e.startswith(unread)]
+
+
+def _unread_method_sections(cfg: Config) -> list[str]:
+    """The nested sections of MethodConfig that ``cfg.method.name`` does not read (its ``config_sections``)."""
+    from .methods import METHODS  # imported here: bame.methods imports this module
+
+    cls = METHODS.get(cfg.method.name)
+    used = cls.config_sections if cls is not None else ()
+    hints = typing.get_type_hints(MethodConfig)
+    return [name for name, tp in hints.items() if dataclasses.is_dataclass(tp) and name not in used]
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:
@@ -474,10 +491,16 @@ def _read_yaml(path: Path) -> dict:
         names = ", ".join(available_configs()) or "none found"
         raise ConfigError([f"{path}: config file not found; give a YAML path or a named experiment "
                            f"({names}; e.g. --config quick)"])
+    if path.is_dir():
+        first = next(iter(sorted(path.glob("*.yaml"))), None)
+        example = f" (e.g. {first})" if first is not None else ""
+        raise ConfigError([f"{path}: is a folder, not a config file; give a YAML file{example}"])
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError([f"{path}: not valid YAML: {err}"]) from None
+        raise ConfigError([f"{path}: not valid YAML: {' '.join(str(err).split())}"]) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError([f"{path}: cannot read it ({err}); give a readable YAML file"]) from None
     return _reject_unquoted_patterns(data)
 
 

@@ -375,7 +375,8 @@ class CifarPickle(Dataset):
     torchvision's ``CIFAR10`` md5-checks every file on every load even with ``download=False``, so it
     reads only the official files; this reader reads the same format without that check (run
     ``bame data verify cifar10`` to check the official md5s once), so the real files and small files
-    written by tests go through the same code. Like any pickle, load only files you trust.
+    written by tests go through the same code. It unpickles with :class:`_CifarUnpickler`, which builds
+    only dicts, lists, strings, numbers and NumPy arrays: a crafted batch file cannot run code.
     Items: ``(transform(PIL RGB image), label)``; ``data`` is ``[N, 32, 32, 3]`` uint8, ``targets`` a list.
     """
 
@@ -416,13 +417,32 @@ class CifarPickle(Dataset):
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds data only: the globals a NumPy array needs (the official batches hold one
+    ``uint8`` array and lists of ints and strings) and nothing else, so no function in a file ever runs."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+                ("numpy", "ndarray"), ("numpy", "dtype"),
+                ("_codecs", "encode")}  # how Python 3 writes bytes in a protocol-2 pickle
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED and not (module == "numpy.dtypes" and name.endswith("DType")):
+            raise pickle.UnpicklingError(f"refused global {module}.{name}: a CIFAR batch holds only arrays, "
+                                         f"lists, numbers and strings")
+        if module.startswith("numpy.core."):  # the official files name numpy 1's modules (numpy 2 warns)
+            core = getattr(np, "_core", None) or np.core
+            return getattr(getattr(core, module.rsplit(".", 1)[1]), name)
+        return super().find_class(module, name)
+
+
 def _load_pickle(path: Path, name: str) -> dict[str, Any]:
     """A CIFAR pickle as a dict with str keys (the official files are Python-2 pickles; latin1 decodes
     their numpy arrays, and files pickled by Python 3 with bytes keys get those keys decoded)."""
     fix = f"Re-extract {CIFAR_SPECS[name].archive} from {CIFAR_URL}."
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as err:
         problem = f"{path.name}: not a readable pickle ({err!r})"
         raise DatasetCorruptError(name, path.parent, [problem], fix) from err

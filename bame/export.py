@@ -28,6 +28,8 @@ loadable with ``torch.load(weights_only=True)``)::
     keys            every key of the dense-equivalent state dict, in order
     nm_layers       {layer name: {values, indices, shape, pattern, layout}}
     dense           {key: tensor} for every other parameter and buffer (biases, BN statistics, ...)
+    source          (``bame export RUN_DIR`` only) {run_id, status, step}: the run's status when exported
+                    and the step of its checkpoint (an interrupted or failed run exports its last checkpoint)
 
 An N:M layer's ``weight``, ``mask`` and ``grad_mask`` (a training-only buffer) are replaced by its
 compressed entry. :func:`load_export` gives back the state dict of the *dense* model with the same
@@ -45,8 +47,8 @@ strided view for 1x1 convs without padding, then the same GEMM). Layers that mis
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import pickle
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -56,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import load_checkpoint_file
+from .divergence import nonfinite_entries
 from .layers import NMConv2d, NMLayer, NMLinear, nm_layers
 from .nm import Layout, NMPattern, group_counts, group_view, is_nm, ungroup
 
@@ -357,6 +361,8 @@ class ExportSummary:
     path: Path | None
     layers: list[LayerSize] = field(default_factory=list)
     other_bytes: int = 0  # every parameter / buffer kept dense
+    source: dict | None = None  # export_run: {run_id, status, step} of the run and its checkpoint
+    warning: str | None = None  # export_run: why these weights may not be the run's final ones
 
     @property
     def nm_dense_bytes(self) -> int:
@@ -386,6 +392,9 @@ class ExportSummary:
         def ratio(a: int, b: int) -> str:
             return f"{a / b:.2f}x" if b else "-"
         lines = [f"{len(self.layers)} N:M layers" + (f" -> {self.path}" if self.path else "")]
+        if self.source:
+            lines.append(f"from run {self.source['run_id']} ({self.source['status']}), checkpoint at step "
+                         f"{self.source['step']}")
         for s in self.layers:
             lines.append(f"  {s.name:<40} {'x'.join(map(str, s.shape)):<16} {s.pattern:>5} {s.layout:<7} "
                          f"{s.dense_bytes:>12,} -> {s.compressed_bytes:>12,} B  ({s.ratio:.2f}x)")
@@ -397,13 +406,28 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def _load_checkpoint(path: Path) -> object:
-    """``torch.load`` with ``weights_only=True``; falls back to full unpickling for checkpoints holding
-    other Python objects (optimizer / RNG states), which is safe only for run folders you trust."""
+def _manifest(run_dir: Path) -> dict:
+    """The run's manifest.json ({} without a readable one)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
+
+
+def _status_warning(run_dir: Path, manifest: dict, step: object, done: bool) -> str | None:
+    """Why the checkpoint's weights may not be a finished run's model (None when they are)."""
+    status = manifest.get("status", "unknown")
+    last = (manifest.get("resumes") or [{}])[-1]
+    if status == "completed" and done and last.get("status", "completed") != "completed":
+        return (f"run {run_dir.name} completed at step {last.get('from_step')}, but its extension "
+                f"{last.get('status')}: the checkpoint is at step {step}, not the completed run's model")
+    if status == "completed" and done:
+        return None
+    if not manifest:
+        return f"{run_dir} has no readable manifest.json: cannot tell whether the run completed (checkpoint at step {step})"
+    return (f"run {run_dir.name} is {status}, not completed: exporting its last checkpoint, at step {step}, "
+            f"which is not a finished run's model")
 
 
 def _run_pattern(run_dir: Path) -> tuple[NMPattern, Layout]:
@@ -440,19 +464,28 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
     if out_path.exists():
         raise FileExistsError(f"{out_path} already exists; not overwriting it: remove it or pass --out FILE")
     pattern, layout = _run_pattern(run_dir)
-    ckpt = _load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint_file(ckpt_path)  # weights_only: nothing in the file runs
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         state = ckpt["model"]
     elif isinstance(ckpt, Mapping) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         state = ckpt  # a bare state dict
     else:
         raise ValueError(f"{ckpt_path}: expected a dict with a 'model' state dict (docs/contracts.md)")
-    exported = export_state_dict(state, pattern, layout)
+    bad = nonfinite_entries(state)
+    if bad:
+        raise ValueError(f"{ckpt_path}: refusing to export non-finite weights (NaN or inf in {', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the run diverged before this checkpoint")
+    manifest, step = _manifest(run_dir), ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
+    source = {"run_id": run_dir.resolve().name, "status": manifest.get("status", "unknown"), "step": step}
+    exported = {**export_state_dict(state, pattern, layout), "source": source}
     try:
         _write_new(out_path, exported)
     except FileExistsError:
         raise FileExistsError(f"{out_path} already exists; not overwriting it: remove it or pass --out FILE") from None
-    return ExportSummary.of(exported, out_path)
+    summary = ExportSummary.of(exported, out_path)
+    summary.source = source
+    summary.warning = _status_warning(run_dir, manifest, step, (run_dir / "DONE").is_file())
+    return summary
 
 
 def cli_export(args: argparse.Namespace) -> int:
@@ -464,6 +497,8 @@ def cli_export(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"bame: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if summary.warning:
+        print(f"bame: warning: {summary.warning}", file=sys.stderr)
     print(summary)
     return 0
 

@@ -1,9 +1,11 @@
 """The run folder: an append-only writer for ``bame train`` and a reader for analysis.
 
 A run lives in ``OUT/<run id>/`` with ``<run id> = <YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``
-(plus ``-2``, ``-3``, ... when that name exists: a folder is never reused). Its files::
+(no ``<NofM>`` for a dense run; plus ``-2``, ``-3``, ... when that name exists: a folder is never reused).
+Its files::
 
-    manifest.json        written first; status running | completed | failed | interrupted, git commit
+    .lock                held (``fcntl.flock``) by the one process writing the folder (bame.runlock)
+    manifest.json        written first; status running | completed | failed | interrupted | diverged, git commit
                          (+ sha256 of ``git diff HEAD`` when dirty), command line, versions, device, seeds,
                          times, the error of a failed run, one entry per resume
     config.yaml          the resolved config, every default filled in (``bame.config.dump_yaml``)
@@ -17,10 +19,12 @@ A run lives in ``OUT/<run id>/`` with ``<run id> = <YYYYmmdd-HHMMSS>-<config nam
     checkpoints/last.pt  everything a resume needs (see bame.train)
     DONE                 written last, only by a run that completed
 
-Every json/yaml/checkpoint write is atomic (a temporary file, then ``os.replace``); tables are appended
-row by row, the header coming from the first row (a later row with new keys widens the header).
-A resume truncates each table to the rows it had when the checkpoint was taken, so rows logged after
-the checkpoint by a run that then crashed are not duplicated.
+Every json/yaml/checkpoint write is atomic (a temporary file ``.<name>.tmp-<pid>``, then ``os.replace``;
+the leftovers of a killed writer are removed when the folder is next opened for writing); JSON is strict
+(``null`` for a non-finite number). Tables are appended row by row, the header coming from the first
+row (a later row with new keys widens the header). A resume truncates each table to the rows it had
+when the checkpoint was taken, so rows logged after the checkpoint by a run that then crashed are not
+duplicated. docs/run_folders.md states what a folder guarantees.
 """
 
 from __future__ import annotations
@@ -40,14 +44,18 @@ from pathlib import Path
 from typing import Any, Optional
 from collections.abc import Iterable, Mapping
 
+import math
+
 import numpy as np
 
 from .config import Config, dump_yaml, from_dict
+from .runlock import RunLock, lock_holder
 
 __all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
-           "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES"]
+           "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES", "RunFolderError",
+           "strict_json", "remove_leftover_temp_files"]
 
-STATUSES = ("running", "completed", "failed", "interrupted")
+STATUSES = ("running", "completed", "failed", "interrupted", "diverged")
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 SUMMARY = "summary.json"
@@ -60,12 +68,35 @@ class RunNotFoundError(FileNotFoundError):
     """A path that is not a run folder (no ``manifest.json``)."""
 
 
+class RunFolderError(ValueError):
+    """A run folder (or the folder of runs) that cannot be used as asked: a damaged file, not writable."""
+
+
 # --------------------------------------------------------------------------------------------------
 # atomic writes
 
 
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9]+$")
+
+
+def remove_leftover_temp_files(run_dir: str | Path) -> list[str]:
+    """Delete the ``.<name>.tmp-<pid>`` files a killed writer left in ``run_dir`` (and its ``checkpoints/``,
+    ``blocks/``); call only while holding the folder's lock (then no other writer can own one).
+    Returns their paths relative to ``run_dir``."""
+    run_dir = Path(run_dir)
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints", run_dir / "blocks"):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if _TMP_NAME.match(p.name) and p.is_file():
+                p.unlink()
+                removed.append(p.relative_to(run_dir).as_posix())
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -83,8 +114,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
+    """``obj`` as strict JSON: a non-finite float (NaN, inf) becomes ``null``, never the bare ``NaN``
+    that most JSON readers reject."""
+    return json.dumps(_finite_or_none(obj), indent=indent, default=_json_default, allow_nan=False)
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy / torch scalars
+        return _finite_or_none(obj.item())
+    return obj
+
+
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    atomic_write_text(path, strict_json(obj) + "\n")
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
@@ -162,12 +211,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "run"
 
 
+# Methods that train every layer dense: their config's method.pattern is unused (docs/contracts.md).
+PATTERNLESS_METHODS = ("dense",)
+
+
 def make_run_id(cfg: Config, when: Optional[_dt.datetime] = None) -> str:
-    """``<YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``, e.g. ``20250101-120000-quick-bame-2of4-s0``."""
+    """``<YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``, e.g. ``20250101-120000-quick-bame-2of4-s0``;
+    a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
     when = when or _dt.datetime.now()
-    pattern = cfg.method.pattern.replace(":", "of")
-    return "-".join([when.strftime("%Y%m%d-%H%M%S"), _slug(cfg.name), _slug(cfg.method.name), _slug(pattern),
-                     f"s{cfg.train.seed}"])
+    parts = [when.strftime("%Y%m%d-%H%M%S"), _slug(cfg.name), _slug(cfg.method.name)]
+    if cfg.method.name not in PATTERNLESS_METHODS:
+        parts.append(_slug(cfg.method.pattern.replace(":", "of")))
+    return "-".join([*parts, f"s{cfg.train.seed}"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,21 +307,25 @@ class _Table:
 class RunWriter:
     """Creates and fills one run folder; the sink that recorders write through.
 
-    Use :meth:`create` for a new run and :meth:`reopen` to resume one. Nothing already in the folder
-    is overwritten except the files this writer owns (manifest, config after a resume, summary,
-    checkpoint), and those only atomically.
+    Use :meth:`create` for a new run and :meth:`reopen` to resume one. The writer holds the folder's
+    lock (bame.runlock) until :meth:`release`. Nothing already in the folder is overwritten except the
+    files this writer owns (manifest, config after a resume, summary, checkpoint), and those only
+    atomically. A resume of a completed run (to a larger ``train.max_steps``) is an *extension*: the
+    folder stays ``completed`` with its ``DONE`` and ``summary.json`` until the extension completes;
+    an extension that fails, diverges or is interrupted is recorded in its resume entry only.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], lock: Optional[RunLock] = None):
         self.path = Path(path)
         self.manifest = manifest
+        self.lock = lock
         self._tables: dict[str, _Table] = {}
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
     def create(cls, out_dir: str | Path, cfg: Config, *, command: Optional[list[str]] = None,
                device: Optional[str] = None, extra: Optional[dict[str, Any]] = None) -> RunWriter:
-        """Make ``out_dir/<run id>/`` (never an existing one), write ``manifest.json`` then ``config.yaml``."""
+        """Make ``out_dir/<run id>/`` (never an existing one), lock it, write ``manifest.json`` then ``config.yaml``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         base = make_run_id(cfg)
@@ -278,6 +337,7 @@ class RunWriter:
             except FileExistsError:
                 counter += 1
                 path = out / f"{base}-{counter}"
+        lock = RunLock.acquire(path)
         manifest = {
             "id": path.name,
             "status": "running",
@@ -300,28 +360,40 @@ class RunWriter:
         }
         if extra:
             manifest.update(extra)
-        writer = cls(path, manifest)
+        writer = cls(path, manifest, lock)
         writer.write_manifest()
         writer.write_config(cfg)
         return writer
 
     @classmethod
-    def reopen(cls, run_dir: str | Path, *, command: Optional[list[str]] = None,
-               device: Optional[str] = None, from_step: Optional[int] = None) -> RunWriter:
-        """Continue an existing run folder: status back to running, ``DONE`` removed, a resume entry."""
+    def reopen(cls, run_dir: str | Path, lock: RunLock, *, command: Optional[list[str]] = None,
+               device: Optional[str] = None, from_step: Optional[int] = None,
+               to_step: Optional[int] = None) -> RunWriter:
+        """Continue a run folder whose ``lock`` the caller holds: a resume entry (status running), the
+        leftovers of a killed writer removed. A failed or interrupted run goes back to ``running``; a
+        completed one stays ``completed`` (with ``DONE``) while the extension runs."""
+        if lock.run_dir.resolve() != Path(run_dir).resolve() or not lock.held:
+            raise ValueError(f"reopen({run_dir}) needs the lock of that folder")
         reader = load_run(run_dir)
         manifest = dict(reader.manifest)
-        entry = {"time": _now(), "from_step": from_step, "previous_status": manifest.get("status"),
+        entry = {"time": _now(), "from_step": from_step, "to_step": to_step,
+                 "previous_status": manifest.get("status"), "status": "running",
                  "command": list(command) if command is not None else list(sys.argv), "device": device,
-                 "host": socket.gethostname(), "pid": os.getpid(), "git": git_info()}
+                 "host": socket.gethostname(), "pid": os.getpid(), "git": git_info(),
+                 "removed_temp_files": remove_leftover_temp_files(reader.path)}
         manifest.setdefault("resumes", []).append(entry)
-        manifest.update(status="running", finished=None, error=None)
-        writer = cls(reader.path, manifest)
-        done = writer.path / DONE
-        if done.exists():
-            done.unlink()  # our own marker: the run is not complete until the resumed part is
+        writer = cls(reader.path, manifest, lock)
+        if not writer.extends_completed:
+            manifest.update(status="running", finished=None, error=None)
+            (writer.path / DONE).unlink(missing_ok=True)  # a stale marker: the manifest says not completed
         writer.write_manifest()
         return writer
+
+    @property
+    def extends_completed(self) -> bool:
+        """Whether this writer resumed a completed run (it then never downgrades the folder's status)."""
+        resumes = self.manifest.get("resumes") or []
+        return bool(resumes) and resumes[-1].get("previous_status") == "completed"
 
     # -- files -------------------------------------------------------------------------------------
     @property
@@ -394,25 +466,49 @@ class RunWriter:
         return path
 
     # -- endings -----------------------------------------------------------------------------------
+    def _end_resume(self, status: str, **fields: Any) -> None:
+        resumes = self.manifest.get("resumes") or []
+        if resumes:
+            resumes[-1].update(status=status, finished=_now(), **fields)
+
     def complete(self, summary: dict[str, Any]) -> None:
         """``summary.json``, status completed, then ``DONE`` (last)."""
         self.close()
         self.write_json(SUMMARY, summary)
-        self.update_manifest(status="completed", finished=_now())
+        self._end_resume("completed")
+        self.update_manifest(status="completed", finished=_now(), error=None)
         atomic_write_text(self.path / DONE, self.manifest["finished"] + "\n")
 
-    def fail(self, error: BaseException, traceback_text: Optional[str] = None) -> None:
+    def _stop(self, status: str, error: str, summary: Optional[dict[str, Any]] = None, **fields: Any) -> None:
+        """End without completing; an extension of a completed run records it in its resume entry only."""
         self.close()
-        self.update_manifest(status="failed", finished=_now(), error=f"{type(error).__name__}: {error}",
-                             traceback=traceback_text)
+        self._end_resume(status, error=error, **fields)
+        if self.extends_completed:
+            self.write_manifest()
+            return
+        if summary is not None:
+            self.write_json(SUMMARY, summary)
+        self.update_manifest(status=status, finished=_now(), error=error, **fields)
 
-    def interrupt(self) -> None:
-        self.close()
-        self.update_manifest(status="interrupted", finished=_now(), error="KeyboardInterrupt")
+    def fail(self, error: BaseException, traceback_text: Optional[str] = None) -> None:
+        self._stop("failed", f"{type(error).__name__}: {error}", traceback=traceback_text)
+
+    def interrupt(self, reason: str = "KeyboardInterrupt") -> None:
+        self._stop("interrupted", reason)
+
+    def diverge(self, message: str, summary: dict[str, Any]) -> None:
+        """Status ``diverged`` (a finished run that failed: no ``DONE``), ``summary.json`` for the record."""
+        self._stop("diverged", message, summary)
 
     def close(self) -> None:
         for t in self._tables.values():
             t.close()
+
+    def release(self) -> None:
+        """Give the folder's lock back (the OS does it too when the process ends)."""
+        self.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 class NullWriter:
@@ -443,9 +539,22 @@ class RunReader:
     def id(self) -> str:
         return self.path.name
 
+    def _damaged(self, name: str, problem: str) -> RunFolderError:
+        return RunFolderError(f"{self.path / name} is damaged ({problem}): bame writes it whole or not at all, "
+                              f"so it was edited or cut by hand; restore it from a copy, or remove the run folder")
+
+    def _json(self, name: str) -> Any:
+        try:
+            data = json.loads((self.path / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self._damaged(name, f"not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise self._damaged(name, f"a JSON {type(data).__name__}, not an object")
+        return data
+
     @property
     def manifest(self) -> dict[str, Any]:
-        return json.loads((self.path / MANIFEST).read_text())
+        return self._json(MANIFEST)
 
     @property
     def status(self) -> str:
@@ -459,7 +568,16 @@ class RunReader:
     def config_dict(self) -> dict:
         import yaml
 
-        return yaml.safe_load((self.path / CONFIG).read_text()) or {}
+        try:
+            data = yaml.safe_load((self.path / CONFIG).read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise self._damaged(CONFIG, f"not valid YAML: {' '.join(str(err).split())}") from None
+        except FileNotFoundError:
+            raise RunFolderError(f"{self.path / CONFIG} is missing: a run folder holds its resolved config; "
+                                 f"restore it from a copy") from None
+        if not isinstance(data, dict):
+            raise self._damaged(CONFIG, f"a YAML {type(data).__name__}, not a mapping of sections")
+        return data
 
     @property
     def config(self) -> Config:
@@ -468,28 +586,32 @@ class RunReader:
 
     @property
     def summary(self) -> Optional[dict[str, Any]]:
-        p = self.path / SUMMARY
-        return json.loads(p.read_text()) if p.exists() else None
+        return self._json(SUMMARY) if (self.path / SUMMARY).exists() else None
 
     @property
     def checkpoint_path(self) -> Optional[Path]:
         p = self.path / CHECKPOINT
         return p if p.exists() else None
 
-    def live_pid(self) -> Optional[int]:
-        """The pid of the process writing this run, if it is ``running`` here and that process is alive."""
+    def writing_pid(self) -> Optional[int]:
+        """The pid the manifest names as writing this folder now (status running, or an extension of a
+        completed run still running), else None. Whether that process lives: :meth:`lock_holder`."""
         m = self.manifest
-        last = (m.get("resumes") or [m])[-1]
-        pid, host = last.get("pid", m.get("pid")), last.get("host", m.get("host"))
-        if m.get("status") != "running" or host != socket.gethostname() or not pid or pid == os.getpid():
-            return None
-        try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return int(pid)  # exists, owned by someone else
-        return int(pid)
+        resumes = m.get("resumes") or []
+        last = resumes[-1] if resumes else m
+        running = m.get("status") == "running" or (bool(resumes) and last.get("status") == "running")
+        pid = last.get("pid", m.get("pid"))
+        return int(pid) if running and pid else None
+
+    def lock_holder(self) -> Optional[str]:
+        """``'process N'`` when a live process holds the folder's lock (is writing it), else None."""
+        return lock_holder(self.path)
+
+    def stale_pid(self) -> Optional[int]:
+        """The recorded writer's pid when the manifest says ``running`` but no process holds the lock
+        (the writer was killed, or its machine went down): the run can be resumed."""
+        pid = self.writing_pid()
+        return pid if pid is not None and self.lock_holder() is None else None
 
     def tables(self) -> list[str]:
         return sorted(p.stem for p in self.path.glob("*.csv"))
@@ -510,11 +632,17 @@ class RunReader:
             return {k: z[k] for k in z.files}
 
     def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
-        import torch
+        """``checkpoints/last.pt`` read with ``torch.load(weights_only=True)`` (bame.checkpoint): a damaged
+        or unsafe file raises ``CheckpointError`` naming it; nothing in the file is ever run."""
+        from .checkpoint import CheckpointError, load_checkpoint_file
 
         if self.checkpoint_path is None:
             raise RunNotFoundError(f"{self.path}: no checkpoint ({CHECKPOINT}) to resume from")
-        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)
+        ckpt = load_checkpoint_file(self.checkpoint_path, map_location)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "step" not in ckpt:
+            raise CheckpointError(f"{self.checkpoint_path}: not a bame checkpoint (expected a dict with 'model' "
+                                  f"and 'step', docs/contracts.md)")
+        return ckpt
 
     def __repr__(self) -> str:
         return f"RunReader({str(self.path)!r}, status={self.status!r})"

@@ -72,11 +72,30 @@ def loader_generators(loader: Any) -> dict[str, torch.Generator]:
     return gens
 
 
+def _numpy_state() -> dict[str, Any]:
+    """NumPy's global RNG state as plain data (its uint32 key as an int64 tensor), so that a checkpoint
+    holding it loads with ``torch.load(weights_only=True)``."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    return {"bit_generator": name, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_state(state: Any) -> None:
+    if isinstance(state, dict):
+        key = state["key"].numpy() if torch.is_tensor(state["key"]) else np.asarray(state["key"])
+        state = (state["bit_generator"], key.astype(np.uint32), state["pos"], state["has_gauss"],
+                 state["cached_gaussian"])
+    np.random.set_state(state)  # or the tuple of np.random.get_state() (checkpoints of older versions)
+
+
 def capture_rng(loader: Any = None) -> dict[str, Any]:
-    """A snapshot of every RNG state: python, numpy, torch CPU, CUDA (if initialised), the loader's."""
+    """A snapshot of every RNG state: python, numpy, torch CPU, CUDA (if initialised), the loader's.
+
+    Plain data only (tuples, numbers, strings, tensors): it travels in checkpoints read with
+    ``torch.load(weights_only=True)``."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
         "loader": {},
@@ -88,8 +107,8 @@ def capture_rng(loader: Any = None) -> dict[str, Any]:
 
 def restore_rng(state: dict[str, Any], loader: Any = None) -> None:
     """Put back a :func:`capture_rng` snapshot (the loader's generators too when ``loader`` is given)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"]))
+    _set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

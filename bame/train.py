@@ -26,6 +26,12 @@ every epoch end, every ``train.checkpoint_every_steps`` and at the end; a resume
 the last one and reproduces the uninterrupted run exactly on the same machine (the epoch's shuffled
 order is rebuilt from the loader's RNG state at the epoch start and the consumed batches skipped).
 
+Around the loop (docs/run_folders.md): the run folder is locked for the whole call (``bame.runlock``);
+checks that need the built model run before the folder exists (``bame.preflight``); a resume checks the
+checkpoint's own config first (``bame.resume``); ``bame.divergence`` stops a run whose loss stays
+non-finite (status ``diverged``); SIGTERM, SIGUSR1 and Ctrl-C stop it at the end of a step with a
+checkpoint (``bame.signals``).
+
 Distributed: everything rank-dependent goes through :class:`DistContext`; only rank 0 writes, and
 ``torch.distributed`` is used only when it is initialised (torchrun).
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
 import time
 import traceback
@@ -47,22 +54,23 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import preflight
 from .config import Config, ConfigError, TrainConfig, apply_overrides, from_dict, load_config, to_dict
 from .distributed import all_sum_ints, average_float_buffers, check_masks_agree
+from .divergence import DivergedError, Divergence, DivergenceGuard, nonfinite_entries
+from .resume import RESUMABLE_CHANGES, ResumeError, check_resume_point, resume_config
+from .runlock import RunLock
 from .runs import NullWriter, RunReader, RunWriter, load_run
+from .signals import StopRequested, StopSignals
 from .step import training_step
 from .seed import capture_rng, deterministic_mode, restore_rng, rng_neutral, seed_everything
 
 __all__ = ["train", "RunResult", "DistContext", "Schedule", "plan_schedule", "LRFactor", "param_groups",
-           "resolve_device", "ResumeError", "resume_config"]
+           "resolve_device", "ResumeError", "resume_config", "RESUMABLE_CHANGES"]
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: plain data only (RNG states as tensors): loads with torch.load(weights_only=True)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
-
-
-class ResumeError(ValueError):
-    """A run folder that cannot be resumed as asked (changed config, nothing left to do, no checkpoint)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,7 +201,11 @@ def resolve_device(name: str) -> torch.device:
         if not torch.cuda.is_available():
             return torch.device("cpu")
         name = "cuda"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError([f"train.device: {name!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N' "
+                           f"(N the GPU's index)"]) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError([f"train.device: {name!r} asked for but CUDA is not available (use 'auto' or 'cpu')"])
     if device.type == "cuda" and device.index is None:
@@ -206,42 +218,6 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return str(device)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-RESUMABLE_CHANGES = ("train.max_steps",)
-
-
-def resume_config(run_dir: str | Path, overrides: Optional[list[str]] = None,
-                  cfg: Optional[Config] = None) -> Config:
-    """The config a resume of ``run_dir`` uses: the saved one plus ``overrides`` (or ``cfg``).
-
-    Only ``train.max_steps`` may differ from the saved config; any other change raises
-    :class:`ResumeError` naming each changed key.
-    """
-    reader = load_run(run_dir)
-    saved = reader.config_dict
-    if cfg is None:
-        data = apply_overrides(saved, overrides) if overrides else saved
-        cfg = from_dict(data, f"{reader.path / 'config.yaml'}" + (" + --set" if overrides else ""))
-    elif overrides:
-        cfg = from_dict(apply_overrides(to_dict(cfg), overrides), "<config> + --set")
-    old, new = _flatten(to_dict(from_dict(saved, str(reader.path / "config.yaml")))), _flatten(to_dict(cfg))
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
-    if changed:
-        raise ResumeError(f"{reader.path}: cannot resume with a changed config ({'; '.join(changed)}); "
-                          f"only {', '.join(RESUMABLE_CHANGES)} may change")
-    return cfg
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,6 +285,10 @@ class _Trainer:
         self.last_step_adaptation = 0  # the adaptation line's share of last_step_ideal
         self.scalars: dict[str, float] = {}
         self.global_macs: tuple[int, int] = (0, 0)  # run totals summed over ranks (set by summary())
+        self.guard = DivergenceGuard(tc.nan_patience, device)
+        self.signals: Optional[StopSignals] = None  # set while the loop runs under StopSignals
+        self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint written (or loaded)
+        self.scale = None  # the fp16 GradScaler's scale before the step (a drop means it skipped the step)
 
     # -- set-up ------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -320,9 +300,12 @@ class _Trainer:
 
         cfg, tc = self.cfg, self.cfg.train
         self.bundle = data_mod.build_datasets(cfg.data)
-        loaders = data_mod.make_loaders(self.bundle, tc.batch_size, tc.eval_batch_size, cfg.data.num_workers,
-                                        tc.seed, distributed=self.dist.distributed,
-                                        pin_memory=self.device.type == "cuda")
+        try:
+            loaders = data_mod.make_loaders(self.bundle, tc.batch_size, tc.eval_batch_size, cfg.data.num_workers,
+                                            tc.seed, distributed=self.dist.distributed,
+                                            pin_memory=self.device.type == "cuda")
+        except ValueError as err:
+            raise ConfigError([f"train.batch_size: {err}"]) from None
         self.train_loader, self.test_loader = _unpack_loaders(loaders)
         self.sched = plan_schedule(tc, len(self.train_loader))
         try:
@@ -338,9 +321,18 @@ class _Trainer:
             self.method = methods_mod.create_method(cfg.method, ctx)
         except ValueError as err:
             raise ConfigError([f"method.name: {err}"]) from None
-        model = self.method.prepare(model)
+        try:
+            model = self.method.prepare(model)
+        except ValueError as err:  # e.g. method.on_indivisible=error on a layer whose K is not a multiple of M
+            keep = (" (method.on_indivisible=dense keeps such layers dense)"
+                    if cfg.method.on_indivisible == "error" else "")
+            raise ConfigError([f"method.pattern {cfg.method.pattern}: {err}{keep}"]) from None
+        preflight.check_pattern_fits(getattr(self.method, "report", None), cfg)
         # After prepare: the method reads masks through its layers (layer.mask), never stale copies.
         self.model = model.to(memory_format=self.memory_format) if tc.channels_last else model
+        b = self.bundle
+        preflight.check_model_runs(self.model, (1, b.in_channels, b.image_size, b.image_size), cfg, self.device,
+                                   self.autocast)
         groups = param_groups(self.model, self.method.self_decayed_parameters(), tc.weight_decay,
                               tc.no_decay_bn_bias)
         self.optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
@@ -352,6 +344,9 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
         self.criterion = nn.CrossEntropyLoss(label_smoothing=tc.label_smoothing)
         self.ledger = FlopsLedger(self.model, enabled=self.cfg.instrument.flops)
+        from .instrument import Recorders
+
+        self.recorders = Recorders(cfg.instrument, self.model, self.method, NullWriter())  # sink: attach_writer
         # Training forwards go through ``self.net``: the model itself, or its DDP wrapper under torchrun
         # (gradients are all-reduced during backward, so the method's after_backward sees global ones).
         # Hooks, checkpoints and evaluation use the bare model. No buffer broadcast: masks are equal on
@@ -363,10 +358,8 @@ class _Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
     def attach_writer(self, writer: Any) -> None:
-        from .instrument import Recorders
-
         self.writer = writer
-        self.recorders = Recorders(self.cfg.instrument, self.model, self.method, writer)
+        self.recorders.sink = writer
 
     def write_sparsify(self) -> None:
         report = getattr(self.method, "report", None)
@@ -405,12 +398,19 @@ class _Trainer:
             "last_train": self.last_train,
             "tables": self.writer.table_rows() if self.dist.is_main else {},
             "config": to_dict(self.cfg),
+            "divergence": self.guard.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
+        """``checkpoints/last.pt`` (rank 0); skipped while the loss is not finite, so that the last
+        checkpoint stays one a resume or an export can use."""
+        if self.guard.in_streak():
+            self.say(f"step {self.step}: no checkpoint (the loss is not finite); the last one stays")
+            return
         if self.dist.is_main:
             self.writer.save_checkpoint(self.state())
             self.writer.update_manifest(checkpoint_step=self.step)
+        self.checkpointed_step = self.step
 
     def load(self, ckpt: dict[str, Any]) -> None:
         """Restore everything from a checkpoint (RNG last)."""
@@ -428,6 +428,9 @@ class _Trainer:
         self.best_test_acc = ckpt.get("best_test_acc")
         self.last_test = ckpt.get("last_test", self.last_test)
         self.last_train = ckpt.get("last_train", self.last_train)
+        if ckpt.get("divergence") is not None:
+            self.guard.load_state_dict(ckpt["divergence"])
+        self.checkpointed_step = self.step
         restore_rng(ckpt["rng"], self.train_loader)
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -552,6 +555,7 @@ class _Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.scale = self.scaler.get_scale() if self.scaler is not None else None
         model.train()
         try:
             for batches in self.epochs():
@@ -562,6 +566,7 @@ class _Trainer:
                                             autocast=self.autocast, scaler=self.scaler, scheduler=self.scheduler,
                                             after_update=self._check_masks if tc.check_mask_sync else None)
                     loss, out, cost = outcome.loss, outcome.output, outcome.cost
+                    self.guard.observe(step + 1, loss, skipped=self._scaler_skipped())
                     self.last_step_ideal = cost.ideal_macs
                     self.last_step_adaptation = cost.by_phase.get("adaptation", (0, 0))[0]
                     scalars = self.recorders.on_step_end(step)
@@ -582,12 +587,44 @@ class _Trainer:
     def _check_masks(self, step: int) -> None:
         check_masks_agree(self.model, step)  # collective; no-op for one process
 
+    def _scaler_skipped(self) -> bool:
+        """Whether the fp16 GradScaler skipped the step just taken (inf/NaN gradients: it lowers its scale).
+        One host read per step, only with a scaler, whose ``step`` reads the same flags already."""
+        if self.scaler is None:
+            return False
+        before, self.scale = self.scale, self.scaler.get_scale()
+        return before is not None and self.scale < before
+
+    def check_divergence(self) -> None:
+        """Raise :class:`DivergedError` once the loss has not been finite for ``train.nan_patience`` steps
+        (on any rank: the ranks agree, so that they all stop at the same step)."""
+        found = self.guard.verdict()
+        if self.dist.distributed:
+            anywhere = self.dist.all_sum(torch.tensor([float(found is not None)], device=self.device))
+            if found is None and float(anywhere[0]) > 0:
+                raise DivergedError(f"diverged at step {self.step} on another rank (train.nan_patience="
+                                    f"{self.guard.patience})")
+        if found is not None:
+            raise DivergedError(found)
+
+    def stop_signal(self, at_log_step: bool) -> Optional[int]:
+        """The stop signal received (SIGTERM, SIGUSR1, SIGINT), if any. Under torchrun the ranks agree on
+        it only at log steps (one tiny all-reduce there), so that they all stop after the same step."""
+        signum = self.signals.signum if self.signals is not None else None
+        if not self.dist.distributed:
+            return signum
+        if not at_log_step:
+            return None
+        flag = self.dist.all_sum(torch.tensor([float(signum or 0)], device=self.device))
+        return (signum or signal.SIGTERM) if float(flag[0]) > 0 else None
+
     def after_step(self, bar: Any, loss_sum: torch.Tensor, correct: torch.Tensor, seen: torch.Tensor) -> None:
-        """Logging, evaluation and checkpoints due after the step just taken."""
+        """Logging, the divergence guard, evaluation, checkpoints and stop signals due after the step taken."""
         tc, sched, s = self.cfg.train, self.sched, self.step
         epoch_end = s % sched.steps_per_epoch == 0
         last = s >= sched.run_steps
-        if s % tc.log_every_steps == 0 or epoch_end or last:
+        log = s % tc.log_every_steps == 0 or epoch_end or last
+        if log:
             stats = torch.stack([loss_sum, correct.double(), seen.double()])
             self.dist.all_sum(stats)
             n = max(1.0, float(stats[2]))
@@ -597,6 +634,8 @@ class _Trainer:
             bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.lr():.4g}", refresh=False)
         evaluate = bool(sched.eval_interval_steps and s % sched.eval_interval_steps == 0) or last
         checkpoint = epoch_end or last or bool(tc.checkpoint_every_steps and s % tc.checkpoint_every_steps == 0)
+        if log or checkpoint or (self.guard.patience and s % self.guard.patience == 0):
+            self.check_divergence()
         if evaluate or checkpoint:
             average_float_buffers(self.model)  # BN statistics of the ranks' shards (no-op for one process)
         if evaluate:
@@ -604,6 +643,13 @@ class _Trainer:
         if checkpoint:
             self.flush_flops()
             self.save_checkpoint()
+        signum = None if last else self.stop_signal(log)
+        if signum is not None:
+            if self.checkpointed_step != s:
+                average_float_buffers(self.model)
+                self.flush_flops()
+                self.save_checkpoint()
+            raise StopRequested(signum)
 
     def dense_step_macs(self) -> Optional[int]:
         """MACs of one dense training step of the same architecture at this batch size (counted by the
@@ -639,7 +685,7 @@ class _Trainer:
         return {"step_ideal": step_ideal - (step_adapt - step_adapt // w), "ideal": ideal - once,
                 "executed": executed, "by_phase": {k: tuple(v) for k, v in phases.items()}}
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, status: str = "completed", divergence: Optional[Divergence] = None) -> dict[str, Any]:
         from .flops import CONVENTION
 
         flops = self.run_flops()
@@ -649,7 +695,7 @@ class _Trainer:
         report = getattr(self.method, "report", None)
         return {
             "run_id": self.writer.id,
-            "status": "completed",
+            "status": status,
             "config_name": self.cfg.name,
             "method": self.cfg.method.name,
             "pattern": self.cfg.method.pattern,
@@ -680,6 +726,7 @@ class _Trainer:
             "wall_time_s": round(self.wall_time(), 3),
             "device": describe_device(self.device),
             "world_size": self.dist.world_size,
+            **({"diverged": divergence.to_dict()} if divergence is not None else {}),
         }
 
     def result(self, status: str, summary: Optional[dict] = None) -> RunResult:
@@ -694,8 +741,14 @@ class _Trainer:
 
 def _ending_note(writer: RunWriter, status: str, step: int) -> str:
     ckpt = writer.manifest.get("checkpoint_step")
-    how = (f"continue from its checkpoint at step {ckpt} with: bame train --resume {writer.path}"
+    entry = (writer.manifest.get("resumes") or [{}])[-1]
+    more = (f" --set train.max_steps={entry['max_steps']}" if writer.extends_completed and entry.get("max_steps")
+            else "")
+    how = (f"continue from its checkpoint at step {ckpt} with: bame train --resume {writer.path}{more}"
            if ckpt is not None else "it has no checkpoint yet")
+    if writer.extends_completed:
+        return (f"run {writer.id}: the extension {status} at step {step}; the run stays completed at step "
+                f"{entry.get('from_step')} (DONE and summary.json kept); {how}")
     return f"run {writer.id} {status} at step {step} (manifest status {status!r}, no DONE); {how}"
 
 
@@ -721,24 +774,73 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
 
     ``cfg``: a :class:`Config`, a dict or a YAML path (``overrides`` are ``key=value`` strings applied
     on top). ``resume``: a run folder to continue in place from its last checkpoint; the config is
-    then the saved one (``cfg``/``overrides`` may only change ``train.max_steps``). ``progress``
-    overrides ``train.progress``. Raises :class:`ConfigError` / :class:`ResumeError` /
-    ``bame.data.DatasetNotFoundError`` before any folder is made; an exception during training marks
-    the run ``failed`` (Ctrl-C: ``interrupted``) and propagates.
+    then the one the checkpoint was trained under (``cfg``/``overrides`` may change only
+    ``bame.resume.RESUMABLE_CHANGES``, e.g. ``train.max_steps``). ``progress`` overrides ``train.progress``.
+
+    The folder is locked for the whole call (``bame.runlock``): a second process gets ``RunLockedError``.
+    Raises :class:`ConfigError` / :class:`ResumeError` / ``RunFolderError`` / ``CheckpointError`` /
+    ``bame.data.DatasetNotFoundError`` before any folder is made or changed. A run whose loss stays
+    non-finite for ``train.nan_patience`` steps ends ``diverged`` (returned, ``status='diverged'``). An
+    exception during training marks the run ``failed`` and propagates; Ctrl-C, SIGTERM and SIGUSR1 save a
+    checkpoint at the end of the step, mark it ``interrupted`` and raise ``StopRequested`` (a
+    ``KeyboardInterrupt``).
     """
+    dist = DistContext.current()
+    lock = None
+    if resume is not None and dist.is_main:
+        load_run(resume)  # a one-line RunNotFoundError for a path that is not a run folder
+        lock = RunLock.acquire(resume)  # before anything else: one process per folder
+    try:
+        return _train(cfg, out_dir, resume, lock, overrides, command, progress, verbose, dist)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _load_for_resume(trainer: _Trainer, reader: RunReader, ckpt: dict[str, Any]) -> None:
+    """Restore the trainer from the checkpoint before the folder changes: a checkpoint that does not fit
+    the model and method this config builds is refused, the folder untouched."""
+    try:
+        trainer.load(ckpt)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        text = " ".join(str(err).split())[:300]
+        raise ResumeError(f"{reader.checkpoint_path}: does not fit the model and method of "
+                          f"{reader.path / 'config.yaml'} ({type(err).__name__}: {text})") from None
+
+
+def _open_writer(trainer: _Trainer, cfg: Config, out_dir: str | Path, resume: Optional[RunReader],
+                 ckpt: Optional[dict], lock: Optional[RunLock], command: list[str], device: torch.device) -> Any:
+    if not trainer.dist.is_main:
+        return NullWriter()
+    if resume is None:
+        return RunWriter.create(out_dir, cfg, command=command, device=describe_device(device),
+                                extra={"world_size": trainer.dist.world_size, "schedule": vars(trainer.sched)})
+    writer = RunWriter.reopen(resume.path, lock, command=command, device=describe_device(device),
+                              from_step=int(ckpt["step"]), to_step=trainer.sched.run_steps)
+    writer.manifest["resumes"][-1]["dropped_rows"] = writer.truncate_tables(ckpt.get("tables", {}))
+    writer.manifest["resumes"][-1]["max_steps"] = cfg.train.max_steps
+    if not writer.extends_completed:
+        writer.write_config(cfg)  # max_steps may have changed (an extension writes it when it completes)
+    writer.write_manifest()
+    return writer
+
+
+def _train(cfg: Any, out_dir: str | Path, resume: Optional[str | Path], lock: Optional[RunLock],
+           overrides: Optional[list[str]], command: Optional[list[str]], progress: Optional[bool], verbose: bool,
+           dist: DistContext) -> RunResult:
+    reader, ckpt = None, None
     if resume is not None:
-        cfg = resume_config(resume, overrides, None if cfg is None else _coerce_config(cfg))
-        pid = load_run(resume).live_pid()
-        if pid is not None:
-            raise ResumeError(f"{resume}: still being written by process {pid} on this machine; "
-                              f"stop it first (a run is resumed by one process at a time)")
+        reader = load_run(resume)
+        ckpt = reader.load_checkpoint("cpu")  # weights_only: nothing in the file runs
+        cfg = resume_config(resume, overrides, None if cfg is None else _coerce_config(cfg), ckpt)
     else:
         if cfg is None:
             raise TypeError("train() needs a config (or resume=RUN_DIR)")
         cfg = _coerce_config(cfg)
         if overrides:
             cfg = from_dict(apply_overrides(to_dict(cfg), overrides), "<config> + --set")
-    dist = DistContext.current()
+        if dist.is_main:
+            preflight.check_out_dir(out_dir)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -749,69 +851,68 @@ def train(cfg: Config | dict | str | Path | None = None, out_dir: str | Path = "
         seed_everything(cfg.train.seed)
         trainer = _Trainer(cfg, dist, device, verbose, show)
         trainer.build()  # data / model / method errors leave no folder behind
-        ckpt = None
-        if resume is not None:
-            reader = load_run(resume)
-            ckpt = reader.load_checkpoint("cpu")
-            if ckpt.get("steps_per_epoch") != trainer.sched.steps_per_epoch:
-                raise ResumeError(f"{reader.path}: the checkpoint has {ckpt.get('steps_per_epoch')} steps per epoch, "
-                                  f"the data now gives {trainer.sched.steps_per_epoch}: the data set on disk changed")
-            done_at, sched = int(ckpt["step"]), trainer.sched
-            if done_at >= sched.schedule_steps:
-                raise ResumeError(f"{reader.path}: nothing to do: the checkpoint at step {done_at} ends the whole "
-                                  f"schedule ({sched.schedule_steps} steps from train.epochs, which a resume "
-                                  f"cannot change)")
-            if done_at >= sched.run_steps:
-                raise ResumeError(f"{reader.path}: nothing to do: the checkpoint is at step {done_at} = "
-                                  f"train.max_steps; raise it, up to the schedule's {sched.schedule_steps} steps "
-                                  f"(e.g. --set train.max_steps={sched.schedule_steps})")
-        if dist.is_main:
-            if resume is None:
-                writer = RunWriter.create(out_dir, cfg, command=command, device=describe_device(device),
-                                          extra={"world_size": dist.world_size, "schedule": vars(trainer.sched)})
-            else:
-                writer = RunWriter.reopen(resume, command=command, device=describe_device(device),
-                                          from_step=int(ckpt["step"]))
-        else:
-            writer = NullWriter()
+        if reader is not None:
+            check_resume_point(reader, ckpt, trainer.sched.steps_per_epoch, trainer.sched.schedule_steps,
+                               trainer.sched.run_steps)
+            _load_for_resume(trainer, reader, ckpt)
+        writer = _open_writer(trainer, cfg, out_dir, reader, ckpt, lock, command, device)
         trainer.t0 = time.perf_counter()
         try:
-            trainer.attach_writer(writer)
-            if ckpt is None:
-                trainer.write_sparsify()
-                trainer.say(f"run {writer.id}: {trainer.sched.run_steps} steps "
-                            f"({trainer.sched.steps_per_epoch}/epoch, schedule {trainer.sched.schedule_steps}) "
-                            f"on {describe_device(device)} -> {writer.path}")
-            else:
-                trainer.load(ckpt)
-                if dist.is_main:
-                    dropped = writer.truncate_tables(ckpt.get("tables", {}))
-                    writer.manifest["resumes"][-1]["dropped_rows"] = dropped
-                    writer.manifest["resumes"][-1]["max_steps"] = cfg.train.max_steps
-                    writer.write_config(cfg)  # max_steps may have changed
-                    writer.write_manifest()
-                trainer.say(f"resuming {writer.id} at step {trainer.step} -> {trainer.sched.run_steps}")
-            del ckpt
-            trainer.train_loop()
+            with StopSignals(on_request=_announce_stop) as signals:
+                trainer.signals = signals
+                trainer.attach_writer(writer)
+                if ckpt is None:
+                    trainer.write_sparsify()
+                    trainer.say(f"run {writer.id}: {trainer.sched.run_steps} steps "
+                                f"({trainer.sched.steps_per_epoch}/epoch, schedule {trainer.sched.schedule_steps}) "
+                                f"on {describe_device(device)} -> {writer.path}")
+                else:
+                    trainer.say(f"resuming {writer.id} at step {trainer.step} -> {trainer.sched.run_steps}")
+                del ckpt
+                trainer.train_loop()
+                bad = nonfinite_entries(trainer.model.state_dict())
+                if bad:
+                    raise DivergedError(f"diverged: the weights are not finite at the end (step {trainer.step}; "
+                                        f"{', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
             summary = trainer.summary()
             if dist.is_main:
+                writer.write_config(cfg)
                 writer.complete(summary)
             trainer.say(f"done: {writer.id}: test acc {_num(trainer.last_test['acc'])}, "
                         f"{2 * trainer.global_macs[0]:.4g} ideal training FLOPs, "
                         f"{trainer.wall_time():.1f}s")
             return trainer.result("completed", summary)
-        except KeyboardInterrupt:
+        except DivergedError as err:
+            summary = trainer.summary("diverged", err.divergence)
             if dist.is_main:
-                writer.interrupt()
+                writer.diverge(f"{err}; lower train.lr (now {cfg.train.lr:g}) or check the data", summary)
+                trainer.say(f"run {writer.id} {err} (status 'diverged', no DONE)")
+            return trainer.result("diverged", summary)
+        except KeyboardInterrupt as err:
+            if dist.is_main:
+                writer.interrupt(err.name if isinstance(err, StopRequested) else "KeyboardInterrupt")
                 trainer.say(_ending_note(writer, "interrupted", trainer.step))
             raise
         except BaseException as err:
+            if dist.is_main and trainer.signals is not None and trainer.signals.signum is not None:
+                # e.g. the loader's workers got the scheduler's SIGTERM too and died before the step ended
+                writer.interrupt(f"{signal.Signals(trainer.signals.signum).name} ({type(err).__name__}: {err})")
+                trainer.say(_ending_note(writer, "interrupted", trainer.step))
+                raise StopRequested(trainer.signals.signum) from err
             if dist.is_main:
                 writer.fail(err, traceback.format_exc())
                 trainer.say(_ending_note(writer, "failed", trainer.step))
             raise
         finally:
             writer.close()
+            if reader is None:
+                writer.release()  # a resume's lock is released by train()
             detach = getattr(trainer.ledger, "detach", None)
             if detach is not None:
                 detach()
+
+
+def _announce_stop(name: str) -> None:
+    """What a stop signal does (written straight to stderr: this runs inside the signal handler)."""
+    again = " (Ctrl-C again to stop now, without one)" if name == "SIGINT" else ""
+    sys.stderr.write(f"\nbame: {name}: stopping after this step, with a checkpoint{again}\n")

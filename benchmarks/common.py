@@ -157,9 +157,11 @@ def paired_ratio(a: list[float], b: list[float]) -> dict[str, float]:
 
 
 def write_json(path: str, results: dict[str, Any], log: Any = print) -> None:
-    """Write a benchmark's results (creating folders) and say where."""
+    """Write a benchmark's results (creating folders; strict JSON: null for a non-finite number) and say where."""
+    from bame.runs import strict_json
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(results, indent=2))
+    Path(path).write_text(strict_json(results))
     log(f"\nwrote {path}")
 
 

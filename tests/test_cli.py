@@ -19,9 +19,10 @@ def sets(*extra: str) -> list[str]:
 
 
 def train(tmp_path: Path, *extra: str) -> Path:
+    before = {r.path for r in find_runs(tmp_path)}
     assert main(["train", "--config", str(QUICK), "--out", str(tmp_path), *sets(*extra)]) == 0
-    (run,) = [r for r in find_runs(tmp_path)][-1:]
-    return run.path
+    (run,) = [r.path for r in find_runs(tmp_path) if r.path not in before]
+    return run
 
 
 def one_line_error(capsys) -> str:
@@ -56,7 +57,7 @@ def test_resume_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--set", "train.max_steps=7", "train.lr=0.3"]) == 2
     err = one_line_error(capsys)
-    assert "train.lr" in err and "only train.max_steps may change" in err
+    assert "train.lr" in err and "only train.max_steps, train.progress" in err
 
 
 def test_interrupted_run_says_how_to_resume(tmp_path, capsys, monkeypatch):
@@ -148,3 +149,42 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys
     finally:
         gone.close()
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, damage", [("manifest.json", '{"status": "compl'), ("summary.json", ""),
+                                          ("config.yaml", "method: [unclosed\n")])
+def test_a_damaged_run_folder_is_one_line_and_folders_of_runs_go_on(tmp_path, capsys, name, damage):
+    good = train(tmp_path, "train.max_steps=2", "method.name=static")
+    bad = train(tmp_path, "train.max_steps=2", "method.name=dense")
+    (bad / name).write_text(damage)
+    capsys.readouterr()
+    assert main(["inspect", str(bad)]) == 2
+    err = one_line_error(capsys)
+    assert f"{bad / name} is damaged" in err and "restore it from a copy" in err
+    assert main(["inspect", str(tmp_path)]) == 0  # the folder of runs: every run listed, the damaged one flagged
+    captured = capsys.readouterr()
+    if name != "config.yaml":  # a one-line listing does not read config.yaml
+        assert f"{bad / name} is damaged" in captured.err and "damaged" in captured.out
+    assert good.name in captured.out and "completed" in captured.out
+    argv = ["sweep", "--config", str(QUICK), "--methods", "static,dense", "--out", str(tmp_path), "--set", *SMALL,
+            "train.max_steps=2"]
+    assert main(argv) == 0  # past the damaged folder: the static run is found
+    out = capsys.readouterr()
+    assert "skip method.name=static" in out.out
+    if name == "summary.json":  # status and config are intact: the run completed
+        assert "skip method.name=dense" in out.out
+    else:  # the dense run cannot be read: it is trained again
+        assert "run method.name=dense" in out.out
+        assert f"{bad / name} is damaged" in out.err
+
+
+def test_a_dense_run_id_has_no_pattern_and_listings_show_dense(tmp_path, capsys):
+    run = train(tmp_path, "train.max_steps=2", "method.name=dense", "method.pattern=1:4")
+    assert run.name.endswith("-quick-dense-s0")
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path)]) == 0
+    line = capsys.readouterr().out.splitlines()[1]
+    assert line.split()[2:4] == ["dense", "dense"]
+    from analysis import load_runs, paper_table
+
+    assert paper_table(load_runs(tmp_path))["pattern"].tolist() == ["dense"]

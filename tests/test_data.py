@@ -182,6 +182,35 @@ def test_cifar_augmentation_is_random_crop_and_flip(tmp_path):
     torch.testing.assert_close(bundle.test[0][0], bundle.test[0][0])
 
 
+class _Payload:
+    """Unpickling it calls ``open(marker, 'w')``: what a crafted batch file could do with any function."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_a_crafted_cifar_batch_is_refused_and_runs_nothing(tmp_path, capsys, protocol):
+    from bame.cli import main
+
+    write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 3], b"x": _Payload(marker)}, f,
+                    protocol=protocol)
+    out = tmp_path / "runs"
+    code = main(["train", "--config", "configs/paper/cifar10_resnet32.yaml", "--out", str(out), "--set",
+                 f"data.root={tmp_path}", "train.max_steps=1", "train.batch_size=4"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and not marker.exists()
+    assert err.startswith("bame: error: ") and len(err.splitlines()) == 1
+    assert "data_batch_2" in err and "refused global" in err
+    assert not out.exists()
+
+
 def test_cifar_with_a_malformed_batch_says_which_file(tmp_path):
     write_cifar(tmp_path, "cifar10")
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "wb") as f:

@@ -198,7 +198,7 @@ def _make_run(tmp_path, model, pattern="2:4", layout="row"):
     cfg = {"model": {"name": "small"}, "method": {"name": "static", "pattern": pattern, "layout": layout}}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     torch.save({"model": model.state_dict(), "optimizer": {}, "step": 10,
-                # numpy's RNG state is not weights_only-loadable: exercises the fallback
+                # an older bame's checkpoint: NumPy's RNG key as an ndarray (loaded through a narrow allow-list)
                 "rng": {"numpy": np.random.RandomState(0).get_state()}}, run / "checkpoints" / "last.pt")
     return run
 
@@ -308,3 +308,23 @@ def test_to_semi_structured_matches_masked_model(dtype, layout):
     assert set(report.skipped) == {"4", "7"}
     assert isinstance(model[0], SemiStructuredConv2d) and isinstance(model[9], SemiStructuredLinear)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_export_of_an_unfinished_run_warns_and_records_its_step_and_status(tmp_path, capsys, monkeypatch):
+    import bame
+    from bame.cli import main
+    from bame.methods import METHODS
+
+    from test_train import _failing, quick
+
+    monkeypatch.setitem(METHODS, "static", _failing(KeyboardInterrupt, at_step=9))
+    with pytest.raises(KeyboardInterrupt):
+        bame.train(quick("method.name=static", "train.max_steps=12"), out_dir=tmp_path, verbose=False)
+    (run,) = tmp_path.iterdir()
+    assert main(["export", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "bame: warning: run" in captured.err and "is interrupted, not completed" in captured.err
+    assert "at step 8" in captured.err and "(interrupted), checkpoint at step 8" in captured.out
+    exported = torch.load(run / "export" / "model_nm.pt", weights_only=True)
+    assert exported["source"] == {"run_id": run.name, "status": "interrupted", "step": 8}
+    assert load_export(exported).keys()  # the extra entry does not disturb loading

@@ -25,6 +25,22 @@ def test_run_id_names_config_method_pattern_seed():
     assert rest == "unit_test-srste-1of16-s3"  # no ':' or spaces in folder names
 
 
+def test_a_dense_run_id_names_no_pattern():
+    cfg = from_dict({"name": "demo", "method": {"name": "dense", "pattern": "1:4"}})
+    assert make_run_id(cfg)[16:] == "demo-dense-s0"
+
+
+def test_json_files_are_strict(tmp_path):
+    w = RunWriter.create(tmp_path, _cfg())
+    w.write_json("summary.json", {"loss": float("nan"), "best": [float("inf"), 1.5], "t": torch.tensor(float("-inf"))})
+
+    def refuse(token):
+        raise ValueError(token)
+
+    assert json.loads((w.path / "summary.json").read_text(), parse_constant=refuse) == {
+        "loss": None, "best": [None, 1.5], "t": None}
+
+
 def test_ids_are_never_reused(tmp_path, monkeypatch):
     monkeypatch.setattr(runs_mod, "make_run_id", lambda cfg, when=None: "fixed-id")
     (tmp_path / "fixed-id").mkdir()  # a folder someone already has
@@ -111,13 +127,18 @@ def test_endings(tmp_path):
 
 
 def test_reopen_for_resume(tmp_path):
+    from bame.runlock import RunLock
+
     w = RunWriter.create(tmp_path, _cfg())
-    w.complete({})
-    again = RunWriter.reopen(w.path, command=["bame", "train", "--resume", str(w.path)], from_step=5)
-    r = load_run(w.path)
-    assert r.status == "running" and not r.done
-    assert r.manifest["resumes"][0]["from_step"] == 5 and r.manifest["resumes"][0]["previous_status"] == "completed"
-    assert again.id == w.id
+    w.interrupt()
+    w.release()
+    with RunLock.acquire(w.path) as lock:
+        again = RunWriter.reopen(w.path, lock, command=["bame", "train", "--resume", str(w.path)], from_step=5)
+        r = load_run(w.path)
+        assert r.status == "running" and not r.done
+        entry = r.manifest["resumes"][0]
+        assert entry["from_step"] == 5 and entry["previous_status"] == "interrupted" and entry["status"] == "running"
+        assert again.id == w.id
 
 
 def test_reader_errors_name_the_path(tmp_path):

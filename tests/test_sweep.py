@@ -1,5 +1,7 @@
 """`bame sweep` variants and parallel jobs, on the quick config."""
 
+import re
+
 from bame.cli import main
 from bame.config import load_config
 from bame.runs import find_runs
@@ -13,6 +15,10 @@ def test_variants_make_one_run_each_and_are_skipped_when_done(tmp_path, capsys):
             "--no-progress", "--set", *QUICK, "--variant", "base", "--variant", "method.bame.rho=0.5",
             "--variant", "method.bame.lma=gradient", "method.bame.regrow=zero"]
     assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "sweep progress: 0/3 runs done, 3 left" in printed
+    assert re.search(r"sweep progress: 1/3 runs done, 2 left, about \d+s to go \(\d+s per run\)", printed)
+    assert "sweep progress: 3/3 runs done, 0 left" in printed
     runs = [r for r in find_runs(out) if r.done]
     assert len(runs) == 3
     configs = sorted((r.config.method.bame.rho, r.config.method.bame.lma, r.config.method.bame.regrow) for r in runs)
@@ -57,3 +63,17 @@ def test_a_static_run_stays_done_when_only_bame_options_differ(tmp_path, capsys)
     printed = capsys.readouterr().out
     assert "skip method.name=static" in printed  # BAME's section does not touch a static run
     assert "run method.name=bame" in printed  # but it is a new BAME experiment
+
+
+def test_sweep_progress_counts_runs_and_estimates_from_finished_wall_times():
+    from bame.progress import SweepProgress, format_duration
+
+    p = SweepProgress(to_run=5, jobs=2)
+    assert p.line() == "sweep progress: 0/5 runs done, 5 left"
+    p.finished(60.0)
+    assert p.finished(120.0) == "sweep progress: 2/5 runs done, 3 left, about 2m15s to go (1m30s per run)"
+    assert p.eta_s() == 90.0 * 3 / 2  # mean x left / jobs at a time
+    p.finished(30.0), p.finished(30.0)
+    assert p.eta_s() == 60.0  # one left: the jobs cannot share it
+    assert p.finished(30.0).endswith("5/5 runs done, 0 left")
+    assert [format_duration(s) for s in (42, 185, 7620)] == ["42s", "3m05s", "2h07m"]

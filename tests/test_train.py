@@ -259,7 +259,7 @@ def test_resume_refuses_changed_config_and_nothing_to_do(tmp_path):
     res = run(quick("method.name=static", "train.max_steps=2"), tmp_path)
     with pytest.raises(train_mod.ResumeError, match=r"train\.lr: 0\.05 -> 0\.2"):
         bame.train(resume=res.run_dir, overrides=["train.lr=0.2", "train.max_steps=4"], verbose=False)
-    with pytest.raises(train_mod.ResumeError, match=r"nothing to do: .* = train.max_steps; raise it, up to .* 16"):
+    with pytest.raises(train_mod.ResumeError, match=r"nothing to do: .* >= train.max_steps \(2\); raise it, up to .* 16"):
         bame.train(resume=res.run_dir, verbose=False)
     assert load_run(res.run_dir).status == "completed" and load_run(res.run_dir).done
     whole = run(quick("method.name=static", "train.epochs=0.25"), tmp_path)  # a 2-step schedule, run to its end
@@ -297,20 +297,26 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert r.table("metrics").query("split == 'test'")["step"].tolist() == [4, 6]  # 4 steps/epoch per rank
 
 
-def test_resume_refuses_a_run_that_is_still_being_written(tmp_path):
+def test_resume_refuses_a_run_whose_folder_is_locked_and_ignores_recorded_pids(tmp_path):
+    """Only the folder's lock counts: a live process holding it blocks a resume (named by its pid); a pid in
+    the manifest, dead or reused by an unrelated program, does not."""
+    from bame.runlock import RunLock, RunLockedError
+
     res = run(quick("method.name=static", "train.max_steps=2"), tmp_path)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         m = json.loads((res.run_dir / "manifest.json").read_text())
-        m.update(status="running", pid=sleeper.pid)  # as if that process were training it
+        m.update(status="running", pid=sleeper.pid)  # a recorded pid that is alive, but not training it
         (res.run_dir / "manifest.json").write_text(json.dumps(m))
-        with pytest.raises(train_mod.ResumeError, match=f"still being written by process {sleeper.pid}"):
-            bame.train(resume=res.run_dir, overrides=["train.max_steps=4"], verbose=False)
+        bame.train(resume=res.run_dir, overrides=["train.max_steps=4"], verbose=False, progress=False)
     finally:
         sleeper.kill()
         sleeper.wait()
-    bame.train(resume=res.run_dir, overrides=["train.max_steps=4"], verbose=False, progress=False)  # dead pid: ok
-    assert load_run(res.run_dir).done
+    assert load_run(res.run_dir).done and load_run(res.run_dir).summary["steps"] == 4
+    holding = f"process {os.getpid()} is writing this run folder"
+    with RunLock.acquire(res.run_dir), pytest.raises(RunLockedError, match=holding):  # as another writer would
+        bame.train(resume=res.run_dir, overrides=["train.max_steps=6"], verbose=False)
+    assert load_run(res.run_dir).summary["steps"] == 4
 
 
 class _Noisy(torch.utils.data.Dataset):
