@@ -62,23 +62,42 @@ def _header(text: str) -> tuple[Line2D, str]:
     return Line2D([], [], linestyle="none"), text
 
 
+GROUP_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h", "<", ">", "p", "8")
+
+
+def _group_markers(table: pd.DataFrame) -> dict[str, str]:
+    """A marker per group, told apart within each method (the colour tells the methods apart)."""
+    seen: dict[str, int] = {}
+    out = {}
+    for _, g in table.iterrows():
+        k = seen.get(g["method"], 0)
+        seen[g["method"]] = k + 1
+        out[g["group"]] = GROUP_MARKERS[k % len(GROUP_MARKERS)]
+    return out
+
+
 def pareto_scatter(points: pd.DataFrame, title: str = "Final top-1 against training FLOPs",
-                   logx: bool | None = None) -> Figure:
+                   logx: bool | None = None, legend: str = "methods") -> Figure:
     """One marker per group at its mean training FLOPs and mean final top-1, error bars ±1 std over seeds.
 
-    Colour per method, marker per pattern; the Pareto front of the group means is a dashed staircase
-    (gid ``pareto-front``); groups of one ``family`` are joined by a dotted line (gid ``family:<name>``).
-    Each group's data line has gid ``group:<label>``. ``logx`` defaults to a log axis when the FLOPs
-    span more than a factor of 20.
+    Colour per method; marker per pattern (``legend='methods'``: the legend lists methods and patterns)
+    or per group within its method (``legend='groups'``: the legend names every group, for a study of
+    many readings at one pattern). The Pareto front of the group means is a dashed staircase (gid
+    ``pareto-front``); groups of one ``family`` are joined by a dotted line (gid ``family:<name>``). Each
+    group's data line has gid ``group:<label>``. ``logx`` defaults to a log axis when the FLOPs span more
+    than a factor of 20.
     """
+    if legend not in ("methods", "groups"):
+        raise ValueError(f"pareto_scatter: legend must be 'methods' or 'groups', got {legend!r}")
     table = group_means(points)
+    markers = _group_markers(table)
     with style():
         fig, ax = new_figure(7.2, 4.4)
         if table.empty:
             empty(ax, "no completed runs")
             return fig
         for _, g in table.iterrows():
-            marker = pattern_marker(g["pattern"])
+            marker = pattern_marker(g["pattern"]) if legend == "methods" else markers[g["group"]]
             bars = ax.errorbar(g["flops_mean"], g["top1_mean"], xerr=_nan0(g["flops_std"]),
                                yerr=_nan0(g["top1_std"]), fmt=marker, color=method_color(g["method"]),
                                ms=marker_size(marker, 7), mec="white", mew=0.6, capsize=2, elinewidth=0.9,
@@ -104,7 +123,10 @@ def pareto_scatter(points: pd.DataFrame, title: str = "Final top-1 against train
         flops_axis(ax.xaxis, "training FLOPs (ideal, whole run)")
         ax.set_ylabel("final test top-1 (%)")
         ax.set_title(f"{title}\nmean ± std over seeds")
-        _legend(fig, table, front_line, handles, labels)
+        if legend == "methods":
+            _legend(fig, table, front_line, handles, labels)
+        else:
+            _group_legend(fig, table, markers, front_line, handles, labels)
     return fig
 
 
@@ -120,6 +142,21 @@ def _legend(fig: Figure, table: pd.DataFrame, front: Line2D, families: list, fam
     for pattern in sorted(table["pattern"].unique(), key=_pattern_rank):
         marker = pattern_marker(pattern)
         rows.append((Line2D([], [], ls="none", marker=marker, color="0.4", ms=marker_size(marker, 6)), pattern))
+    rows.append((front, "Pareto front"))
+    if families:
+        rows.append(_header("family"))
+        rows += list(zip(families, family_labels))
+    handles, labels = zip(*rows)
+    legend_beside(fig, list(handles), list(labels))
+
+
+def _group_legend(fig: Figure, table: pd.DataFrame, markers: dict[str, str], front: Line2D, families: list,
+                  family_labels: list[str]) -> None:
+    rows = [_header("group")]
+    for _, g in table.iterrows():
+        marker = markers[g["group"]]
+        rows.append((Line2D([], [], ls="none", marker=marker, color=method_color(g["method"]),
+                            ms=marker_size(marker, 6)), str(g["group"])))
     rows.append((front, "Pareto front"))
     if families:
         rows.append(_header("family"))

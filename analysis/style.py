@@ -44,8 +44,8 @@ RC = {
 
 # Okabe-Ito colours (told apart with the common colour-vision deficiencies); dense is black.
 METHOD_COLORS = {"dense": "#000000", "static": "#999999", "ste": "#56B4E9", "srste": "#0072B2",
-                 "asp": "#E69F00", "lbc": "#CC79A7", "bimask": "#F0E442", "bame": "#D55E00"}
-_SPARE_COLORS = ("#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442")
+                 "asp": "#E69F00", "lbc": "#CC79A7", "bimask": "#F0E442", "bame": "#D55E00", "phased": "#009E73"}
+_SPARE_COLORS = ("#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#009E73")
 PATTERN_MARKERS = {"dense": "*", "2:4": "o", "4:8": "p", "1:4": "s", "2:8": "P", "1:8": "D", "1:16": "^",
                    "1:32": "v"}
 _SPARE_MARKERS = ("X", "h", "<", ">", "d", "8")

@@ -71,6 +71,7 @@ def _figure_builders(runs: pd.DataFrame, runs_root: Path, tmp: Path) -> dict:
         "pareto_scatter": lambda: analysis.pareto_scatter(analysis.run_points(runs)),
         "pareto_scatter:study": lambda: analysis.pareto_scatter(study),
         "pareto_scatter:empty": lambda: analysis.pareto_scatter(analysis.run_points(empty)),
+        "pareto_scatter:groups": lambda: analysis.pareto_scatter(study[study["pattern"] == "1:16"], legend="groups"),
         "forest_plot": lambda: analysis.forest_plot(analysis.readings_table(analysis.run_points(runs))),
         "forest_plot:study": lambda: analysis.forest_plot(study_readings),
         "forest_plot:empty": lambda: analysis.forest_plot(analysis.readings_table(analysis.run_points(empty))),
@@ -217,6 +218,21 @@ def test_pareto_scatter_marks_each_group_mean_with_its_spread_and_the_front():
     np.testing.assert_allclose(lines["family:bame 1:16 (phased)"].get_ydata(), family["top1_mean"])
     with pytest.raises(ValueError, match="lacks column"):
         analysis.pareto_scatter(points.drop(columns=["train_flops"]))
+
+
+def test_pareto_scatter_by_group_names_every_group_and_tells_a_methods_groups_apart():
+    points = _study_points()
+    points = points[points["pattern"] == "1:16"]
+    fig = analysis.pareto_scatter(points, legend="groups")
+    means = analysis.group_means(points)
+    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert set(means["group"]) <= set(legend_texts)
+    bars = {c.lines[0].get_gid(): c.lines[0] for c in fig.axes[0].containers}
+    for method, g in means.groupby("method"):
+        looks = [(bars[f"group:{label}"].get_color(), bars[f"group:{label}"].get_marker()) for label in g["group"]]
+        assert len(set(looks)) == min(len(looks), len(analysis.pareto.GROUP_MARKERS)), method
+    with pytest.raises(ValueError, match="legend must be"):
+        analysis.pareto_scatter(points, legend="nope")
 
 
 def test_pareto_front_by_hand():
