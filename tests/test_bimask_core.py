@@ -46,10 +46,11 @@ def test_backward_mask_follows_their_rule(shape, n, m):
 
 
 def test_a_kept_zero_weight_still_ranks_above_pruned_ones():
+    # their top-1 of |W * m_f| = [0, 0, 0, 0] would pick row 0 (pruned) and the AND would leave nothing
     w = torch.tensor([[0.0], [5.0], [0.0], [0.0]])
-    fwd = torch.tensor([[True], [False], [False], [False]])
+    fwd = torch.tensor([[False], [False], [True], [False]])
     got = backward_mask(w, fwd, torch.arange(4), 1, 4)
-    assert got[:, 0].tolist() == [True, False, False, False]
+    assert got[:, 0].tolist() == [False, False, True, False]
 
 
 def test_the_permutation_matters_and_identity_order_is_not_nm():
