@@ -67,7 +67,8 @@ from .bame_core import Scalar, swap_values
 from .nm import Layout, NMPattern, block_grid, from_blocks, to_blocks
 
 __all__ = ["ALGORITHMS", "check_transposable", "to_tiles", "from_tiles", "transposable_patterns",
-           "transposable_tiles", "transposable_mask", "is_transposable_nm", "TileExchanges", "best_exchanges"]
+           "transposable_tiles", "transposable_mask", "is_transposable_nm", "TileExchanges", "best_exchanges",
+           "exchange_elementwise_ops"]
 
 ALGORITHMS = ("auto", "enumerate", "flow")
 ENUMERATE_MAX_M = 4  # 'auto' enumerates up to here: 2:4 has 90 patterns, 2:6 already 67,950
@@ -298,3 +299,16 @@ def best_exchanges(w: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, lma: st
     grow[tiles, r1, c2] = ok
     grow[tiles, r2, c1] = ok
     return TileExchanges(score, drop, grow, torch.stack([r1, r2], 1), torch.stack([c1, c2], 1))
+
+
+def exchange_elementwise_ops(num_tiles: int, m: int, lma: str = "taylor", layer_numel: int = 0) -> int:
+    """Element-wise work of :func:`best_exchanges` on ``num_tiles`` tiles (an operation count).
+
+    Per tile: the values ``a``, ``b`` (1 op per weight for ``taylor``, 4 for ``gradient``, as
+    :func:`bame.bame_core.adaptation_elementwise_ops`), ``m^3`` differences ``a[r, c1] - b[r, c2]``, ``m^3``
+    comparisons for the best row of each ``(c1, c2)``, ``m^2`` additions of the two halves and ``m^2``
+    comparisons for the best pair; ``gradient``'s scale ``s`` adds 2 ops per weight of the layer.
+    """
+    per_weight = 1 if lma == "taylor" else 4
+    scale = 0 if lma == "taylor" else 2 * int(layer_numel)
+    return int(num_tiles) * (per_weight * m * m + 2 * m ** 3 + 2 * m * m) + scale

@@ -10,8 +10,9 @@ import torch
 
 from bame.bame_core import apply_swaps, gradient_grow_scale
 from bame.nm import is_nm
-from bame.transposable import (best_exchanges, check_transposable, from_tiles, is_transposable_nm, to_tiles,
-                               transposable_mask, transposable_patterns, transposable_tiles)
+from bame.transposable import (best_exchanges, check_transposable, exchange_elementwise_ops, from_tiles,
+                               is_transposable_nm, to_tiles, transposable_mask, transposable_patterns,
+                               transposable_tiles)
 
 
 def _all_4x4(n: int) -> torch.Tensor:
@@ -245,3 +246,10 @@ def test_no_exchange_where_scores_are_not_finite():
     ex = best_exchanges(torch.ones(2, 4, 4), g, mask)
     assert ex.score[0] == -math.inf and not ex.drop[0].any() and not ex.grow[0].any()
     assert torch.isfinite(ex.score[1]) and int(ex.drop[1].sum()) == 2
+
+
+def test_exchange_ops_count():
+    # 3 tiles of 4x4: 16 values + 64 differences + 64 comparisons + 16 additions + 16 comparisons each
+    assert exchange_elementwise_ops(3, 4) == 3 * (16 + 64 + 64 + 16 + 16)
+    assert exchange_elementwise_ops(3, 4, "gradient", layer_numel=100) == 3 * (64 + 64 + 64 + 16 + 16) + 200
+    assert exchange_elementwise_ops(0, 16) == 0
