@@ -393,7 +393,9 @@ def describe_run(run: RunReader) -> str:
     if m.get("error"):
         lines.append(f"error     {m['error']}")
     if (state.startswith("stale") and m.get("status") == "running") or m.get("status") in ("failed", "interrupted"):
-        lines.append(f"resume    bame train --resume {run.path}" if m.get("checkpoint_step") is not None
+        # the checkpoint is written before the manifest records it: a writer killed in between left one
+        saved = m.get("checkpoint_step") is not None or (Path(run.path) / "checkpoints" / "last.pt").is_file()
+        lines.append(f"resume    bame train --resume {run.path}" if saved
                      else "resume    none: it saved no checkpoint; train it again")
     return "\n".join(lines)
 

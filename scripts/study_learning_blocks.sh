@@ -42,4 +42,10 @@ if [[ $PHASE == readings || $PHASE == all ]]; then
     --variant $PROG method.bame.regrow_rule=lma method.bame.t_f_fraction=0.27 \
     --variant $TOPK method.bame.regrow_rule=magnitude \
     --variant $TOPK method.bame.regrow_rule=lma
+  # The re-choice interval T under progressive magnitude (T = 100 re-chooses a third of a layer's blocks at
+  # once from weights trained blind; T = 10 and T = 1 follow the weights as SR-STE does, and OBF freezes the
+  # blocks that flip back and forth).
+  sweep --methods bame --patterns "$PATTERNS" "$@" \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.27 method.bame.interval_steps=10 \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.27 method.bame.interval_steps=1
 fi
