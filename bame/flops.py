@@ -1,7 +1,9 @@
 """Exact training FLOPs: a per-step ledger (layer x phase x ideal/executed) and pure shape functions.
 
 Convention: every count is in multiply-accumulates (MACs); FLOPs = 2 x MACs (:data:`CONVENTION`).
-Only conv and linear layers are counted (batch norm, activations, pooling and the optimizer are not).
+Conv and linear layers are counted, and self-attention's weightless matmuls QK^T and AV
+(:mod:`bame.attention_flops`: dense, phases forward and input_grad, layer ``<attention>.matmul``); batch
+norm, layer norm, activations, softmax, pooling and the optimizer are not.
 
 The ledger is charged from the calls that really ran, never from a proportionality rule:
 
@@ -34,6 +36,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from .attention_flops import AttentionHooks
 from .autograd import LazyMacs, PhaseCost
 from .layers import NMLayer
 from .nm import group_counts
@@ -139,6 +142,9 @@ class FlopsLedger:
         self._flag_cache: dict[tuple[str, str], tuple[tuple[int, int], Any]] = {}
         self._pending: list[tuple[tuple[str, str], torch.Tensor]] = []  # flags not read yet (no host sync)
         self._pending_macs: list[tuple[tuple[str, str], int, LazyMacs]] = []  # (key, 0 ideal | 1 executed, MACs)
+        # attention matmuls: forward -> FORWARD, the gradients of both operands -> INPUT_GRAD
+        self._attention = AttentionHooks(lambda layer, macs: self._charge_dense(layer, FORWARD, macs),
+                                         lambda layer, macs: self._charge_dense(layer, INPUT_GRAD, macs))
         if self.enabled:
             self._attach()
 
@@ -159,6 +165,7 @@ class FlopsLedger:
             self._layers[name] = self._attach_one(name, module)
         for name in [n for n in self._layers if n not in seen]:
             self._detach_one(self._layers.pop(name))
+        self._order.update(self._attention.attach(self.model))
 
     def _attach_one(self, name: str, module: nn.Module) -> _Attached:
         if isinstance(module, NMLayer):
@@ -185,6 +192,7 @@ class FlopsLedger:
         for att in self._layers.values():
             self._detach_one(att)
         self._layers.clear()
+        self._attention.detach()
         self._live = False
 
     # -- charging --------------------------------------------------------------------------------
@@ -203,6 +211,13 @@ class FlopsLedger:
             self._pending.append((key, flag))
         else:
             acc[2] = acc[2] and bool(flag)
+
+    def _charge_dense(self, layer: str, phase: str, macs: int) -> bool:
+        """Dense work of a weightless op (attention matmuls); False when nothing is charged now (paused)."""
+        if not self._live or self._paused:
+            return False
+        self._charge(layer, phase, macs, macs, False)
+        return True
 
     def _resolve_flags(self) -> None:
         """Read every pending flag and non-zero count with one host sync; cache flags as plain bools."""

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .attention_flops import MATMUL_SUFFIX, attention_modules
 from .config import ConfigError
 from .flops import CONVENTION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD, StepCosts, model_step_costs
 from .layers import NMLayer
@@ -100,7 +101,11 @@ def _measure(cfg, measure_batch: int) -> _Measured:
     b = min(batch, measure_batch)
     input_shape = (b, shape.in_channels, shape.image_size, shape.image_size)
     torch.manual_seed(cfg.train.seed)
-    dense_model = models.create(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels)
+    try:
+        dense_model = models.create(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels,
+                                    image_size=shape.image_size)
+    except ValueError as err:  # an unknown name, a size the model cannot take, timm missing
+        raise ConfigError([f"model.name: {err}"]) from None
     model = copy.deepcopy(dense_model)
     dense = model_step_costs(dense_model, input_shape)
     method = _create_method(cfg, sched)
@@ -156,19 +161,25 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
     plan = method.gradient_plan(run)
     sparse = m.sparse if plan else StepCosts(m.sparse.batch, m.sparse.step, m.sparse.step)
     nm_names = {n for n, mod in m.model.named_modules() if isinstance(mod, NMLayer)}
+    attention = {name for _, name, _ in attention_modules(m.model)}
     layers = []
     for name, mod in m.model.named_modules():
-        if not isinstance(mod, (nn.Conv2d, nn.Linear)):
+        if name in attention:  # QK^T and AV: shape [heads, head_dim], dense in every method
+            entry = dict(layer=name + MATMUL_SUFFIX, kind="attention", shape=[mod.num_heads, mod.head_dim],
+                         sparse=False, pattern=None, backward="dense")
+        elif isinstance(mod, (nn.Conv2d, nn.Linear)):
+            entry = dict(layer=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear",
+                         shape=list(mod.weight.shape), sparse=name in nm_names,
+                         pattern=str(mod.pattern) if name in nm_names else None,
+                         backward=mod.backward_mode.value if name in nm_names else "dense")
+        else:
             continue
-        entry = dict(layer=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear",
-                     shape=list(mod.weight.shape), sparse=name in nm_names,
-                     pattern=str(mod.pattern) if name in nm_names else None,
-                     backward=mod.backward_mode.value if name in nm_names else "dense")
+        layer = entry["layer"]
         for key, cost in (("dense", m.dense.step), ("step", sparse.step), ("adapt", sparse.adapt)):
-            entry[key] = {ph: dict(ideal=scale(cost.by_layer[(name, ph)][0]),
-                                   executed=scale(cost.by_layer[(name, ph)][1]),
-                                   nm_on_reduction=cost.by_layer[(name, ph)][2])
-                          for ph in PHASES if (name, ph) in cost.by_layer}
+            entry[key] = {ph: dict(ideal=scale(cost.by_layer[(layer, ph)][0]),
+                                   executed=scale(cost.by_layer[(layer, ph)][1]),
+                                   nm_on_reduction=cost.by_layer[(layer, ph)][2])
+                          for ph in PHASES if (layer, ph) in cost.by_layer}
         layers.append(entry)
     step_i, step_e = scale(sparse.step.ideal_macs), scale(sparse.step.executed_macs)
     dense_i = scale(m.dense.step.ideal_macs)
@@ -177,8 +188,10 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
     shape = data_shape(cfg.data)
     notes = [f"measured with one real forward+backward at batch {m.b} and scaled linearly to batch {batch} "
              "(MACs are linear in batch)",
-             "conv and linear layers only (no batch norm, activations, pooling, optimizer); the adaptation "
-             "line (element-wise scoring and selection) is booked by the ledger during training, not here",
+             "conv and linear layers, and attention's QK^T and AV matmuls (dense; the gradients of both "
+             "operands booked as input_grad); no batch or layer norm, activations, softmax, pooling, optimizer; "
+             "the adaptation line (element-wise scoring and selection) is booked by the ledger during "
+             "training, not here",
              ("adaptation step: every block of every N:M layer a candidate (the first adaptation step, nothing "
               "frozen); whole run: the method's gradient plan with no block frozen and every budget filled "
               "(exact for candidates, an upper bound for designated blocks that learn), a layer whose block "

@@ -241,6 +241,13 @@ class SparsifyReport:
         return "\n".join(lines)
 
 
+def _first_conv_role(conv: nn.Conv2d) -> str:
+    """'patch embedding' for a conv that cuts the image into non-overlapping patches (stride = kernel, no
+    padding: a ViT's ``patch_embed.proj``), else 'stem'."""
+    patchify = tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ("valid", (0, 0))
+    return "patch embedding" if patchify else "stem"
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -276,9 +283,9 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
         elif pattern.is_dense:
             reason = f"pattern {pattern} is dense"
         elif policy.first_conv_dense and name == first_conv:
-            reason = "first conv (policy first_conv_dense)"
+            reason = f"first conv, the {_first_conv_role(module)} (policy first_conv_dense)"
         elif policy.classifier_dense and name == classifier:
-            reason = "classifier (policy classifier_dense)"
+            reason = "classifier, the last linear (policy classifier_dense)"
         elif kind == "conv" and module.groups > 1 and module.groups == module.in_channels and policy.depthwise_dense:
             reason = "depthwise conv (policy depthwise_dense)"
         elif kind == "conv" and module.padding_mode != "zeros":

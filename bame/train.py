@@ -310,7 +310,7 @@ class _Trainer:
         self.sched = plan_schedule(tc, len(self.train_loader))
         try:
             model = models_mod.create(cfg.model.name, num_classes=self.bundle.num_classes,
-                                      in_channels=self.bundle.in_channels)
+                                      in_channels=self.bundle.in_channels, image_size=self.bundle.image_size)
         except ValueError as err:
             raise ConfigError([f"model.name: {err}"]) from None
         model = model.to(self.device)
@@ -659,7 +659,8 @@ class _Trainer:
 
         b = self.bundle
         with rng_neutral(self.device):
-            dense = models_mod.create(self.cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels)
+            dense = models_mod.create(self.cfg.model.name, num_classes=b.num_classes, in_channels=b.in_channels,
+                                      image_size=b.image_size)
             costs = model_step_costs(dense, (1, b.in_channels, b.image_size, b.image_size))
         return int(costs.step.ideal_macs) * self.cfg.train.batch_size * self.dist.world_size
 

@@ -15,6 +15,16 @@ def exact_float32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small matrix work: more only cost, badly so on a loaded machine
+    (use with ``pytestmark = pytest.mark.usefixtures("one_thread")``); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------------------------------
 # real run folders for the tests of analysis/, the figures and the report
 

@@ -10,15 +10,18 @@ from torch import nn
 from bame import models
 from bame.layers import NMLayer, sparsify
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NUM_CLASSES = 7  # not 10, so a hard-coded head would show
 BATCH = 2
 # Natural input size is 32x32 for the CIFAR models; torchvision's ResNets (224 natural) are run at 64
-# for speed, which their adaptive pooling allows.
-TEST_SIZE = {"resnet18": 64, "resnet50": 64}
+# for speed, which their adaptive pooling allows. The sized models (ViTs) are built for the test's size:
+# the small ViT at Fashion-MNIST's 28, DeiT at 32 (2x2 patches of 16; tests/test_vit.py builds them at 224).
+TEST_SIZE = {"resnet18": 64, "resnet50": 64, "vit_patch4": 28}
 DEFAULT_SIZE = 32
 
 EXPECTED_NAMES = {"resnet20", "resnet32", "resnet56", "wide_resnet32", "mobilenet_v2", "vgg19", "lenet5",
-                  "lenet5_wide", "resnet18", "resnet50"}
+                  "lenet5_wide", "resnet18", "resnet50", "deit_tiny", "deit_small", "deit_base", "vit_patch4"}
 
 ALL = models.available()
 
@@ -26,6 +29,12 @@ ALL = models.available()
 def _input(name: str, in_channels: int = 3) -> torch.Tensor:
     size = TEST_SIZE.get(name, DEFAULT_SIZE)
     return torch.randn(BATCH, in_channels, size, size)
+
+
+def _create(name: str, in_channels: int) -> nn.Module:
+    """``name`` for the test's input size (``image_size`` reaches the sized models only)."""
+    return models.create(name, num_classes=NUM_CLASSES, in_channels=in_channels,
+                         image_size=TEST_SIZE.get(name, DEFAULT_SIZE))
 
 
 def _n_params(model: nn.Module) -> int:
@@ -69,7 +78,7 @@ def test_unknown_kwarg_is_not_silently_ignored():
 @pytest.mark.parametrize("in_channels", [3, 1])
 def test_forward_backward_and_in_channels(name, in_channels):
     torch.manual_seed(0)
-    model = models.create(name, num_classes=NUM_CLASSES, in_channels=in_channels)
+    model = _create(name, in_channels)
     x = _input(name, in_channels)
     out = model(x)
     assert out.shape == (BATCH, NUM_CLASSES)
@@ -155,7 +164,7 @@ def test_convs_are_kaiming_initialised():
 @pytest.mark.parametrize("name", ALL)
 def test_sparsify_keeps_first_conv_classifier_and_depthwise_dense(name):
     torch.manual_seed(0)
-    model = models.create(name, num_classes=NUM_CLASSES, in_channels=1)
+    model = _create(name, in_channels=1)
     first_conv, classifier = _first_conv_and_classifier(model)
     report = sparsify(model, "2:4")
     assert report.sparse_names, f"{name}: no layer became N:M\n{report}"

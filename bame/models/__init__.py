@@ -1,8 +1,10 @@
 """The model zoo: a registry of constructors, ``create`` and ``available``.
 
 Every constructor takes ``num_classes`` and ``in_channels`` (MNIST has 1 channel) and returns an
-``nn.Module`` whose first ``nn.Conv2d`` is the stem and whose last registered ``nn.Linear`` is the
-classifier: ``bame.layers.sparsify`` keeps both dense, so each model file keeps that order.
+``nn.Module`` whose first ``nn.Conv2d`` is the stem (a ViT's patch embedding) and whose last registered
+``nn.Linear`` is the classifier: ``bame.layers.sparsify`` keeps both dense, so each model file keeps that
+order. A model whose parameters depend on the input size (a ViT's position embedding has one entry per
+patch) is registered with ``sized=True`` and also takes ``image_size``; the CNNs pool adaptively and do not.
 
 A model family is one file that decorates its constructors with ``@register(name)``; importing it at
 the bottom of this file is the one line that adds it to the zoo.
@@ -12,23 +14,28 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from typing import Optional
 
 from torch import nn
 
-__all__ = ["MODELS", "available", "create", "init_weights", "register"]
+__all__ = ["MODELS", "SIZED", "available", "create", "init_weights", "register"]
 
 ModelFn = Callable[..., nn.Module]
 
 MODELS: dict[str, ModelFn] = {}
+SIZED: set[str] = set()  # names whose constructor takes ``image_size``
 
 
-def register(name: str) -> Callable[[ModelFn], ModelFn]:
-    """Decorator: add a constructor ``fn(num_classes, in_channels, **kwargs)`` to ``MODELS`` as ``name``."""
+def register(name: str, *, sized: bool = False) -> Callable[[ModelFn], ModelFn]:
+    """Decorator: add a constructor ``fn(num_classes, in_channels, **kwargs)`` to ``MODELS`` as ``name``;
+    ``sized=True``: it takes ``image_size`` too (the side of the square input, in pixels)."""
 
     def decorator(fn: ModelFn) -> ModelFn:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered (by {MODELS[name].__module__})")
         MODELS[name] = fn
+        if sized:
+            SIZED.add(name)
         return fn
 
     return decorator
@@ -39,16 +46,21 @@ def available() -> list[str]:
     return sorted(MODELS)
 
 
-def create(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+def create(name: str, num_classes: int, in_channels: int = 3, image_size: Optional[int] = None,
+           **kwargs) -> nn.Module:
     """Build the model registered as ``name``; extra ``kwargs`` go to its constructor.
 
-    An unknown name raises ``ValueError`` with the closest registered name and the full list.
+    ``image_size`` (the data's, e.g. 28 for Fashion-MNIST) goes to sized models only (``SIZED``); ``None``
+    leaves their own default. An unknown name raises ``ValueError`` with the closest registered name and
+    the full list.
     """
     if name not in MODELS:
         names = available()
         closest = difflib.get_close_matches(name.lower(), names, n=1, cutoff=0.0)
         hint = f" Did you mean {closest[0]!r}?" if closest else ""
         raise ValueError(f"unknown model {name!r}.{hint} Available models: {', '.join(names)}")
+    if name in SIZED and image_size is not None:
+        kwargs["image_size"] = image_size
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
@@ -68,4 +80,4 @@ def init_weights(model: nn.Module) -> None:
 
 
 # The families register themselves on import; they need ``register`` and ``init_weights`` above.
-from . import lenet, mobilenet_v2, resnet_cifar, torchvision_models, vgg  # noqa: E402, F401
+from . import lenet, mobilenet_v2, resnet_cifar, torchvision_models, vgg, vit  # noqa: E402, F401
