@@ -14,7 +14,7 @@ import torch
 
 from bame.config import ConfigError, load_config
 from bame.flops import WEIGHT_GRAD, FlopsLedger
-from bame.nm import group_counts, to_blocks
+from bame.nm import from_blocks, group_counts, to_blocks
 from test_methods import TOTAL, WD, Run, method_cfg
 
 WINDOW = dict(designated_grad="window", pruned_update="train", lma="taylor", rho=0.3, rho_decay="constant")
@@ -25,8 +25,6 @@ POSITIONS = {"0": 8 * 6 * 6, "2": 8 * 6 * 6, "5": 8}  # batch x output positions
 
 def expand(blocks: torch.Tensor, grid, layer) -> torch.Tensor:
     """[B] bool -> the weight's shape (every position of a block takes the block's value)."""
-    from bame.nm import from_blocks
-
     b = blocks.view(-1, 1, 1).expand(grid.num_blocks, grid.groups_per_block, grid.m)
     return from_blocks(b, grid, layer.weight.shape, layer.layout)
 
@@ -48,15 +46,23 @@ def best_swap(s_group_list: list[list[float]], mask_groups: list[list[bool]]) ->
 
 
 class WindowProbe:
-    """Checks every stage of every step against the brute-force reference (taylor LMA, single swaps)."""
+    """Checks every stage of every step against the brute-force reference (taylor LMA, single swaps).
+
+    ``lma`` re-chooses the designated blocks after the backward of the next adaptation step (it needs their
+    gradient there); ``magnitude`` at its start, from the weights the previous step left, as SR-STE refreshes
+    its mask. So the expected mask is checked at the end of an ``lma`` step and before the forward of a
+    ``magnitude`` one (the ``backward`` stage sees the mask the forward used).
+    """
 
     def __init__(self, run: Run):
         self.run, self.m = run, run.method
         self.b = self.m.bcfg
+        self.at_start = self.b.regrow_rule == "magnitude"
         self.expected_designated = {n: torch.zeros(g.num_blocks, dtype=torch.bool) for n, g in self.m.grids.items()}
         self.ledger = FlopsLedger(run.model)
         self.ledger.begin_step()
         self.seen: dict = {}
+        self.last_end = {n: dict(w=lay.weight.detach().clone(), mask=lay.mask.clone()) for n, lay in run.layers()}
         self.pruned_moves = 0
         self.designated_steps: set[int] = set()
         self.rechosen_changes = 0
@@ -64,13 +70,26 @@ class WindowProbe:
     def __call__(self, stage: str, run: Run) -> None:
         getattr(self, stage)(run.step, run)
 
+    def _adapting(self, step: int) -> bool:
+        return step in ADAPT or (step == SETTLE and any(v.any() for v in self.expected_designated.values()))
+
     def backward(self, step: int, run: Run) -> None:
         self.seen = {}
         budgets = self.m.budgets(step)
+        adapting = self._adapting(step)
         for name, layer in run.layers():
             grid = self.m.grids[name]
-            frozen = self.m.obf[name].frozen.clone()
             held = self.expected_designated[name]
+            if self.at_start and adapting:  # re-chosen before the forward, from the last step's weights
+                before = self.last_end[name]
+                assert torch.equal(before["mask"], self.last_end[name]["mask"])
+                want = self._rechosen(name, layer, before["w"], None, before["mask"], held)
+                assert torch.equal(layer.mask, want), f"step {step} {name}: magnitude re-choice at the start"
+                frozen_now = self.m.obf[name].frozen
+                held = (~frozen_now if self.b.designation == "progressive" and step < SETTLE
+                        else torch.zeros_like(held))
+                self.expected_designated[name] = held.clone()
+            frozen = self.m.obf[name].frozen.clone()
             cand = torch.zeros_like(held)
             if step in ADAPT and budgets[name] > 0 and self.b.designation == "topk":
                 cand = ~frozen
@@ -88,7 +107,7 @@ class WindowProbe:
             s = self.seen[name]
             update = s["mask"] | expand(s["held"], self.m.grids[name], layer)
             lam = self.m.pruned_decay
-            want = (s["g"] + WD * s["w"] + lam * s["w"] * (update & ~s["mask"])) * update
+            want = (s["g"] + lam * s["w"] * (update & ~s["mask"]) + WD * s["w"]) * update
             torch.testing.assert_close(layer.weight.grad, want, rtol=1e-6, atol=1e-9)
 
     def optimizer(self, step: int, run: Run) -> None:
@@ -101,7 +120,7 @@ class WindowProbe:
 
     def end(self, step: int, run: Run) -> None:
         cost = self.ledger.end_step()
-        adapting = step in ADAPT or (step == SETTLE and any(v.any() for v in self.expected_designated.values()))
+        adapting = self._adapting(step)
         for name, layer in run.layers():
             s, grid = self.seen[name], self.m.grids[name]
             n, m = layer.pattern.n, layer.pattern.m
@@ -110,56 +129,60 @@ class WindowProbe:
             wgrad = cost.by_layer[(name, WEIGHT_GRAD)][0]
             closed = (layer.weight.numel() * n // m + s["extra_blocks"] * grid.groups_per_block * (m - n)) * POSITIONS[name]
             assert wgrad == closed, f"step {step} {name}: ledger {wgrad} != closed form {closed}"
-            if not adapting:
-                assert torch.equal(layer.mask, s["mask"]), f"step {step}: mask changed off an adaptation step"
-                continue
-            new_mask, new_designated = self._reference(step, name, layer, s)
-            assert torch.equal(layer.mask, new_mask), f"step {step} {name}: re-choice"
-            frozen_now = self.m.obf[name].frozen
-            assert not (to_blocks(layer.mask != s["mask"], grid, layer.layout).flatten(1).any(1) & s["frozen"]).any()
-            if new_designated is not None:
-                assert torch.equal(self.m.designated[name], new_designated), f"step {step} {name}: designation"
-                self.expected_designated[name] = new_designated.clone()
-            else:  # progressive: every block not frozen after this step's OBF update
-                assert torch.equal(self.m.designated[name], ~frozen_now if step < SETTLE else torch.zeros_like(frozen_now))
-                self.expected_designated[name] = self.m.designated[name].clone()
+            if self.at_start or not adapting:
+                assert torch.equal(layer.mask, s["mask"]), f"step {step}: mask changed after the forward"
+            else:
+                want = self._rechosen(name, layer, s["w"], s["g"], s["mask"], s["held"])
+                assert torch.equal(layer.mask, want), f"step {step} {name}: lma re-choice"
+                assert not (to_blocks(layer.mask != s["mask"], grid, layer.layout).flatten(1).any(1) & s["frozen"]).any()
+            if adapting:
+                self._check_designation(step, name, layer, s)
         for name, layer in run.layers():  # nothing that will not move keeps an optimizer state
             held = expand(self.expected_designated[name], self.m.grids[name], layer)
             mom = run.opt.state[layer.weight]["momentum_buffer"]
             assert (mom[~(layer.mask | held)] == 0).all(), f"step {step}: momentum outside the moving weights"
+            self.last_end[name] = dict(w=layer.weight.detach().clone(), mask=layer.mask.clone())
         self.ledger.begin_step()
 
-    def _reference(self, step: int, name: str, layer, s: dict):
-        """The brute-force mask after this adaptation, and the next designation (None: progressive)."""
-        grid, b = self.m.grids[name], self.b
-        n = layer.pattern.n
-        wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (s["w"], s["g"], s["mask"]))
+    def _rechosen(self, name: str, layer, w, g, mask, held) -> torch.Tensor:
+        """The brute-force mask after the held blocks' re-choice (magnitude: per group; lma: best swap if > 0)."""
+        grid, n = self.m.grids[name], layer.pattern.n
+        wb, mb = to_blocks(w, grid, layer.layout), to_blocks(mask, grid, layer.layout)
         new = mb.clone()
-        for blk in s["held"].nonzero().flatten().tolist():
-            if b.regrow_rule == "magnitude":
+        for blk in held.nonzero().flatten().tolist():
+            if self.b.regrow_rule == "magnitude":
                 for gi in range(grid.groups_per_block):
                     keep = top_n_by_magnitude(wb[blk, gi].tolist(), n)
                     new[blk, gi] = torch.tensor([i in keep for i in range(grid.m)])
             else:
+                gb = to_blocks(g, grid, layer.layout)
                 r, gi, i, j = best_swap((gb[blk] * wb[blk]).tolist(), mb[blk].tolist())
                 if r > 0:
                     new[blk, gi, i], new[blk, gi, j] = False, True
         self.rechosen_changes += int((new != mb).flatten(1).any(1).sum())
-        from bame.nm import from_blocks
+        return from_blocks(new, grid, layer.weight.shape, layer.layout)
 
-        new_mask = from_blocks(new, grid, layer.weight.shape, layer.layout)
-        if step >= SETTLE:
-            return new_mask, torch.zeros(grid.num_blocks, dtype=torch.bool)
-        if b.designation != "topk":
-            return new_mask, None
+    def _check_designation(self, step: int, name: str, layer, s: dict) -> None:
+        """The designation for the next window: the top budget by brute-force score on the current masks
+        (topk), every block not frozen (progressive), none at the settle step."""
+        grid = self.m.grids[name]
         frozen = self.m.obf[name].frozen
-        scores = torch.tensor([best_swap((gb[k] * wb[k]).tolist(), new[k].tolist())[0] for k in range(grid.num_blocks)])
-        eligible = s["cand"] & ~frozen & (scores > 0)
-        budget = self.m.budgets(step)[name]
-        order = sorted(eligible.nonzero().flatten().tolist(), key=lambda k: (-float(scores[k]), k))[:budget]
-        designated = torch.zeros(grid.num_blocks, dtype=torch.bool)
-        designated[order] = True
-        return new_mask, designated
+        if step >= SETTLE:
+            want = torch.zeros(grid.num_blocks, dtype=torch.bool)
+        elif self.b.designation == "progressive":
+            want = ~frozen
+        else:
+            wb, gb = to_blocks(s["w"], grid, layer.layout), to_blocks(s["g"], grid, layer.layout)
+            mb = to_blocks(layer.mask, grid, layer.layout)
+            scores = torch.tensor([best_swap((gb[k] * wb[k]).tolist(), mb[k].tolist())[0]
+                                   for k in range(grid.num_blocks)])
+            eligible = s["cand"] & ~frozen & (scores > 0)
+            budget = self.m.budgets(step)[name]
+            order = sorted(eligible.nonzero().flatten().tolist(), key=lambda k: (-float(scores[k]), k))[:budget]
+            want = torch.zeros(grid.num_blocks, dtype=torch.bool)
+            want[order] = True
+        assert torch.equal(self.m.designated[name], want), f"step {step} {name}: designation"
+        self.expected_designated[name] = want.clone()
 
 
 @pytest.mark.parametrize("rule,designation", [("magnitude", "topk"), ("lma", "topk"), ("magnitude", "progressive"),
@@ -172,7 +195,11 @@ def test_window_reading_against_brute_force(rule, designation):
     assert m.adaptations == 5  # 0, 5, 10, 15 and the settle step 20
     assert probe.pruned_moves > 0, "no pruned weight of a designated block ever moved"
     assert probe.rechosen_changes > 0, "no re-choice changed a mask"
-    assert min(probe.designated_steps) == 1 and max(probe.designated_steps) == SETTLE
+    # the steps on which some block was designated: lma holds a designation through the next adaptation step
+    # (whose gradient scores it); magnitude re-chooses at the start of it (progressive designates at once)
+    first = 0 if (rule, designation) == ("magnitude", "progressive") else 1
+    gaps = ADAPT if (rule, designation) == ("magnitude", "topk") else set()
+    assert probe.designated_steps == set(range(first, SETTLE + (rule == "lma"))) - gaps
     for name, layer in run.layers():  # after the settle step: no designation, no extra gradient
         assert not m.designated[name].any() and not layer.grad_mask.any()
 
@@ -254,6 +281,15 @@ def test_gradient_plan_is_the_closed_form_of_the_window():
     prog = Run(method_cfg("bame", designation="progressive", **WINDOW)).method
     steps = sorted(s for seg in prog.gradient_plan(TOTAL) for s in range(seg.start, seg.stop))
     assert steps == list(range(1, SETTLE + 1))
+    # magnitude re-chooses at the start of the next adaptation step: progressive computes on 0 .. t_f - 1;
+    # topk's candidates on the adaptation steps and its designated blocks on the steps between them
+    prog = Run(method_cfg("bame", designation="progressive", regrow_rule="magnitude", **WINDOW)).method
+    steps = sorted(s for seg in prog.gradient_plan(TOTAL) for s in range(seg.start, seg.stop))
+    assert steps == list(range(0, SETTLE))
+    topk = Run(method_cfg("bame", regrow_rule="magnitude", **WINDOW)).method
+    per_step = {s: {n: int(f * whole[n]) for n, f in seg.share.items()}
+                for seg in topk.gradient_plan(TOTAL) for s in range(seg.start, seg.stop)}
+    assert per_step == {s: (whole if s in ADAPT else budget) for s in range(SETTLE)}
 
 
 @pytest.mark.parametrize("sets,message", [
@@ -265,3 +301,29 @@ def test_gradient_plan_is_the_closed_form_of_the_window():
 def test_config_refuses_readings_that_do_not_fit(sets, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, sets)
+
+
+def test_progressive_magnitude_every_step_without_freezing_is_phased_bit_for_bit():
+    """Every block designated on every step, re-chosen by magnitude at the start of every step, nothing
+    frozen: SR-STE until t_f, then the mask frozen and static training, which is ``phased`` switching at t_f."""
+    from bame.config import MethodConfig, PhasedConfig
+
+    learning = Run(method_cfg("bame", regrow_rule="magnitude", designation="progressive", interval_steps=1,
+                              obf=False, **WINDOW))
+    phased = Run(MethodConfig(name="phased", pattern="2:4", first_conv_dense=False, classifier_dense=False,
+                              phased=PhasedConfig(switch_fraction=SETTLE / TOTAL)))
+    used = {}  # the masks each forward used
+
+    def record(label):
+        def probe(stage, run):
+            if stage == "backward":
+                used[label] = [lay.mask.clone() for _, lay in run.layers()]
+        return probe
+
+    for _ in range(TOTAL):
+        learning.one_step(record("learning"))
+        phased.one_step(record("phased"))
+        assert all(torch.equal(a, b) for a, b in zip(used["learning"], used["phased"])), learning.step
+        for (_, a), (_, b) in zip(learning.layers(), phased.layers()):
+            assert torch.equal(a.weight, b.weight), learning.step
+    assert phased.method.switched and learning.method.adaptations == SETTLE + 1

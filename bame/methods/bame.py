@@ -114,6 +114,9 @@ class Bame(Static):
         # score them; 'progressive' under 'window' designates every non-frozen block anyway and scores only
         # the designated ones, so it needs no candidates.
         self.scores_candidates = not (self.window and b.designation == "progressive")
+        # 'window' + 'magnitude' re-chooses the designated blocks at the start of the adaptation step, from the
+        # weights the previous step left (as SR-STE refreshes its mask after each update): no gradient needed
+        self.rechoose_at_start = self.window and b.regrow_rule == "magnitude"
         self.grids: dict[str, BlockGrid] = {}
         self.obf: dict[str, OBFState] = {}
         self.last_score: dict[str, torch.Tensor] = {}  # [B] R_b at the last adaptation (nan: not scored)
@@ -218,10 +221,14 @@ class Bame(Static):
             for a in adapts:
                 blocks = {name: whole[name] if k > 0 else 0 for name, k in self.budgets(a).items()}
                 scoring.append((max(0, a - self.bcfg.score_steps + 1), a + 1, blocks))
-        designated: list[tuple[int, int, dict[str, int]]] = []  # designated at a: a+1 .. the next adaptation
+        designated: list[tuple[int, int, dict[str, int]]] = []  # each designation's steps
         if self.window:
-            designated = [(a, end, self.budgets(a)) for a, end in zip(adapts, adapts[1:] + [self.t_f])]
-            designated = [(a + 1, end + 1, held) for a, end, held in designated]
+            # lma: designated after the backward of a, computing on a+1 .. the next adaptation step (its scores);
+            # magnitude: re-chosen at the start of the next one, so a+1 .. before it (progressive: from a itself)
+            first = 0 if self.rechoose_at_start and self.bcfg.designation == "progressive" else 1
+            last = 0 if self.rechoose_at_start else 1
+            designated = [(a + first, end + last, self.budgets(a))
+                          for a, end in zip(adapts, adapts[1:] + [self.t_f])]
         segments: list[GradientSegment] = []
         for start, stop, blocks in _overlay(scoring, designated, run_steps):
             share = {n: Fraction(k, whole[n]) for n, k in blocks.items()}
@@ -240,6 +247,8 @@ class Bame(Static):
         adapting = self.is_adaptation_step(step) or (
             self.is_settle_step(step) and any(bool(d.any()) for d in self.designated.values()))
         self._budgets = self.budgets(step) if adapting else None
+        if adapting and self.rechoose_at_start:
+            self.last_adaptation = self._rechoose_by_magnitude(step)
         for name, layer in self.layers():
             st = self._state(name, layer)
             held = self._designated_positions[name]
@@ -269,7 +278,10 @@ class Bame(Static):
 
     @torch.no_grad()
     def after_backward(self, step: int) -> None:
-        if self._budgets is not None:
+        if self._budgets is not None and self.rechoose_at_start:
+            if self.bcfg.designation == "topk" and step < self.t_f:
+                self._designate_by_score(step, self._budgets)
+        elif self._budgets is not None:
             self.last_adaptation = self._adapt(step, self._budgets)
         elif self._candidates is not None:
             self._accumulate_scores(self._candidates)
@@ -287,13 +299,16 @@ class Bame(Static):
             w, held = layer.weight, self._designated_positions[name]
             if w.grad is None:
                 continue
-            if wd:
-                w.grad.add_(w, alpha=wd)
             if held is None:
+                if wd:
+                    w.grad.add_(w, alpha=wd)
                 w.grad.mul_(layer.mask)
                 continue
+            # SR-STE's order: the refined decay joins the gradient first (in its backward), the optimizer's after
             if self.pruned_decay:
                 w.grad.add_(w * (held & ~layer.mask), alpha=self.pruned_decay)
+            if wd:
+                w.grad.add_(w, alpha=wd)
             w.grad.mul_(layer.mask | held)
 
     def _accumulate_scores(self, budgets: dict[str, int]) -> None:
@@ -347,13 +362,77 @@ class Bame(Static):
         self._score_sum, self._score_count = {}, 0
         return record
 
+    def _rechoose_by_magnitude(self, step: int) -> AdaptationRecord:
+        """``window`` + ``magnitude``, at the start of an adaptation or settle step: the designated blocks take
+        the top-N ``|W|`` of each group of the weights as the previous step left them, OBF sees the change,
+        and ``progressive`` designates every block not frozen (none at the settle step; ``topk`` designates
+        after the backward, from the candidates' scores on the new masks). Applied at once."""
+        b = self.bcfg
+        record = AdaptationRecord(step=step, rho=self.rho_at(step))
+        settle = step >= self.t_f
+        for name, layer in self.layers():
+            grid, st = self.grids[name], self._state(name, layer)
+            held = self.designated[name]
+            mb = to_blocks(layer.mask, grid, layer.layout)
+            wb = to_blocks(layer.weight.detach(), grid, layer.layout)
+            new_mb = torch.where(held.view(-1, 1, 1), magnitude_blocks(wb, layer.pattern.n), mb)
+            state, events = obf_step(st, mb, new_mb, held, b.beta, b.tau, b.min_changes, b.obf_update,
+                                     freeze=self._freezes(), bias_correction=b.obf_bias_correction)
+            self.obf[name] = state
+            changed = ~block_equal(mb, new_mb)
+            n_changed = int(changed.sum())
+            updated = n_changed if b.obf_update == "changed" else int(held.sum())
+            designated = ~state.frozen if (b.designation == "progressive" and not settle) else torch.zeros_like(held)
+            self._apply(name, layer, _Plan(from_blocks(new_mb, grid, layer.weight.shape, layer.layout), designated))
+            self.last_score[name] = torch.full_like(self.last_score[name], float("nan"))
+            record.scoring_elementwise_ops += (
+                magnitude_elementwise_ops(int(held.sum()), grid.groups_per_block, grid.m)
+                + obf_elementwise_ops(n_changed, updated, grid.groups_per_block * grid.m))
+            record.layers.append(self._layer_record(name, grid, state, int(held.sum()), n_changed,
+                                                    int((mb & ~new_mb).sum()), int(events.sum()), None, designated))
+        self.adaptations += 1
+        self.last_adaptation_step = step
+        return record
+
+    def _designate_by_score(self, step: int, budgets: dict[str, int]) -> None:
+        """``window`` + ``magnitude`` + ``topk``, after the backward of an adaptation step: the next designation,
+        the top ``rho(t)`` non-frozen blocks by LMA score on the masks re-chosen at the start of the step
+        (applied after the optimizer step); added to the step's record."""
+        b, record = self.bcfg, self.last_adaptation
+        finite = self._gradients_finite()
+        for la, (name, layer) in zip(record.layers, self.layers()):
+            grid, st = self.grids[name], self.obf[name]
+            g, budget = layer.weight.grad, budgets[name]
+            if g is None or not finite or budget == 0:
+                continue
+            w = layer.weight.detach()
+            wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (w, self._scoring_gradient(name, g), layer.mask))
+            scale = gradient_grow_scale(w, layer.mask) if b.lma == "gradient" else None
+            score = block_swaps(wb, gb, mb, layer.pattern.n, b.lma, b.swaps_per_block, scale).score
+            candidates = ~st.frozen
+            designated = select_blocks(score, candidates, st.frozen, st.frequency, budget, b.selection, b.joint_lambda)
+            self._plans[name] = _Plan(layer.mask.clone(), designated)
+            self.last_score[name] = torch.where(candidates, score, torch.full_like(score, float("nan"))).float()
+            record.scoring_elementwise_ops += adaptation_elementwise_ops(
+                int(candidates.sum()), grid.groups_per_block, grid.m, layer.pattern.n, b.swaps_per_block, b.lma,
+                b.selection, 0, 0, layer_numel=w.numel())
+            la.candidate_blocks = int(candidates.sum())
+            la.designated_blocks, la.designated = int(designated.sum()), designated.detach().cpu().clone()
+            la.last_score = self.last_score[name].detach().cpu().clone()
+            finite_scores = score[candidates & torch.isfinite(score)]
+            if finite_scores.numel():
+                la.score_stats = {"mean": float(finite_scores.mean()), "max": float(finite_scores.max())}
+        self._score_sum, self._score_count = {}, 0
+
     def _decide(self, name: str, layer: NMLayer, g: torch.Tensor, budget: int, held: torch.Tensor,
                 settle: bool) -> _LayerDecision:
-        """One layer's adaptation: which blocks are re-chosen, to what, OBF, and the next designation.
+        """One layer's adaptation after the backward: which blocks are re-chosen, to what, OBF, and the next
+        designation (``window`` + ``magnitude`` re-chooses at the start of the step instead).
 
-        First family (``adaptation``): the designation of this step is re-chosen at once. ``window``: the
-        blocks ``held`` since the last adaptation are re-chosen, then the next designation is made on the
-        re-chosen masks (none at the settle step).
+        First family (``adaptation``): the designation of this step is re-chosen at once (``lma``: the best
+        swap of each, ``magnitude``: top-N ``|W|``). ``window`` + ``lma``: the blocks ``held`` since the last
+        adaptation make their best swap where it gains, then the next designation is made on the re-chosen
+        masks (none at the settle step).
         """
         b, grid, st = self.bcfg, self.grids[name], self.obf[name]
         w = layer.weight.detach()
@@ -361,7 +440,6 @@ class Bame(Static):
         wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (w, g, layer.mask))
         candidates = ~st.frozen if budget > 0 and self.scores_candidates else torch.zeros_like(st.frozen)
         scale = gradient_grow_scale(w, layer.mask) if b.lma == "gradient" else None
-        e = grid.groups_per_block * grid.m
         nan = torch.full(st.frozen.shape, float("nan"), device=w.device)
 
         def swaps_on(blocks: torch.Tensor) -> BlockSwaps:
@@ -374,12 +452,11 @@ class Bame(Static):
 
         def designate(score: torch.Tensor, state: OBFState) -> torch.Tensor:
             if b.designation == "progressive":
-                return candidates & ~state.frozen if not self.window else ~state.frozen
+                return ~state.frozen if self.window else candidates & ~state.frozen
             return select_blocks(score, candidates, state.frozen, state.frequency, budget, b.selection,
                                  b.joint_lambda)
 
-        # Which blocks are re-chosen now: the first family re-chooses this step's designation at once.
-        swaps = swaps_on(mb) if (b.regrow_rule == "lma" or not self.window) else None
+        swaps = swaps_on(mb)
         rechosen = held if self.window else designate(swaps.score, st)
         if b.regrow_rule == "lma":
             gains = rechosen & torch.isfinite(swaps.score) & (swaps.score > 0)
@@ -391,16 +468,12 @@ class Bame(Static):
                                  freeze=self._freezes(), bias_correction=b.obf_bias_correction)
         changed = int((~block_equal(mb, new_mb)).sum())
         updated = changed if b.obf_update == "changed" else int(tracked.sum())
-        score = nan
-        if swaps is not None:
-            score = torch.where(rechosen | candidates, swaps.score, nan)
+        score = torch.where(rechosen | candidates, swaps.score, nan)
         if b.regrow_rule == "lma":
             ops = scoring_ops(rechosen if self.window else candidates, changed, updated)
-        else:
-            ops = (magnitude_elementwise_ops(int(rechosen.sum()), grid.groups_per_block, grid.m)
-                   + obf_elementwise_ops(changed, updated, e))
-            if swaps is not None:  # the first family's topk designation scored the candidates
-                ops += scoring_ops(candidates, 0, 0)
+        else:  # the first family's designation scored the candidates; magnitude then re-chose them
+            ops = (scoring_ops(candidates, 0, 0) + obf_elementwise_ops(changed, updated, grid.groups_per_block * grid.m)
+                   + magnitude_elementwise_ops(int(rechosen.sum()), grid.groups_per_block, grid.m))
         designated = torch.zeros_like(held)
         if self.window and not settle:
             if b.designation == "topk":
