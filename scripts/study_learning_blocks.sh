@@ -35,17 +35,16 @@ if [[ $PHASE == readings || $PHASE == all ]]; then
     --variant method.phased.switch_fraction=0.27 \
     --variant method.phased.switch_fraction=0.5
   # shellcheck disable=SC2086  # the readings are lists of overrides
+  # Blocks that learn. progressive + magnitude at the three budgets, re-chosen every step (T = 1: SR-STE
+  # inside the blocks not frozen; without OBF it is phased exactly), and at T = 10 and T = 100 (a third of a
+  # layer's blocks re-chosen at once from weights trained blind); LMA's swap instead of magnitude; top-k.
   sweep --methods bame --patterns "$PATTERNS" "$@" \
-    --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.1 \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=1 method.bame.t_f_fraction=0.27 \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=1 method.bame.t_f_fraction=0.1 \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=1 method.bame.t_f_fraction=0.5 \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=10 method.bame.t_f_fraction=0.27 \
     --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.27 \
-    --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.5 \
     --variant $PROG method.bame.regrow_rule=lma method.bame.t_f_fraction=0.27 \
     --variant $TOPK method.bame.regrow_rule=magnitude \
     --variant $TOPK method.bame.regrow_rule=lma
-  # The re-choice interval T under progressive magnitude (T = 100 re-chooses a third of a layer's blocks at
-  # once from weights trained blind; T = 10 and T = 1 follow the weights as SR-STE does, and OBF freezes the
-  # blocks that flip back and forth).
-  sweep --methods bame --patterns "$PATTERNS" "$@" \
-    --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.27 method.bame.interval_steps=10 \
-    --variant $PROG method.bame.regrow_rule=magnitude method.bame.t_f_fraction=0.27 method.bame.interval_steps=1
 fi
