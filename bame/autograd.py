@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
+from . import contract
+
 __all__ = ["Backward", "Phase", "PhaseCost", "WeightGradKernel", "Count", "LazyMacs", "AutoChoice",
            "auto_kernel_choices", "nm_conv2d", "nm_linear"]
 
@@ -74,9 +76,11 @@ class WeightGradKernel(str, Enum):
 
 
 class Phase(str, Enum):
-    FORWARD = "forward"
-    INPUT_GRAD = "input_grad"
-    WEIGHT_GRAD = "weight_grad"
+    """A phase of a layer call, named as the FLOPs ledger and flops.csv name it (bame.contract)."""
+
+    FORWARD = contract.FORWARD
+    INPUT_GRAD = contract.INPUT_GRAD
+    WEIGHT_GRAD = contract.WEIGHT_GRAD
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from collections.abc import Callable, Sequence
 
 from .config import Config, ConfigError, dump_yaml, load_config
+from .contract import COMPLETED, DIVERGED, FAILED, INTERRUPTED, MANIFEST, RUNNING, pattern_label
 from .progress import SweepProgress
 from .runs import RunFolderError, RunNotFoundError, RunReader, find_runs, load_run
 
@@ -107,7 +108,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train(cfg, out_dir=args.out, command=args.command, progress=progress)
     if result.run_dir is not None:
         print(result.run_dir)
-    if result.status == "diverged":
+    if result.status == DIVERGED:
         _err(_diverged_message(result))
         return EXIT_DIVERGED
     return 0
@@ -125,7 +126,7 @@ def _diverged_message(result: Any) -> str:
 # sweep
 
 
-def finished_runs(out: Path, statuses: tuple[str, ...] = ("completed",),
+def finished_runs(out: Path, statuses: tuple[str, ...] = (COMPLETED,),
                   warn: Optional[Callable[[str], None]] = None) -> Callable[[Config], Optional[RunReader]]:
     """A look-up from a config to a run in ``out`` of the same experiment (see ``experiment_identity``)
     that ended with one of ``statuses`` (a completed run also needs its ``DONE``). The run folders are
@@ -136,7 +137,7 @@ def finished_runs(out: Path, statuses: tuple[str, ...] = ("completed",),
     for run in find_runs(out):
         try:
             status = run.status
-            if status not in statuses or (status == "completed" and not run.done):
+            if status not in statuses or (status == COMPLETED and not run.done):
                 continue
             found.append((experiment_identity(run.config), run))
         except RunFolderError as err:
@@ -154,7 +155,7 @@ def finished_runs(out: Path, statuses: tuple[str, ...] = ("completed",),
 
 def completed_runs(out: Path) -> Callable[[Config], Optional[RunReader]]:
     """:func:`finished_runs` of completed runs only (the sweep and the demo skip those)."""
-    return finished_runs(out, ("completed",))
+    return finished_runs(out, (COMPLETED,))
 
 
 def _sweep_in_processes(args: argparse.Namespace, todo: list, total: int, out: Path,
@@ -228,11 +229,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise ConfigError(errors)  # nothing runs until the whole grid is valid
     out = Path(args.out)
     skipped, todo, diverged = [], [], []
-    finished = finished_runs(out, ("completed", "diverged"), warn=_warn)
+    finished = finished_runs(out, (COMPLETED, DIVERGED), warn=_warn)
     for i, (extra, cfg) in enumerate(grid, 1):
         label = " ".join(extra) or "(config as is)"
         match = finished(cfg)
-        if match is not None and match.status == "completed":
+        if match is not None and match.status == COMPLETED:
             print(f"[{i}/{len(grid)}] skip {label}: completed in {match.path}")
             skipped.append(match.path)
         elif match is not None and not args.retry_diverged:
@@ -274,7 +275,7 @@ def _sweep_in_process(args: argparse.Namespace, todo: list, total: int, out: Pat
         try:
             result = train(cfg, out_dir=out, command=args.command + ["#", *extra],
                            progress=False if args.no_progress else None)
-            if result.status == "diverged":
+            if result.status == DIVERGED:
                 _err(f"{label}: diverged, see {result.run_dir}")
                 diverged.append(label)
             else:
@@ -318,21 +319,21 @@ def run_state(run: RunReader) -> str:
     holder = run.lock_holder()
     if holder is None:
         return f"stale (process {pid} not running)"
-    return f"running ({holder})" if status == "running" else f"{status}, extension running ({holder})"
+    return f"running ({holder})" if status == RUNNING else f"{status}, extension running ({holder})"
 
 
 def _extension_lines(run: RunReader, m: dict) -> list[str]:
     """The last resume of a completed run, when it did not complete (the run stays completed)."""
     resumes = m.get("resumes") or []
     last = resumes[-1] if resumes else {}
-    if m.get("status") != "completed" or last.get("previous_status") != "completed":
+    if m.get("status") != COMPLETED or last.get("previous_status") != COMPLETED:
         return []
-    if last.get("status") in (None, "completed"):
+    if last.get("status") in (None, COMPLETED):
         return []
     lines = [f"extension from step {last.get('from_step')} to {last.get('to_step')}: {last['status']}"
              + (f" ({last['error']})" if last.get("error") else "")
              + f"; DONE and summary.json still describe step {last.get('from_step')}"]
-    if last.get("status") != "running" or run.lock_holder() is None:
+    if last.get("status") != RUNNING or run.lock_holder() is None:
         more = f" --set train.max_steps={last['max_steps']}" if last.get("max_steps") else ""
         lines.append(f"resume    bame train --resume {run.path}{more}")
     return lines
@@ -392,7 +393,7 @@ def describe_run(run: RunReader) -> str:
     lines += _extension_lines(run, m)
     if m.get("error"):
         lines.append(f"error     {m['error']}")
-    if (state.startswith("stale") and m.get("status") == "running") or m.get("status") in ("failed", "interrupted"):
+    if (state.startswith("stale") and m.get("status") == RUNNING) or m.get("status") in (FAILED, INTERRUPTED):
         lines.append(f"resume    bame train --resume {run.path}" if m.get("checkpoint_step") is not None
                      else "resume    none: it saved no checkpoint; train it again")
     return "\n".join(lines)
@@ -420,7 +421,7 @@ def _run_line(run: RunReader) -> str:
     seed = (m.get("seeds") or {}).get("train.seed", "-")
     state = run_state(run)
     status = "stale" if state.startswith("stale") else m.get("status", "?")
-    pattern = "dense" if m.get("method") == "dense" else m.get("pattern", "?")
+    pattern = pattern_label(m.get("method"), m.get("pattern", "?"))
     return (f"{run.id:<52} {status:<11} {m.get('method', '?'):<7} {pattern:<7} "
             f"{seed!s:>4} {steps!s:>7} {acc:>8} {flops:>11}")
 
@@ -430,7 +431,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         p = Path(path)
         if i:
             print()
-        if (p / "manifest.json").is_file():
+        if (p / MANIFEST).is_file():
             print(describe_run(load_run(p)))
             continue
         runs = find_runs(p)

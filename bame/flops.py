@@ -35,17 +35,17 @@ import torch
 from torch import nn
 
 from .autograd import LazyMacs, PhaseCost
+from .contract import ADAPTATION, ADAPTATION_LAYER, FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, WEIGHT_GRAD
+from .contract import PHASES as CONTRACT_PHASES
 from .layers import NMLayer
 from .nm import group_counts
 
 __all__ = ["CONVENTION", "PHASES", "ADAPTATION", "ADAPTATION_LAYER", "StepCost", "FlopsLedger",
            "conv_output_hw", "conv2d_macs", "linear_macs", "StepCosts", "model_step_costs"]
 
-CONVENTION = "MACs (multiply-accumulates); FLOPs = 2 x MACs"
-FORWARD, INPUT_GRAD, WEIGHT_GRAD, ADAPTATION = "forward", "input_grad", "weight_grad", "adaptation"
-PHASES = (FORWARD, INPUT_GRAD, WEIGHT_GRAD)  # the phases of a conv/linear layer, in execution order
-ALL_PHASES = PHASES + (ADAPTATION,)
-ADAPTATION_LAYER = "(adaptation)"  # the ledger's 'layer' name of the mask-adaptation line
+CONVENTION = FLOPS_CONVENTION
+PHASES = LAYER_PHASES  # the phases of a conv/linear layer, in execution order (ALL_PHASES adds adaptation)
+ALL_PHASES = CONTRACT_PHASES
 _PHASE_ORDER = {p: i for i, p in enumerate(ALL_PHASES)}
 
 

@@ -30,13 +30,11 @@ import torch
 from torch import nn
 
 from .config import InstrumentConfig
+from .contract import ADAPTATION_COLUMNS, ADAPTATION_TABLE, MASKS_TABLE, block_name
 from .layers import NMLayer, nm_layers
 
 __all__ = ["Recorders", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
 
-ADAPTATION_COLUMNS = ("step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
-                      "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
-                      "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks")
 FREQ_QUANTILE = 0.9  # freq_p90
 
 
@@ -147,16 +145,16 @@ class Recorders:
             for (name, layer), f in zip(layers, flips):
                 if f:
                     self._prev[name].copy_(layer.mask)
-                self.sink.append("masks", dict(step=int(step), layer=name, flips=f,
+                self.sink.append(MASKS_TABLE, dict(step=int(step), layer=name, flips=f,
                                                flip_fraction=f / layer.mask.numel()))
         return total / numel if numel else 0.0
 
     def _adaptation(self, record) -> None:
         for row in adaptation_rows(record):
-            self.sink.append("adaptation", row)
+            self.sink.append(ADAPTATION_TABLE, row)
         every = self.cfg.block_state_every_adaptations
         if every and self.adaptations_seen % every == 0:
-            self.sink.save_arrays(f"step_{int(record.step):08d}", block_arrays(record))
+            self.sink.save_arrays(block_name(record.step), block_arrays(record))
         self.adaptations_seen += 1
         self.last_adaptation_step = int(record.step)
 

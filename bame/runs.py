@@ -49,18 +49,16 @@ import math
 import numpy as np
 
 from .config import Config, dump_yaml, from_dict
+from .contract import (BLOCKS_DIR, COMPLETED, CONFIG, DIVERGED, DONE, FAILED, INTERRUPTED, MANIFEST,
+                       RUNNING, STATUSES, SUMMARY, run_id)
+from .contract import CHECKPOINT as CHECKPOINT_FILE
 from .runlock import RunLock, lock_holder
 
 __all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
            "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES", "RunFolderError",
            "strict_json", "remove_leftover_temp_files"]
 
-STATUSES = ("running", "completed", "failed", "interrupted", "diverged")
-MANIFEST = "manifest.json"
-CONFIG = "config.yaml"
-SUMMARY = "summary.json"
-DONE = "DONE"
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT = Path(CHECKPOINT_FILE)
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -89,7 +87,7 @@ def remove_leftover_temp_files(run_dir: str | Path) -> list[str]:
     Returns their paths relative to ``run_dir``."""
     run_dir = Path(run_dir)
     removed = []
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "blocks"):
+    for folder in (run_dir, run_dir / CHECKPOINT.parent, run_dir / BLOCKS_DIR):
         if not folder.is_dir():
             continue
         for p in folder.iterdir():
@@ -207,22 +205,10 @@ def _versions() -> dict[str, Optional[str]]:
     return out
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "run"
-
-
-# Methods that train every layer dense: their config's method.pattern is unused (docs/contracts.md).
-PATTERNLESS_METHODS = ("dense",)
-
-
 def make_run_id(cfg: Config, when: Optional[_dt.datetime] = None) -> str:
-    """``<YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``, e.g. ``20250101-120000-quick-bame-2of4-s0``;
-    a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
-    when = when or _dt.datetime.now()
-    parts = [when.strftime("%Y%m%d-%H%M%S"), _slug(cfg.name), _slug(cfg.method.name)]
-    if cfg.method.name not in PATTERNLESS_METHODS:
-        parts.append(_slug(cfg.method.pattern.replace(":", "of")))
-    return "-".join([*parts, f"s{cfg.train.seed}"])
+    """The run id of ``cfg`` started at ``when`` (now): :func:`bame.contract.run_id`, e.g.
+    ``20250101-120000-quick-bame-2of4-s0``; a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
+    return run_id(when or _dt.datetime.now(), cfg.name, cfg.method.name, cfg.method.pattern, cfg.train.seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,7 +326,7 @@ class RunWriter:
         lock = RunLock.acquire(path)
         manifest = {
             "id": path.name,
-            "status": "running",
+            "status": RUNNING,
             "created": _now(),
             "started": _now(),
             "finished": None,
@@ -354,7 +340,7 @@ class RunWriter:
             "seeds": {"train.seed": cfg.train.seed},
             "config_name": cfg.name,
             "method": cfg.method.name,
-            "pattern": cfg.method.pattern,
+            "pattern": str(cfg.method.pattern),
             "resumes": [],
             "error": None,
         }
@@ -377,14 +363,14 @@ class RunWriter:
         reader = load_run(run_dir)
         manifest = dict(reader.manifest)
         entry = {"time": _now(), "from_step": from_step, "to_step": to_step,
-                 "previous_status": manifest.get("status"), "status": "running",
+                 "previous_status": manifest.get("status"), "status": RUNNING,
                  "command": list(command) if command is not None else list(sys.argv), "device": device,
                  "host": socket.gethostname(), "pid": os.getpid(), "git": git_info(),
                  "removed_temp_files": remove_leftover_temp_files(reader.path)}
         manifest.setdefault("resumes", []).append(entry)
         writer = cls(reader.path, manifest, lock)
         if not writer.extends_completed:
-            manifest.update(status="running", finished=None, error=None)
+            manifest.update(status=RUNNING, finished=None, error=None)
             (writer.path / DONE).unlink(missing_ok=True)  # a stale marker: the manifest says not completed
         writer.write_manifest()
         return writer
@@ -393,7 +379,7 @@ class RunWriter:
     def extends_completed(self) -> bool:
         """Whether this writer resumed a completed run (it then never downgrades the folder's status)."""
         resumes = self.manifest.get("resumes") or []
-        return bool(resumes) and resumes[-1].get("previous_status") == "completed"
+        return bool(resumes) and resumes[-1].get("previous_status") == COMPLETED
 
     # -- files -------------------------------------------------------------------------------------
     @property
@@ -427,7 +413,7 @@ class RunWriter:
         """Save named arrays (numpy or torch) to ``blocks/<name>.npz`` (the sink interface)."""
         if not _TABLE_NAME.match(name):
             raise ValueError(f"bad array file name {name!r}")
-        folder = self.path / "blocks"
+        folder = self.path / BLOCKS_DIR
         folder.mkdir(exist_ok=True)
         plain = {}
         for key, value in arrays.items():
@@ -475,8 +461,8 @@ class RunWriter:
         """``summary.json``, status completed, then ``DONE`` (last)."""
         self.close()
         self.write_json(SUMMARY, summary)
-        self._end_resume("completed")
-        self.update_manifest(status="completed", finished=_now(), error=None)
+        self._end_resume(COMPLETED)
+        self.update_manifest(status=COMPLETED, finished=_now(), error=None)
         atomic_write_text(self.path / DONE, self.manifest["finished"] + "\n")
 
     def _stop(self, status: str, error: str, summary: Optional[dict[str, Any]] = None, **fields: Any) -> None:
@@ -491,14 +477,14 @@ class RunWriter:
         self.update_manifest(status=status, finished=_now(), error=error, **fields)
 
     def fail(self, error: BaseException, traceback_text: Optional[str] = None) -> None:
-        self._stop("failed", f"{type(error).__name__}: {error}", traceback=traceback_text)
+        self._stop(FAILED, f"{type(error).__name__}: {error}", traceback=traceback_text)
 
     def interrupt(self, reason: str = "KeyboardInterrupt") -> None:
-        self._stop("interrupted", reason)
+        self._stop(INTERRUPTED, reason)
 
     def diverge(self, message: str, summary: dict[str, Any]) -> None:
         """Status ``diverged`` (a finished run that failed: no ``DONE``), ``summary.json`` for the record."""
-        self._stop("diverged", message, summary)
+        self._stop(DIVERGED, message, summary)
 
     def close(self) -> None:
         for t in self._tables.values():
@@ -599,7 +585,7 @@ class RunReader:
         m = self.manifest
         resumes = m.get("resumes") or []
         last = resumes[-1] if resumes else m
-        running = m.get("status") == "running" or (bool(resumes) and last.get("status") == "running")
+        running = m.get("status") == RUNNING or (bool(resumes) and last.get("status") == RUNNING)
         pid = last.get("pid", m.get("pid"))
         return int(pid) if running and pid else None
 
@@ -628,7 +614,7 @@ class RunReader:
         return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
 
     def arrays(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.path / "blocks" / f"{name}.npz") as z:
+        with np.load(self.path / BLOCKS_DIR / f"{name}.npz") as z:
             return {k: z[k] for k in z.files}
 
     def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:

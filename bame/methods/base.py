@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..autograd import Backward
 from ..config import Config, MethodConfig, to_dict
 from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 
@@ -87,6 +88,8 @@ class Method:
     """Base class: a dense-weight method that touches nothing. Subclasses override what they need."""
 
     name: ClassVar[str] = "base"
+    # The backward mode of this method's N:M layers (bame.autograd.Backward); None: no layer is made N:M.
+    backward_mode: ClassVar[Optional[Backward]] = None
     # Nested sections of MethodConfig this method reads (e.g. ("bame",)); the others do not affect it.
     config_sections: ClassVar[tuple[str, ...]] = ()
 
