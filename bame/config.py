@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from .data.specs import DATASETS
 from .nm import Layout, NMPattern
 
 __all__ = [
@@ -37,9 +38,6 @@ class ConfigError(ValueError):
 
 def _choices(*values: str, default: str) -> Any:
     return field(default=default, metadata={"choices": values})
-
-
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import ConfigError
+from .data.specs import DataShape, data_shape
 from .flops import CONVENTION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD, StepCosts, model_step_costs
 from .layers import NMLayer
 
@@ -30,38 +31,12 @@ __all__ = ["DataShape", "data_shape", "flops_report", "format_report", "TargetBu
            "format_target", "add_flops_parser", "cli_flops"]
 
 
-@dataclass(frozen=True)
-class DataShape:
-    num_classes: int
-    in_channels: int
-    image_size: int
-    train_size: int  # images in the training split (before train_subset)
-
-
-def data_shape(data_cfg) -> DataShape:
-    """Classes, channels, image size and training-set size of ``cfg.data``, without loading the data."""
-    name = data_cfg.name
-    if name in ("mnist", "fashion-mnist"):
-        return DataShape(10, 1, 32 if data_cfg.pad_to_32 else 28, 60_000)
-    if name == "cifar10":
-        return DataShape(10, 3, 32, 50_000)
-    if name == "cifar100":
-        return DataShape(100, 3, 32, 50_000)
-    if name == "imagenet":
-        return DataShape(1000, 3, data_cfg.image_size, 1_281_167)
-    if name == "synthetic":
-        return DataShape(data_cfg.synthetic_num_classes, data_cfg.synthetic_channels,
-                         data_cfg.synthetic_image_size, data_cfg.synthetic_train_size)
-    raise ValueError(f"bame flops: no shape known for data.name={name!r}")
-
-
 def _run_length(cfg, shape: DataShape):
     """The run's :class:`bame.train.Schedule`: steps per epoch as the training loader gives them
     (``drop_last``: ``floor(train images / batch)``), schedule and run lengths by ``plan_schedule``."""
     from .train import plan_schedule
 
-    n = shape.train_size if cfg.data.train_subset is None else min(shape.train_size, cfg.data.train_subset)
-    return plan_schedule(cfg.train, n // cfg.train.batch_size)
+    return plan_schedule(cfg.train, shape.train_size // cfg.train.batch_size)
 
 
 @dataclass
