@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 from collections.abc import Callable, Sequence
 
-from .config import Config, ConfigError, dump_yaml, load_config
+from .config import Config, ConfigError, dump_yaml, experiment_identity, load_config
 from .contract import COMPLETED, DIVERGED, FAILED, INTERRUPTED, MANIFEST, RUNNING, pattern_label
 from .progress import SweepProgress
 from .runs import RunFolderError, RunNotFoundError, RunReader, find_runs, load_run
@@ -131,8 +131,6 @@ def finished_runs(out: Path, statuses: tuple[str, ...] = (COMPLETED,),
     """A look-up from a config to a run in ``out`` of the same experiment (see ``experiment_identity``)
     that ended with one of ``statuses`` (a completed run also needs its ``DONE``). The run folders are
     read once, not once per config looked up; a damaged one is reported through ``warn`` and passed over."""
-    from .methods import experiment_identity
-
     found = []
     for run in find_runs(out):
         try:

@@ -162,7 +162,7 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
     rep = dict(
         convention=CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
         input_shape=[batch, shape.in_channels, shape.image_size, shape.image_size], measured_batch=m.b,
-        method=cfg.method.name, pattern=cfg.method.pattern,
+        method=cfg.method.name, pattern=str(cfg.method.pattern),
         dense_step_macs=dense_i, step_macs=step_i, step_executed_macs=step_e,
         adapt_step_macs=scale(sparse.adapt.ideal_macs), adapt_step_executed_macs=scale(sparse.adapt.executed_macs),
         step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in PHASES},

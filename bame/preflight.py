@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .layers import SparsifyReport
-from .nm import Layout, NMPattern
+from .nm import Layout
 from .runs import RunFolderError
 from .seed import rng_neutral
 
@@ -60,7 +60,7 @@ def check_pattern_fits(report: Optional[SparsifyReport], cfg: Config) -> None:
     naming the pattern, the first layers' K and the M that would fit."""
     if report is None or report.sparse_names:
         return
-    pattern = NMPattern.parse(cfg.method.pattern)
+    pattern = cfg.method.pattern
     model = cfg.model.name
     if pattern.is_dense:
         raise ConfigError([f"method.pattern: {pattern} keeps every weight (N = M), so {cfg.method.name} would "

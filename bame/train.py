@@ -698,7 +698,7 @@ class _Trainer:
             "status": status,
             "config_name": self.cfg.name,
             "method": self.cfg.method.name,
-            "pattern": self.cfg.method.pattern,
+            "pattern": str(self.cfg.method.pattern),
             "seed": self.cfg.train.seed,
             "steps": self.step,
             "epochs": self.step / self.sched.steps_per_epoch,

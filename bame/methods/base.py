@@ -19,18 +19,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..autograd import Backward
-from ..config import Config, MethodConfig, to_dict
 from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 
-__all__ = ["MethodContext", "Method", "METHODS", "register", "create_method", "available_methods",
-           "AdaptationRecord", "LayerAdaptation", "GradientSegment", "experiment_identity"]
+if TYPE_CHECKING:
+    from ..config import MethodConfig
+
+__all__ = ["MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
+           "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ class Method:
     name: ClassVar[str] = "base"
     # The backward mode of this method's N:M layers (bame.autograd.Backward); None: no layer is made N:M.
     backward_mode: ClassVar[Optional[Backward]] = None
-    # Nested sections of MethodConfig this method reads (e.g. ("bame",)); the others do not affect it.
+    # Nested sections of MethodConfig this method reads (its own, ("bame",), set by ``register``); the
+    # others do not affect it.
     config_sections: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
@@ -189,30 +192,26 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+# method name -> the frozen dataclass of its own config section, ``method.<name>`` (bame.config adds one
+# field to MethodConfig per entry)
+METHOD_SECTIONS: dict[str, type] = {}
 
 
-def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+def register(name: str, config: Optional[type] = None) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator adding a method to :data:`METHODS` under ``name``, with ``config`` (a frozen dataclass,
+    ideally a :class:`bame.schema.Section`) as its own config section ``method.<name>`` when it has one.
+
+    Register before ``bame.config`` is first imported: every module of this package is imported (and so
+    registered) when the package is.
+    """
     def deco(cls: type[Method]) -> type[Method]:
         cls.name = name
+        cls.config_sections = (name,) if config is not None else ()
         METHODS[name] = cls
+        if config is not None:
+            METHOD_SECTIONS[name] = config
         return cls
     return deco
-
-
-def experiment_identity(cfg: Config) -> dict[str, Any]:
-    """The resolved config as a dict, less the method sections its method never reads.
-
-    Two runs with equal identities are the same experiment: a static run stays "done" when a default
-    of BAME's section changes. Sweeps and the demo use this to skip completed runs.
-    """
-    data = to_dict(cfg)
-    cls = METHODS.get(cfg.method.name)
-    used = cls.config_sections if cls is not None else ()
-    for key, value in list(data["method"].items()):
-        if isinstance(value, dict) and key not in used:
-            del data["method"][key]
-    return data
 
 
 def available_methods() -> list[str]:
