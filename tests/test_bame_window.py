@@ -260,7 +260,7 @@ def test_gradient_plan_is_the_closed_form_of_the_window():
     (["method.bame.designated_grad=window"], "pruned_update=train"),
     (["method.bame.pruned_update=train"], "designated_grad=window"),
     (["method.bame.pruned_decay=-1"], "pruned_decay"),
-    (["method.phased.switch_fraction=1.5"], "switch_fraction"),
+    (["method.name=phased", "method.phased.switch_fraction=1.5"], "switch_fraction"),
 ])
 def test_config_refuses_readings_that_do_not_fit(sets, message):
     with pytest.raises(ConfigError, match=message):
