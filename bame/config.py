@@ -29,7 +29,7 @@ from .schema import ConfigError, at_least, choice, from_plain, to_plain
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "PhasedConfig", "MethodConfig", "TrainConfig",
     "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
-    "configs_dir", "available_configs", "resolve_config_path", "experiment_identity",
+    "configs_dir", "available_configs", "resolve_config_path", "experiment_identity", "with_value",
 ]
 
 @dataclass(frozen=True)
@@ -226,6 +226,14 @@ def to_dict(cfg: Any) -> dict:
     """A plain dict (lists for tuples, the pattern as ``"N:M"``) that :func:`from_dict` turns back into the
     same config."""
     return to_plain(cfg)
+
+
+def with_value(cfg: Config, key: str, value: Any) -> Config:
+    """``cfg`` with the dotted ``key`` (e.g. ``method.bame.rho``) set to ``value``, not validated again."""
+    head, _, rest = key.partition(".")
+    if not rest:
+        return dataclasses.replace(cfg, **{head: value})
+    return dataclasses.replace(cfg, **{head: with_value(getattr(cfg, head), rest, value)})
 
 
 def experiment_identity(cfg: Config) -> dict[str, Any]:

@@ -22,10 +22,11 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, MethodConfig, with_value
 from .data.specs import DataShape, data_shape
 from .flops import CONVENTION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD, StepCosts, model_step_costs
 from .layers import NMLayer
+from .methods import METHODS, FlopsBudget
 
 __all__ = ["DataShape", "data_shape", "flops_report", "format_report", "TargetBudget", "solve_target_ratio",
            "format_target", "add_flops_parser", "cli_flops"]
@@ -80,11 +81,10 @@ def _measure(cfg, measure_batch: int) -> _Measured:
     dense = model_step_costs(dense_model, input_shape)
     method = _create_method(cfg, sched)
     sparse = model_step_costs(model, input_shape, method)
-    switch = method.regime_switch_step
     before = None
-    if switch is not None:
+    if method.regime_switch_step is not None:
         before = sparse
-        method.before_step(switch)
+        method.switch_regime()
         sparse = model_step_costs(model, input_shape)
     m = _Measured(cfg, sched, batch, b, model, method, dense, sparse, before, {})
     m.extra = {n: (m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][0] - sparse.step.by_layer[(n, WEIGHT_GRAD)][0]),
@@ -202,32 +202,15 @@ class TargetBudget:
     note: str
 
 
-def _budget_key(cfg) -> tuple[str, float, float, str]:
-    """(config key, lowest, highest, note) of the method's budget."""
-    mc = cfg.method
-    if mc.name == "phased":
-        return "method.phased.switch_fraction", 0.0, 1.0, "exact: phased's cost does not depend on training"
-    if mc.name == "bame":
-        b = mc.bame
-        if b.designation == "progressive":
-            if b.t_f_steps is not None:
-                raise ConfigError(["bame flops --target-ratio: method.bame.t_f_steps is set; the budget of "
-                                 "'progressive' is t_f_fraction, so unset t_f_steps (--set method.bame.t_f_steps=null)"])
-            low = 0.0 if b.t_i_steps is not None else b.t_i_fraction
-            return ("method.bame.t_f_fraction", low, 1.0,
-                    "an upper bound before training: OBF freezing can only lower it (the run's ledger gives the count)")
-        return ("method.bame.rho", 0.0, 1.0,
-                "an upper bound before training: blocks designated only where LMA finds a gain, and freezing, "
-                "can only lower it (the run's ledger gives the count)")
-    raise ConfigError([f"bame flops --target-ratio: method {mc.name!r} has no training-FLOPs budget to solve for; "
-                     f"use method.name=bame (rho, or t_f_fraction with designation=progressive) or phased "
-                     f"(switch_fraction)"])
-
-
-def _with(cfg, key: str, value: float):
-    section, field = key.split(".")[1:]
-    return replace(cfg, method=replace(cfg.method, **{section: replace(getattr(cfg.method, section),
-                                                                       **{field: value})}))
+def _budget(cfg) -> FlopsBudget:
+    """The method's declared training-FLOPs budget; a one-line error naming the methods that have one."""
+    budget = METHODS[cfg.method.name].flops_budget(cfg.method)
+    if budget is None:
+        have = [f"method.name={name} ({b.key})" for name, cls in sorted(METHODS.items())
+                if (b := cls.flops_budget(MethodConfig(name=name))) is not None]
+        raise ConfigError([f"bame flops --target-ratio: method {cfg.method.name!r} has no training-FLOPs budget to "
+                           f"solve for; use a method that has one: {' or '.join(have)}"])
+    return budget
 
 
 def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: int = 40,
@@ -236,7 +219,8 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
     times the method's, by bisection on the (non-decreasing) run total; ``ValueError`` when out of reach."""
     if not target > 0:
         raise ConfigError([f"bame flops --target-ratio must be > 0, got {target}"])
-    key, low, high, note = _budget_key(cfg)
+    budget = _budget(cfg)
+    key, low, high = budget.key, budget.low, budget.high
     reference = _measure(replace(cfg, method=replace(cfg.method, name="srste")), measure_batch)
     srste = _run_totals(reference, reference.method)[0]
     base = _measure(cfg, measure_batch)
@@ -245,7 +229,7 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
     scratch = copy.deepcopy(base.model)  # already N:M: a trial's prepare only builds the method's own state
 
     def total(value: float) -> int:
-        method = _create_method(_with(cfg, key, value), base.sched)
+        method = _create_method(with_value(cfg, key, value), base.sched)
         method.prepare(scratch)
         return _run_totals(base, method)[0]
 
@@ -254,10 +238,8 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
         raise ConfigError([f"bame flops --target-ratio {target}: out of reach, even {key}={low} gives "
                          f"SR-STE / {cfg.method.name} = {srste / lo_total:.3f}; ask for at most that"])
     if hi_total < goal:
-        hint = (" (rho decays to 0 at t_f: raise method.bame.t_f_fraction or set method.bame.rho_decay=constant)"
-                if key.endswith(".rho") else "")
         raise ConfigError([f"bame flops --target-ratio {target}: out of reach, even {key}={high} gives "
-                         f"SR-STE / {cfg.method.name} = {srste / hi_total:.3f}; ask for at least that{hint}"])
+                         f"SR-STE / {cfg.method.name} = {srste / hi_total:.3f}; ask for at least that{budget.hint}"])
     lo, hi = low, high  # total(lo) < goal <= total(hi)
     for _ in range(iterations):
         if hi - lo < tolerance:
@@ -276,7 +258,8 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
         if low <= short <= high and total(short) == t_pick:
             pick = short
             break
-    return TargetBudget(key, pick, target, srste / t_pick, t_pick, srste, other, srste / max(t_other, 1), note)
+    return TargetBudget(key, pick, target, srste / t_pick, t_pick, srste, other, srste / max(t_other, 1),
+                        budget.note)
 
 
 def format_target(t: TargetBudget, method: str) -> str:
@@ -359,17 +342,17 @@ def cli_flops(args: argparse.Namespace) -> int:
     """``bame flops``: print the report of ``args.config`` (+ ``args.set``); returns the exit code."""
     from .config import load_config
 
-    cfg = load_config(args.config, list(getattr(args, "set", None) or []))
-    if getattr(args, "target_ratio", None) is not None:
+    cfg = load_config(args.config, list(args.set))
+    if args.target_ratio is not None:
         t = solve_target_ratio(cfg, args.target_ratio)
-        if getattr(args, "json", False):
+        if args.json:
             json.dump(t.__dict__, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             print(format_target(t, cfg.method.name))
         return 0
     rep = flops_report(cfg)
-    if getattr(args, "json", False):
+    if args.json:
         json.dump(rep, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

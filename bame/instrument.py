@@ -117,7 +117,7 @@ class Recorders:
             if sad is not None:
                 scalars["sad_fraction"] = sad
                 scalars["cum_mask_flips"] = float(self.cum_mask_flips)
-        record = getattr(self.method, "last_adaptation", None)
+        record = self.method.last_adaptation
         if record is not None and record.step != self.last_adaptation_step:
             self._adaptation(record)
         return scalars

@@ -5,11 +5,11 @@ its modules, in name order, so adding a method is adding its file (docs/adding_a
 import importlib
 import pkgutil
 
-from .base import (METHOD_SECTIONS, METHODS, AdaptationRecord, GradientSegment, LayerAdaptation, Method,
-                   MethodContext, available_methods, create_method, register)
+from .base import (METHOD_SECTIONS, METHODS, AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation,
+                   Method, MethodContext, available_methods, create_method, register)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
-__all__ = ["METHODS", "METHOD_SECTIONS", "AdaptationRecord", "GradientSegment", "LayerAdaptation", "Method",
-           "MethodContext", "available_methods", "create_method", "register"]
+__all__ = ["METHODS", "METHOD_SECTIONS", "AdaptationRecord", "FlopsBudget", "GradientSegment", "LayerAdaptation",
+           "Method", "MethodContext", "available_methods", "create_method", "register"]

@@ -64,8 +64,8 @@ from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
 from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, is_adaptation_step, resolve_interval,
                         resolve_window, rho_at)
-from ..schema import Section, at_least, choice
-from .base import AdaptationRecord, GradientSegment, LayerAdaptation, register
+from ..schema import ConfigError, Section, at_least, choice
+from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, register
 from .static import Static
 
 __all__ = ["Bame", "BameConfig"]
@@ -265,6 +265,23 @@ class Bame(Static):
             held = self._designated_positions[name]
             self._designated_positions[name] = None if held is None else held.to(device)
         return st
+
+    @classmethod
+    def flops_budget(cls, cfg: Any) -> FlopsBudget:
+        """``rho`` (``designation: topk``) or ``t_f_fraction`` (``progressive``): an upper bound before training."""
+        b = cfg.bame
+        if b.designation == "progressive":
+            if b.t_f_steps is not None:
+                raise ConfigError(["bame flops --target-ratio: method.bame.t_f_steps is set; the budget of "
+                                   "'progressive' is t_f_fraction, so unset t_f_steps (--set method.bame.t_f_steps=null)"])
+            low = 0.0 if b.t_i_steps is not None else b.t_i_fraction
+            return FlopsBudget("method.bame.t_f_fraction", low, 1.0, "an upper bound before training: OBF freezing "
+                               "can only lower it (the run's ledger gives the count)")
+        return FlopsBudget("method.bame.rho", 0.0, 1.0,
+                           "an upper bound before training: blocks designated only where LMA finds a gain, and "
+                           "freezing, can only lower it (the run's ledger gives the count)",
+                           " (rho decays to 0 at t_f: raise method.bame.t_f_fraction or set "
+                           "method.bame.rho_decay=constant)")
 
     # -- schedule ------------------------------------------------------------------------------
     def is_adaptation_step(self, step: int) -> bool:

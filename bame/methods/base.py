@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ..config import MethodConfig
 
 __all__ = ["MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
-           "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment"]
+           "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment", "FlopsBudget"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,19 @@ class GradientSegment:
     share: dict[str, Fraction]
 
 
+@dataclass(frozen=True)
+class FlopsBudget:
+    """A method's training-FLOPs budget: the config key ``key`` in ``[low, high]``, on which the whole run's
+    FLOPs do not decrease; ``note`` says how exact the count before training is, ``hint`` what to
+    change when even ``high`` is not enough."""
+
+    key: str  # dotted, e.g. method.bame.rho
+    low: float
+    high: float
+    note: str
+    hint: str = ""
+
+
 @dataclass
 class AdaptationRecord:
     """Everything one adaptation step decided, per layer."""
@@ -107,8 +120,11 @@ class Method:
 
     # -- set-up --------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Make ``model`` ready for this method (swap layers, set masks and modes); returns it."""
+        """Make ``model`` ready for this method; returns it. By default: swap its eligible layers for N:M
+        layers with this method's :attr:`backward_mode` (none when that is None), masks from ``cfg.mask_init``."""
         self.model = model
+        if self.backward_mode is not None:
+            self.sparsify(model, self.backward_mode.value)
         return model
 
     def sparsify(self, model: nn.Module, backward_mode: str) -> SparsifyReport:
@@ -146,7 +162,18 @@ class Method:
     def regime_switch_step(self) -> Optional[int]:
         """The step from which the method trains in another regime (ASP's prune, ``phased``'s switch): steps
         before it cost the step of the prepared model, steps from it on the step after
-        ``before_step(regime_switch_step)``. None: one regime throughout."""
+        :meth:`switch_regime`. None: one regime throughout."""
+        return None
+
+    def switch_regime(self) -> None:
+        """Enter, now, the regime the method trains in from :attr:`regime_switch_step` on (``bame flops``
+        measures that regime's step so); only a method with a switch step has one."""
+        raise NotImplementedError(f"method {self.name!r} trains in one regime (regime_switch_step is None)")
+
+    @classmethod
+    def flops_budget(cls, cfg: MethodConfig) -> Optional[FlopsBudget]:
+        """The config key whose value sets this method's training FLOPs (what ``bame flops --target-ratio``
+        solves for), or None when it has none. Raises ``ConfigError`` for a config it cannot be solved in."""
         return None
 
     # -- per step hooks ------------------------------------------------------------------------

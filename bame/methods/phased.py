@@ -15,7 +15,7 @@ from torch import nn
 from ..autograd import Backward
 from ..schedule import resolve_step
 from ..schema import Section
-from .base import register
+from .base import FlopsBudget, register
 from .srste import SRSTE
 
 __all__ = ["Phased", "PhasedConfig"]
@@ -56,6 +56,14 @@ class Phased(SRSTE):
     @property
     def regime_switch_step(self) -> int:
         return self.switch_step
+
+    def switch_regime(self) -> None:
+        self.switch()
+
+    @classmethod
+    def flops_budget(cls, cfg: Any) -> FlopsBudget:
+        return FlopsBudget("method.phased.switch_fraction", 0.0, 1.0,
+                           "exact: phased's cost does not depend on training")
 
     def self_decayed_parameters(self) -> list[nn.Parameter]:
         return [layer.weight for _, layer in self.layers()]
