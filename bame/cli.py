@@ -65,23 +65,10 @@ def _command(argv: Optional[Sequence[str]]) -> list[str]:
 # train
 
 
-def _init_distributed() -> bool:
-    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, else gloo); True if joined here."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    joined = _init_distributed()
+    from .distributed import join_process_group
+
+    joined = join_process_group()
     try:
         return _train(args)
     finally:
@@ -92,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import train
+    from .training import train
 
     sets = _flatten_sets(args.set)
     progress = False if args.no_progress else None
@@ -264,7 +251,7 @@ def _sweep_in_process(args: argparse.Namespace, todo: list, total: int, out: Pat
     """Train the sweep's runs one after the other in this process; returns what completed, failed, diverged."""
     import time
 
-    from .train import train
+    from .training import train
 
     done, failed, diverged = [], [], []
     for i, label, extra, cfg in todo:

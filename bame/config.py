@@ -24,6 +24,7 @@ from .methods import METHOD_SECTIONS, METHODS
 from .methods.bame import BameConfig
 from .methods.phased import PhasedConfig
 from .pattern import Layout, NMPattern
+from .schedule import LR_SCHEDULES
 from .schema import ConfigError, at_least, choice, from_plain, to_plain
 
 __all__ = [
@@ -102,7 +103,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 5e-4
     no_decay_bn_bias: bool = True  # exclude BN parameters and biases from weight decay
-    lr_schedule: str = choice("cosine", "step", "constant", default="cosine")
+    lr_schedule: str = choice(*LR_SCHEDULES, default="cosine")
     warmup_epochs: float = 0.0
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # 'step': fractions of training
     step_gamma: float = 0.1

@@ -40,7 +40,7 @@ def run_demo(out: Path, config: str | Path = DEFAULT_CONFIG, root: Optional[str]
 
     from .cli import completed_runs
     from .report import write_report
-    from .train import train
+    from .training import train
 
     runs = demo_configs(config, root, extra or [])  # every config is validated before anything runs
     start = time.perf_counter()

@@ -1,13 +1,15 @@
 """``bame flops``: the exact training cost of a config, before training, and the budget for a target ratio.
 
-The report stands on the ledger (:mod:`bame.flops`): it measures one normal and one adaptation step of the
-configured model and method with a :class:`bame.flops.FlopsLedger` (a real forward + backward on a random
-batch) and adds up the whole run from the method's declared costs (:meth:`bame.methods.Method.gradient_plan`,
-:meth:`~bame.methods.Method.regime_switch_step`). Counts are :data:`bame.flops.CONVENTION`.
+The report stands on the ledger (:mod:`bame.flops`) and on the experiment the training loop builds
+(:func:`bame.experiment.build`): it measures one normal and one adaptation step of the configured model and
+method with a :class:`bame.flops.FlopsLedger` (a real forward + backward on a random batch) and adds up the
+whole run from the method's declared costs (:meth:`bame.methods.Method.gradient_plan`,
+:attr:`~bame.methods.Method.regime_switch_step`, :meth:`~bame.methods.Method.switch_regime`). Counts are
+:data:`bame.contract.FLOPS_CONVENTION`.
 
-``--target-ratio R`` solves for the budget that puts SR-STE's training FLOPs at ``R`` times the method's:
-BAME's ``rho`` (``designation: topk``), its ``t_f_fraction`` (``progressive``) or ``phased``'s
-``switch_fraction``.
+``--target-ratio R`` solves for the budget the method declares (:meth:`bame.methods.Method.flops_budget`:
+BAME's ``rho``, or its ``t_f_fraction`` under ``progressive``; ``phased``'s ``switch_fraction``) that puts
+SR-STE's training FLOPs at ``R`` times the method's.
 """
 
 from __future__ import annotations
@@ -22,34 +24,30 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ConfigError, MethodConfig, with_value
+from . import models
+from .config import Config, ConfigError, MethodConfig, with_value
+from .contract import FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, WEIGHT_GRAD
 from .data.specs import DataShape, data_shape
-from .flops import CONVENTION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD, StepCosts, model_step_costs
+from .experiment import build, method_context
+from .flops import StepCosts, model_step_costs
 from .layers import NMLayer
-from .methods import METHODS, FlopsBudget
+from .methods import METHODS, FlopsBudget, Method, create_method
+from .schedule import Schedule
 
 __all__ = ["DataShape", "data_shape", "flops_report", "format_report", "TargetBudget", "solve_target_ratio",
            "format_target", "add_flops_parser", "cli_flops"]
-
-
-def _run_length(cfg, shape: DataShape):
-    """The run's :class:`bame.train.Schedule`: steps per epoch as the training loader gives them
-    (``drop_last``: ``floor(train images / batch)``), schedule and run lengths by ``plan_schedule``."""
-    from .train import plan_schedule
-
-    return plan_schedule(cfg.train, shape.train_size // cfg.train.batch_size)
 
 
 @dataclass
 class _Measured:
     """One config's measured steps, at batch ``b``, and what scales them to the config's batch."""
 
-    cfg: object
-    sched: object
+    cfg: Config
+    sched: Schedule
     batch: int
     b: int
     model: nn.Module  # the method's prepared model (in its last regime)
-    method: object
+    method: Method
     dense: StepCosts
     sparse: StepCosts  # the step of the method's (last) regime, and its adaptation step
     before_switch: Optional[StepCosts]  # the prepared regime's step, for a method that switches regime
@@ -59,34 +57,27 @@ class _Measured:
         return macs // self.b * self.batch
 
 
-def _create_method(cfg, sched):
-    from .methods import MethodContext, create_method
-
-    return create_method(cfg.method, MethodContext(total_steps=sched.schedule_steps,
-                                                   steps_per_epoch=sched.steps_per_epoch,
-                                                   weight_decay=cfg.train.weight_decay, seed=cfg.train.seed))
-
-
 def _measure(cfg, measure_batch: int) -> _Measured:
-    from . import models
-
+    """The dense model's step, and the method's normal and adaptation steps (and its prepared regime's step,
+    for a method that switches regime) on the experiment of ``cfg`` (``bame.experiment.build``)."""
     shape = data_shape(cfg.data)
-    sched = _run_length(cfg, shape)
     batch = cfg.train.batch_size
     b = min(batch, measure_batch)
     input_shape = (b, shape.in_channels, shape.image_size, shape.image_size)
     torch.manual_seed(cfg.train.seed)
-    dense_model = models.create(cfg.model.name, num_classes=shape.num_classes, in_channels=shape.in_channels)
-    model = copy.deepcopy(dense_model)
-    dense = model_step_costs(dense_model, input_shape)
-    method = _create_method(cfg, sched)
-    sparse = model_step_costs(model, input_shape, method)
+    dense = model_step_costs(models.create(cfg.model.name, num_classes=shape.num_classes,
+                                           in_channels=shape.in_channels), input_shape)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights as the dense model
+    exp = build(cfg, shape=shape)
+    exp.ledger.detach()  # each step is measured by a ledger of its own
+    model, method = exp.model, exp.method
+    sparse = model_step_costs(model, input_shape)
     before = None
     if method.regime_switch_step is not None:
         before = sparse
         method.switch_regime()
         sparse = model_step_costs(model, input_shape)
-    m = _Measured(cfg, sched, batch, b, model, method, dense, sparse, before, {})
+    m = _Measured(cfg, exp.schedule, batch, b, model, method, dense, sparse, before, {})
     m.extra = {n: (m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][0] - sparse.step.by_layer[(n, WEIGHT_GRAD)][0]),
                    m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][1] - sparse.step.by_layer[(n, WEIGHT_GRAD)][1]))
                for n, mod in model.named_modules()
@@ -143,7 +134,7 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
             entry[key] = {ph: dict(ideal=scale(cost.by_layer[(name, ph)][0]),
                                    executed=scale(cost.by_layer[(name, ph)][1]),
                                    nm_on_reduction=cost.by_layer[(name, ph)][2])
-                          for ph in PHASES if (name, ph) in cost.by_layer}
+                          for ph in LAYER_PHASES if (name, ph) in cost.by_layer}
         layers.append(entry)
     step_i, step_e = scale(sparse.step.ideal_macs), scale(sparse.step.executed_macs)
     dense_i = scale(m.dense.step.ideal_macs)
@@ -160,14 +151,14 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
               "budget rounds to 0 computes no candidate gradient") if plan else
              f"{cfg.method.name} computes no weight gradient beyond its normal step: adapt_step_macs = step_macs"]
     rep = dict(
-        convention=CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
+        convention=FLOPS_CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
         input_shape=[batch, shape.in_channels, shape.image_size, shape.image_size], measured_batch=m.b,
         method=cfg.method.name, pattern=str(cfg.method.pattern),
         dense_step_macs=dense_i, step_macs=step_i, step_executed_macs=step_e,
         adapt_step_macs=scale(sparse.adapt.ideal_macs), adapt_step_executed_macs=scale(sparse.adapt.executed_macs),
-        step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in PHASES},
-        adapt_step_by_phase={ph: scale(sparse.adapt.by_phase[ph][0]) for ph in PHASES},
-        dense_step_by_phase={ph: scale(m.dense.step.by_phase[ph][0]) for ph in PHASES},
+        step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in LAYER_PHASES},
+        adapt_step_by_phase={ph: scale(sparse.adapt.by_phase[ph][0]) for ph in LAYER_PHASES},
+        dense_step_by_phase={ph: scale(m.dense.step.by_phase[ph][0]) for ph in LAYER_PHASES},
         steps_per_epoch=sched.steps_per_epoch, schedule_steps=sched.schedule_steps, run_steps=run,
         adaptation_steps=len(method.adaptation_steps(run)),
         dense_run_total_macs=run * dense_i, layers=layers, notes=notes)
@@ -229,7 +220,7 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
     scratch = copy.deepcopy(base.model)  # already N:M: a trial's prepare only builds the method's own state
 
     def total(value: float) -> int:
-        method = _create_method(with_value(cfg, key, value), base.sched)
+        method = create_method(with_value(cfg, key, value).method, method_context(cfg.train, base.sched))
         method.prepare(scratch)
         return _run_totals(base, method)[0]
 
@@ -293,8 +284,8 @@ def format_report(rep: dict) -> str:
     for e in rep["layers"]:
         st, ad = e["step"], e["adapt"]
         get = lambda d, ph, k="ideal": d.get(ph, {}).get(k, 0)  # noqa: E731
-        executed = sum(get(st, ph, "executed") for ph in PHASES)
-        flags = "/".join("y" if st.get(ph, {}).get("nm_on_reduction") else "-" for ph in PHASES)
+        executed = sum(get(st, ph, "executed") for ph in LAYER_PHASES)
+        flags = "/".join("y" if st.get(ph, {}).get("nm_on_reduction") else "-" for ph in LAYER_PHASES)
         kind = e["pattern"] if e["sparse"] else "dense"
         lines.append(f"{e['layer'][:34]:<34} {'x'.join(map(str, e['shape'])):<16} {kind:<9} "
                      f"{_fmt(get(st, FORWARD)):>10} {_fmt(get(st, INPUT_GRAD)):>10} {_fmt(get(st, WEIGHT_GRAD)):>11} "
@@ -326,7 +317,7 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
         "flops", help="exact conv/linear training MACs of one step and of the whole run",
         description="Measure one normal and one adaptation training step of the configured model and "
                     "method with the FLOPs ledger (a real forward+backward on a random batch), and the "
-                    f"whole-run total under the config's schedule. Counts are {CONVENTION}.")
+                    f"whole-run total under the config's schedule. Counts are {FLOPS_CONVENTION}.")
     p.add_argument("--config", default=None, help="YAML config or named experiment (defaults when omitted)")
     p.add_argument("--set", dest="set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. method.pattern=1:16 (repeatable)")

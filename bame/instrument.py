@@ -33,7 +33,7 @@ from .config import InstrumentConfig
 from .contract import ADAPTATION_COLUMNS, ADAPTATION_TABLE, MASKS_TABLE, block_name
 from .layers import NMLayer, nm_layers
 
-__all__ = ["Recorders", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
+__all__ = ["Recorders", "NullSink", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
 
 FREQ_QUANTILE = 0.9  # freq_p90
 
@@ -86,6 +86,16 @@ def block_arrays(record) -> dict[str, np.ndarray]:
             big = changes.size and int(np.abs(changes).max()) > np.iinfo(np.int16).max
             out[f"{la.layer}.changes"] = changes.astype(np.int32 if big else np.int16)
     return out
+
+
+class NullSink:
+    """A sink that keeps nothing: the recorders' until a run folder exists, or where only their cost counts."""
+
+    def append(self, table: str, row: dict[str, Any]) -> None:
+        pass
+
+    def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        pass
 
 
 class Recorders:

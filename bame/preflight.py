@@ -1,7 +1,7 @@
 """Checks a run passes before its folder exists, each failing with a one-line error that says the fix.
 
-``bame.train`` builds data, model and method first, then runs these, and only then makes the run
-folder: a run that cannot train leaves nothing behind.
+``bame.train`` (bame.training) builds data, model and method first, then runs these, and only then makes
+the run folder: a run that cannot train leaves nothing behind.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Its files::
                          each covering the work since the previous block (``step`` = steps completed)
     masks.csv, adaptation.csv, blocks/<name>.npz    written by the recorders (bame.instrument)
     summary.json         final metrics, FLOPs totals (MACs; FLOPs = 2 x MACs), wall time
-    checkpoints/last.pt  everything a resume needs (see bame.train)
+    checkpoints/last.pt  everything a resume needs (see bame.loop)
     DONE                 written last, only by a run that completed
 
 Every json/yaml/checkpoint write is atomic (a temporary file ``.<name>.tmp-<pid>``, then ``os.replace``;

@@ -39,7 +39,7 @@ from bame import models  # noqa: E402
 from bame.autograd import (_gather_conv_weight_grad, _gather_linear_weight_grad, _GatherPlan,  # noqa: E402
                            auto_kernel_choices)
 from bame.layers import LayerPolicy, sparsify  # noqa: E402
-from bame.nm import nm_mask  # noqa: E402
+from bame.nm import NMPattern, nm_mask  # noqa: E402
 
 PATTERNS = ["2:4", "1:4", "1:16"]
 
@@ -95,7 +95,8 @@ def _time_interleaved(fns: dict, reps: int, device) -> dict[str, float]:
 
 
 def bench_layer(e: dict, pattern: str, device, reps: int) -> dict:
-    n, m = (int(v) for v in pattern.split(":"))
+    nm = NMPattern.parse(pattern)
+    n, m = nm.n, nm.m
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(e["weight"], generator=gen).to(device)
     x = torch.randn(e["input"], generator=gen).to(device)

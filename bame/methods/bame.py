@@ -62,8 +62,8 @@ from ..bame_core import (DESIGNATED_GRADS, DESIGNATIONS, LMA_SCORES, OBF_UPDATES
                          selection_budget)
 from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
-from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, is_adaptation_step, resolve_interval,
-                        resolve_window, rho_at)
+from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, is_adaptation_step, overlay_segments,
+                        resolve_interval, resolve_window, rho_at)
 from ..schema import ConfigError, Section, at_least, choice
 from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, register
 from .static import Static
@@ -345,7 +345,7 @@ class Bame(Static):
             designated = [(a, end, self.budgets(a)) for a, end in zip(adapts, adapts[1:] + [self.t_f])]
             designated = [(a + 1, end + 1, held) for a, end, held in designated]
         segments: list[GradientSegment] = []
-        for start, stop, blocks in _overlay(scoring, designated, run_steps):
+        for start, stop, blocks in overlay_segments(scoring, designated, run_steps):
             share = {n: Fraction(k, whole[n]) for n, k in blocks.items()}
             if segments and segments[-1].stop == start and segments[-1].share == share:
                 segments[-1] = GradientSegment(segments[-1].start, stop, share)
@@ -649,21 +649,3 @@ class Bame(Static):
         self.last_adaptation_step = int(state["last_adaptation_step"])
         self._plans, self._budgets, self._candidates = {}, None, None
         self._written = {}
-
-
-def _overlay(a: list[tuple[int, int, dict[str, int]]], b: list[tuple[int, int, dict[str, int]]],
-             stop_at: int) -> list[tuple[int, int, dict[str, int]]]:
-    """Two sorted lists of disjoint ``(start, stop, blocks)`` segments as one, cut at every boundary, blocks
-    per layer the larger of the two where they overlap (without freezing a designated block is a candidate
-    too), clipped to ``[0, stop_at)``."""
-    bounds = sorted({x for start, stop, _ in a + b for x in (start, stop) if x < stop_at} | {stop_at})
-    out, i, j = [], 0, 0
-    for lo, hi in zip(bounds, bounds[1:]):
-        while i < len(a) and a[i][1] <= lo:
-            i += 1
-        while j < len(b) and b[j][1] <= lo:
-            j += 1
-        here = [segs[k][2] for segs, k in ((a, i), (b, j)) if k < len(segs) and segs[k][0] <= lo]
-        if here:
-            out.append((lo, hi, {n: max(h.get(n, 0) for h in here) for n in here[0]}))
-    return out
