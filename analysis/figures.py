@@ -28,7 +28,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from .groups import DENSE_PATTERN, _method_rank, _pattern_rank, run_groups
+from bame.contract import DENSE_PATTERN, pattern_label
+
+from .groups import _method_rank, _pattern_rank, run_groups
 from .readers import accuracy_percent, load_adaptation, load_masks, load_metrics, load_runs, load_sparsify
 from .style import empty, flops_axis, group_styles, legend_beside, legend_inside_or_below, new_figure, style
 
@@ -56,7 +58,7 @@ def _group_order(runs: pd.DataFrame, labels: pd.Series) -> list[tuple[str, str, 
         if lab not in first:
             row = runs.loc[idx]
             method = str(row["method.name"])
-            pattern = DENSE_PATTERN if method == "dense" else str(row["method.pattern"])
+            pattern = pattern_label(method, row["method.pattern"])
             first[lab] = (method, pattern)
     return sorted(((lab, *mp) for lab, mp in first.items()),
                   key=lambda g: (_method_rank(g[1]), _pattern_rank(g[2]), g[0]))

@@ -47,7 +47,6 @@ strided view for 1x1 convs without padding, then the same GEMM). Layers that mis
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Mapping
@@ -59,9 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import load_checkpoint_file
+from .contract import CHECKPOINT, COMPLETED
 from .divergence import nonfinite_entries
 from .layers import NMConv2d, NMLayer, NMLinear, nm_layers
 from .nm import Layout, NMPattern, group_counts, group_view, is_nm, ungroup
+from .runfolder import RunFolder, RunFolderError
 
 __all__ = [
     "FORMAT",
@@ -406,46 +407,27 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def _manifest(run_dir: Path) -> dict:
-    """The run's manifest.json ({} without a readable one)."""
+def _manifest(folder: RunFolder) -> dict:
+    """The run's manifest.json ({} without a readable one: the export warns that it cannot tell the status)."""
     try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
+        return folder.manifest
+    except RunFolderError:
         return {}
-    return manifest if isinstance(manifest, dict) else {}
 
 
 def _status_warning(run_dir: Path, manifest: dict, step: object, done: bool) -> str | None:
     """Why the checkpoint's weights may not be a finished run's model (None when they are)."""
     status = manifest.get("status", "unknown")
     last = (manifest.get("resumes") or [{}])[-1]
-    if status == "completed" and done and last.get("status", "completed") != "completed":
+    if status == COMPLETED and done and last.get("status", COMPLETED) != COMPLETED:
         return (f"run {run_dir.name} completed at step {last.get('from_step')}, but its extension "
                 f"{last.get('status')}: the checkpoint is at step {step}, not the completed run's model")
-    if status == "completed" and done:
+    if status == COMPLETED and done:
         return None
     if not manifest:
         return f"{run_dir} has no readable manifest.json: cannot tell whether the run completed (checkpoint at step {step})"
     return (f"run {run_dir.name} is {status}, not completed: exporting its last checkpoint, at step {step}, "
             f"which is not a finished run's model")
-
-
-def _run_pattern(run_dir: Path) -> tuple[NMPattern, Layout]:
-    import yaml  # a declared dependency; read directly so export does not depend on the config schema
-
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: a run folder holds its resolved config.yaml "
-                                f"(needed for method.pattern and method.layout)")
-    with open(cfg_path) as f:
-        cfg = yaml.safe_load(f) or {}
-    method = cfg.get("method") if isinstance(cfg, dict) else None
-    if not isinstance(method, dict) or "pattern" not in method:
-        raise ValueError(f"{cfg_path}: no method.pattern: cannot tell which N:M pattern the masks follow")
-    try:
-        return NMPattern.parse(method["pattern"]), Layout.parse(method.get("layout", Layout.ROW.value))
-    except ValueError as err:
-        raise ValueError(f"{cfg_path}: {err}") from None
 
 
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSummary:
@@ -457,13 +439,14 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"{ckpt_path} not found: the run has no checkpoint (did it save one?)")
+    folder = RunFolder(run_dir, need_manifest=False)
+    ckpt_path = folder.checkpoint_path
+    if ckpt_path is None:
+        raise FileNotFoundError(f"{run_dir / CHECKPOINT} not found: the run has no checkpoint (did it save one?)")
     out_path = Path(out) if out is not None else run_dir / DEFAULT_EXPORT_PATH
     if out_path.exists():
         raise FileExistsError(f"{out_path} already exists; not overwriting it: remove it or pass --out FILE")
-    pattern, layout = _run_pattern(run_dir)
+    pattern, layout = folder.nm_pattern()
     ckpt = load_checkpoint_file(ckpt_path)  # weights_only: nothing in the file runs
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         state = ckpt["model"]
@@ -475,7 +458,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
     if bad:
         raise ValueError(f"{ckpt_path}: refusing to export non-finite weights (NaN or inf in {', '.join(bad[:3])}"
                          f"{', ...' if len(bad) > 3 else ''}): the run diverged before this checkpoint")
-    manifest, step = _manifest(run_dir), ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
+    manifest, step = _manifest(folder), ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
     source = {"run_id": run_dir.resolve().name, "status": manifest.get("status", "unknown"), "step": step}
     exported = {**export_state_dict(state, pattern, layout), "source": source}
     try:
@@ -484,7 +467,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
         raise FileExistsError(f"{out_path} already exists; not overwriting it: remove it or pass --out FILE") from None
     summary = ExportSummary.of(exported, out_path)
     summary.source = source
-    summary.warning = _status_warning(run_dir, manifest, step, (run_dir / "DONE").is_file())
+    summary.warning = _status_warning(run_dir, manifest, step, folder.done)
     return summary
 
 

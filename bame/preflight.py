@@ -20,7 +20,7 @@ from torch import nn
 from .config import Config, ConfigError
 from .layers import SparsifyReport
 from .nm import Layout
-from .runs import RunFolderError
+from .runfolder import RunFolderError
 from .seed import rng_neutral
 
 __all__ = ["check_out_dir", "check_pattern_fits", "check_model_runs"]

@@ -1,4 +1,5 @@
-"""The run folder: an append-only writer for ``bame train`` and a reader for analysis.
+"""The run folder: the append-only writer of ``bame train``, and ``RunReader`` (``bame.runfolder``'s reader
+with the typed config and the checkpoint). The names of the files and columns are ``bame.contract``'s.
 
 A run lives in ``OUT/<run id>/`` with ``<run id> = <YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``
 (no ``<NofM>`` for a dense run; plus ``-2``, ``-3``, ... when that name exists: a folder is never reused).
@@ -52,7 +53,9 @@ from .config import Config, dump_yaml, from_dict
 from .contract import (BLOCKS_DIR, COMPLETED, CONFIG, DIVERGED, DONE, FAILED, INTERRUPTED, MANIFEST,
                        RUNNING, STATUSES, SUMMARY, run_id)
 from .contract import CHECKPOINT as CHECKPOINT_FILE
-from .runlock import RunLock, lock_holder
+from .runfolder import RunFolder, RunFolderError, RunNotFoundError
+from .runfolder import find_runs as _find_runs
+from .runlock import RunLock
 
 __all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
            "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES", "RunFolderError",
@@ -60,14 +63,6 @@ __all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "mak
 
 CHECKPOINT = Path(CHECKPOINT_FILE)
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-
-
-class RunNotFoundError(FileNotFoundError):
-    """A path that is not a run folder (no ``manifest.json``)."""
-
-
-class RunFolderError(ValueError):
-    """A run folder (or the folder of runs) that cannot be used as asked: a damaged file, not writable."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,12 +261,6 @@ class _Table:
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
         self.columns, self.rows = columns, min(self.rows, keep)
-
-    def read_rows(self) -> list[dict[str, str]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
 
     def truncate(self, rows: int) -> int:
         """Keep the first ``rows`` data rows; returns how many were dropped."""
@@ -512,110 +501,14 @@ class NullWriter:
 # reader
 
 
-class RunReader:
-    """Read-only view of a run folder: manifest, resolved config, tables, summary, checkpoint."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / MANIFEST).is_file():
-            what = "does not exist" if not self.path.exists() else "is not a run folder (no manifest.json)"
-            raise RunNotFoundError(f"{self.path}: {what}")
-
-    @property
-    def id(self) -> str:
-        return self.path.name
-
-    def _damaged(self, name: str, problem: str) -> RunFolderError:
-        return RunFolderError(f"{self.path / name} is damaged ({problem}): bame writes it whole or not at all, "
-                              f"so it was edited or cut by hand; restore it from a copy, or remove the run folder")
-
-    def _json(self, name: str) -> Any:
-        try:
-            data = json.loads((self.path / name).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self._damaged(name, f"not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise self._damaged(name, f"a JSON {type(data).__name__}, not an object")
-        return data
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self._json(MANIFEST)
-
-    @property
-    def status(self) -> str:
-        return self.manifest.get("status", "unknown")
-
-    @property
-    def done(self) -> bool:
-        return (self.path / DONE).exists()
-
-    @property
-    def config_dict(self) -> dict:
-        import yaml
-
-        try:
-            data = yaml.safe_load((self.path / CONFIG).read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise self._damaged(CONFIG, f"not valid YAML: {' '.join(str(err).split())}") from None
-        except FileNotFoundError:
-            raise RunFolderError(f"{self.path / CONFIG} is missing: a run folder holds its resolved config; "
-                                 f"restore it from a copy") from None
-        if not isinstance(data, dict):
-            raise self._damaged(CONFIG, f"a YAML {type(data).__name__}, not a mapping of sections")
-        return data
+class RunReader(RunFolder):
+    """A run folder read by bame itself: :class:`bame.runfolder.RunFolder` plus the resolved config as a typed
+    :class:`Config` and the checkpoint."""
 
     @property
     def config(self) -> Config:
         # The file holds a resolved config; its patterns are strings (dump_yaml quotes them).
         return from_dict(self.config_dict, str(self.path / CONFIG))
-
-    @property
-    def summary(self) -> Optional[dict[str, Any]]:
-        return self._json(SUMMARY) if (self.path / SUMMARY).exists() else None
-
-    @property
-    def checkpoint_path(self) -> Optional[Path]:
-        p = self.path / CHECKPOINT
-        return p if p.exists() else None
-
-    def writing_pid(self) -> Optional[int]:
-        """The pid the manifest names as writing this folder now (status running, or an extension of a
-        completed run still running), else None. Whether that process lives: :meth:`lock_holder`."""
-        m = self.manifest
-        resumes = m.get("resumes") or []
-        last = resumes[-1] if resumes else m
-        running = m.get("status") == RUNNING or (bool(resumes) and last.get("status") == RUNNING)
-        pid = last.get("pid", m.get("pid"))
-        return int(pid) if running and pid else None
-
-    def lock_holder(self) -> Optional[str]:
-        """``'process N'`` when a live process holds the folder's lock (is writing it), else None."""
-        return lock_holder(self.path)
-
-    def stale_pid(self) -> Optional[int]:
-        """The recorded writer's pid when the manifest says ``running`` but no process holds the lock
-        (the writer was killed, or its machine went down): the run can be resumed."""
-        pid = self.writing_pid()
-        return pid if pid is not None and self.lock_holder() is None else None
-
-    def tables(self) -> list[str]:
-        return sorted(p.stem for p in self.path.glob("*.csv"))
-
-    def rows(self, name: str) -> list[dict[str, str]]:
-        """``<name>.csv`` as a list of dicts of strings (no pandas needed); [] when absent."""
-        return _Table(self.path / f"{name}.csv").read_rows()
-
-    def table(self, name: str):
-        """``<name>.csv`` as a pandas DataFrame (empty when absent)."""
-        import pandas as pd
-
-        p = self.path / f"{name}.csv"
-        return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
-
-    def arrays(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.path / BLOCKS_DIR / f"{name}.npz") as z:
-            return {k: z[k] for k in z.files}
 
     def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
         """``checkpoints/last.pt`` read with ``torch.load(weights_only=True)`` (bame.checkpoint): a damaged
@@ -641,8 +534,4 @@ def load_run(path: str | Path) -> RunReader:
 
 def find_runs(out_dir: str | Path) -> list[RunReader]:
     """Every run folder directly under ``out_dir``, sorted by id (oldest first)."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    return [RunReader(p) for p in sorted(out.iterdir()) if (p / MANIFEST).is_file()]
-
+    return _find_runs(out_dir, RunReader)
