@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .autograd import WeightGradKernel
+from .kernels import WeightGradKernel
 from .data.specs import DATASETS
 from .methods import METHOD_SECTIONS, METHODS
 from .methods.bame import BameConfig

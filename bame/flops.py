@@ -36,10 +36,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .autograd import LazyMacs, PhaseCost
+from .autograd import PhaseCost
 from .contract import ADAPTATION, ADAPTATION_LAYER, FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, WEIGHT_GRAD
 from .contract import PHASES as CONTRACT_PHASES
 from .distributed import all_sum_ints
+from .kernels import LazyMacs
 from .layers import NMLayer
 from .macs import conv2d_macs, conv_output_hw, linear_macs
 from .nm import group_counts

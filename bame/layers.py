@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .autograd import Backward, Observer, WeightGradKernel, nm_conv2d, nm_linear
+from .autograd import Backward, Observer, nm_conv2d, nm_linear
+from .kernels import WeightGradKernel
 from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
 
 __all__ = ["NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers"]
