@@ -27,7 +27,6 @@ what the masked N:M model computes.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch import nn
 
 from .checkpoint import load_checkpoint_file
 from .compress import NMCompressed, compress, compressed_nbytes, compression_ratio, decompress, dense_nbytes
+from .console import EXIT_USAGE, error, warning
 from .contract import CHECKPOINT, COMPLETED
 from .divergence import nonfinite_entries
 from .layers import nm_layers
@@ -74,7 +74,6 @@ __all__ = [
 FORMAT = "bame.nm_export"
 FORMAT_VERSION = 1
 DEFAULT_EXPORT_PATH = Path("export") / "model_nm.pt"  # relative to the run folder
-EXIT_USAGE = 2  # bame.cli's status for a user error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,10 +339,10 @@ def cli_export(args: argparse.Namespace) -> int:
     try:
         summary = export_run(args.run_dir, getattr(args, "out", None))
     except (FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"bame: error: {err}", file=sys.stderr)
+        error(str(err))
         return EXIT_USAGE
     if summary.warning:
-        print(f"bame: warning: {summary.warning}", file=sys.stderr)
+        warning(summary.warning)
     print(summary)
     return 0
 
