@@ -24,7 +24,7 @@ from .autograd import Backward, Observer, nm_conv2d, nm_linear
 from .kernels import WeightGradKernel
 from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
 
-__all__ = ["NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers"]
+__all__ = ["NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers", "mask_table"]
 
 
 class NMLayer:
@@ -308,3 +308,14 @@ def nm_layers(model: nn.Module) -> Iterator[tuple[str, NMLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, NMLayer):
             yield name, module
+
+
+@torch.no_grad()
+def mask_table(model: nn.Module) -> list[dict]:
+    """Per N:M layer of ``model``: its name, shape, pattern, mask density, whether every group keeps exactly N,
+    and whether the weight the forward uses (``W * mask``) is zero everywhere the mask is not."""
+    return [{"layer": name, "shape": "x".join(map(str, layer.weight.shape)), "pattern": str(layer.pattern),
+             "density": layer.mask.float().mean().item(),
+             "exactly N per group": is_nm(layer.mask, layer.pattern.n, layer.pattern.m, layer.layout, exact=True),
+             "zeros outside the mask": bool((layer.masked_weight()[~layer.mask] == 0).all())}
+            for name, layer in nm_layers(model)]
