@@ -18,12 +18,10 @@ from typing import Any, Optional
 
 import yaml
 
-from .kernels import WeightGradKernel
 from .data.specs import DATASETS
-from .methods import METHOD_SECTIONS, METHODS
+from .methods import METHOD_SECTIONS, METHODS, MethodCommon
 from .methods.bame import BameConfig
 from .methods.phased import PhasedConfig
-from .pattern import Layout, NMPattern
 from .schedule import LR_SCHEDULES
 from .schema import ConfigError, at_least, choice, from_plain, to_plain
 
@@ -55,35 +53,14 @@ class ModelConfig:
     name: str = "resnet20"  # any name in bame.models.available(); classes/channels come from the data
 
 
-@dataclass(frozen=True)
-class MethodCommon:
-    """The keys of ``method`` that every method shares (MethodConfig adds each method's own section)."""
-
-    name: str = choice(*sorted(METHODS), default="bame")
-    pattern: NMPattern = NMPattern(2, 4)  # N:M, written "1:16"; parsed once, here
-    layout: str = choice(*(v.value for v in Layout), default="row")
-    mask_init: str = choice("magnitude", "random", default="magnitude")
-    first_conv_dense: bool = True
-    classifier_dense: bool = True
-    depthwise_dense: bool = True
-    on_indivisible: str = choice("dense", "error", default="dense")
-    srste_decay: float = 2e-4  # lambda_w of SR-STE
-    asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
-    # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
-    # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
-    weight_grad_kernel: str = choice(*(k.value for k in WeightGradKernel), default="masked_dense")
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.pattern, NMPattern):  # MethodConfig(pattern="1:16") in code
-            object.__setattr__(self, "pattern", NMPattern.parse(self.pattern))
-
-
 def _method_config() -> type:
-    """MethodCommon plus one field per registered method section (``bame: BameConfig``, ...), by name."""
+    """MethodCommon with ``name``'s choices from the registry, plus one field per registered method section
+    (``bame: BameConfig``, ...), by name."""
+    name_field = ("name", str, choice(*sorted(METHODS), default=MethodCommon.name))
     sections = [(name, cls, field(default_factory=cls)) for name, cls in sorted(METHOD_SECTIONS.items())]
     doc = ("The ``method`` section: the keys every method shares and each method's own section "
            f"({', '.join(name for name, _, _ in sections)}).")
-    return dataclasses.make_dataclass("MethodConfig", sections, bases=(MethodCommon,), frozen=True,
+    return dataclasses.make_dataclass("MethodConfig", [name_field, *sections], bases=(MethodCommon,), frozen=True,
                                       namespace={"__module__": __name__, "__doc__": doc})
 
 

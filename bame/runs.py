@@ -20,7 +20,7 @@ Its files::
     checkpoints/last.pt  everything a resume needs (see bame.loop)
     DONE                 written last, only by a run that completed
 
-Every json/yaml/checkpoint write is atomic (a temporary file ``.<name>.tmp-<pid>``, then ``os.replace``;
+Every json/yaml/checkpoint write is atomic (bame.files: a temporary file ``.<name>.tmp-<pid>``, then ``os.replace``;
 the leftovers of a killed writer are removed when the folder is next opened for writing); JSON is strict
 (``null`` for a non-finite number). Tables are appended row by row, the header coming from the first
 row (a later row with new keys widens the header). A resume truncates each table to the rows it had
@@ -30,11 +30,9 @@ duplicated. docs/run_folders.md states what a folder guarantees.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
 import platform
 import re
@@ -45,14 +43,14 @@ from pathlib import Path
 from typing import Any, Optional
 from collections.abc import Iterable, Mapping
 
-import math
-
 import numpy as np
 
 from .config import Config, dump_yaml, from_dict
 from .contract import (BLOCKS_DIR, COMPLETED, CONFIG, DIVERGED, DONE, FAILED, INTERRUPTED, MANIFEST,
                        RUNNING, STATUSES, SUMMARY, run_id)
 from .contract import CHECKPOINT as CHECKPOINT_FILE
+from .files import (CsvTable, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                    remove_leftover_temp_files, strict_json)
 from .runfolder import RunFolder, RunFolderError, RunNotFoundError
 from .runfolder import find_runs as _find_runs
 from .runlock import RunLock
@@ -66,98 +64,12 @@ _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 # --------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9]+$")
-
-
-def remove_leftover_temp_files(run_dir: str | Path) -> list[str]:
-    """Delete the ``.<name>.tmp-<pid>`` files a killed writer left in ``run_dir`` (and its ``checkpoints/``,
-    ``blocks/``); call only while holding the folder's lock (then no other writer can own one).
-    Returns their paths relative to ``run_dir``."""
-    run_dir = Path(run_dir)
-    removed = []
-    for folder in (run_dir, run_dir / CHECKPOINT.parent, run_dir / BLOCKS_DIR):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if _TMP_NAME.match(p.name) and p.is_file():
-                p.unlink()
-                removed.append(p.relative_to(run_dir).as_posix())
-    return removed
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
-    """``obj`` as strict JSON: a non-finite float (NaN, inf) becomes ``null``, never the bare ``NaN``
-    that most JSON readers reject."""
-    return json.dumps(_finite_or_none(obj), indent=indent, default=_json_default, allow_nan=False)
-
-
-def _finite_or_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy / torch scalars
-        return _finite_or_none(obj.item())
-    return obj
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, strict_json(obj) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
-    import torch
-
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
+# provenance
 
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
-
-# --------------------------------------------------------------------------------------------------
-# provenance
 
 
 def _git(args: list[str], cwd: Path) -> Optional[bytes]:
@@ -207,75 +119,6 @@ def make_run_id(cfg: Config, when: Optional[_dt.datetime] = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# tables
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-class _Table:
-    """One CSV file appended row by row; the header is the first row's keys, widened when needed."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.columns: list[str] = []
-        self.rows = 0
-        self._fh: Optional[io.TextIOWrapper] = None
-        if path.exists():
-            with open(path, newline="") as f:
-                reader = csv.reader(f)
-                self.columns = next(reader, [])
-                self.rows = sum(1 for _ in reader)
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        new = [str(k) for k in row if k not in self.columns]
-        if new:
-            self._rewrite(self.columns + new, self.rows)
-        if self._fh is None:
-            self._fh = open(self.path, "a", newline="")  # noqa: SIM115  (kept open across appends; close())
-        csv.writer(self._fh).writerow([_cell(row.get(c)) for c in self.columns])
-        self._fh.flush()
-        self.rows += 1
-
-    def _rewrite(self, columns: list[str], keep: int) -> None:
-        """Stream the first ``keep`` rows into a new file with header ``columns``, then swap it in."""
-        self.close()
-        tmp = _tmp_path(self.path)
-        with open(tmp, "w", newline="") as out:
-            w = csv.writer(out)
-            w.writerow(columns)
-            if self.path.exists():
-                with open(self.path, newline="") as f:
-                    for i, r in enumerate(csv.DictReader(f)):
-                        if i >= keep:
-                            break
-                        w.writerow([r.get(c, "") for c in columns])
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
-        self.columns, self.rows = columns, min(self.rows, keep)
-
-    def truncate(self, rows: int) -> int:
-        """Keep the first ``rows`` data rows; returns how many were dropped."""
-        dropped = max(0, self.rows - rows)
-        if dropped:
-            self._rewrite(self.columns, rows)
-        return dropped
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-# --------------------------------------------------------------------------------------------------
 # writer
 
 
@@ -294,7 +137,7 @@ class RunWriter:
         self.path = Path(path)
         self.manifest = manifest
         self.lock = lock
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, CsvTable] = {}
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -355,7 +198,7 @@ class RunWriter:
                  "previous_status": manifest.get("status"), "status": RUNNING,
                  "command": list(command) if command is not None else list(sys.argv), "device": device,
                  "host": socket.gethostname(), "pid": os.getpid(), "git": git_info(),
-                 "removed_temp_files": remove_leftover_temp_files(reader.path)}
+                 "removed_temp_files": remove_leftover_temp_files(reader.path, (CHECKPOINT.parent.name, BLOCKS_DIR))}
         manifest.setdefault("resumes", []).append(entry)
         writer = cls(reader.path, manifest, lock)
         if not writer.extends_completed:
@@ -413,9 +256,9 @@ class RunWriter:
         np.savez_compressed(buf, **plain)
         atomic_write_bytes(folder / f"{name}.npz", buf.getvalue())
 
-    def _table(self, name: str) -> _Table:
+    def _table(self, name: str) -> CsvTable:
         if name not in self._tables:
-            self._tables[name] = _Table(self.path / f"{name}.csv")  # reads an existing file's size once
+            self._tables[name] = CsvTable(self.path / f"{name}.csv")  # reads an existing file's size once
         return self._tables[name]
 
     def table_rows(self) -> dict[str, int]:

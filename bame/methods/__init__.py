@@ -6,10 +6,10 @@ import importlib
 import pkgutil
 
 from .base import (METHOD_SECTIONS, METHODS, AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation,
-                   Method, MethodContext, available_methods, create_method, register)
+                   Method, MethodCommon, MethodContext, available_methods, create_method, register)
 
 for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
     importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["METHODS", "METHOD_SECTIONS", "AdaptationRecord", "FlopsBudget", "GradientSegment", "LayerAdaptation",
-           "Method", "MethodContext", "available_methods", "create_method", "register"]
+           "Method", "MethodCommon", "MethodContext", "available_methods", "create_method", "register"]

@@ -19,20 +19,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..autograd import Backward
+from ..kernels import WeightGradKernel
 from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
+from ..pattern import Layout, NMPattern
+from ..schema import choice
 
-if TYPE_CHECKING:
-    from ..config import MethodConfig
-
-__all__ = ["MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
+__all__ = ["MethodCommon", "MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
            "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment", "FlopsBudget"]
+
+
+@dataclass(frozen=True)
+class MethodCommon:
+    """The keys of ``method`` that every method reads; ``bame.config.MethodConfig`` adds ``name``'s choices
+    (the registry's names) and each method's own section."""
+
+    name: str = "bame"
+    pattern: NMPattern = NMPattern(2, 4)  # N:M, written "1:16"; parsed once, here
+    layout: str = choice(*(v.value for v in Layout), default="row")
+    mask_init: str = choice("magnitude", "random", default="magnitude")
+    first_conv_dense: bool = True
+    classifier_dense: bool = True
+    depthwise_dense: bool = True
+    on_indivisible: str = choice("dense", "error", default="dense")
+    srste_decay: float = 2e-4  # lambda_w of SR-STE
+    asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
+    # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
+    # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
+    weight_grad_kernel: str = choice(*(k.value for k in WeightGradKernel), default="masked_dense")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, NMPattern):  # MethodConfig(pattern="1:16") in code
+            object.__setattr__(self, "pattern", NMPattern.parse(self.pattern))
 
 
 @dataclass(frozen=True)
@@ -109,7 +133,7 @@ class Method:
     # others do not affect it.
     config_sections: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
+    def __init__(self, cfg: MethodCommon, ctx: MethodContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.model: Optional[nn.Module] = None
@@ -171,7 +195,7 @@ class Method:
         raise NotImplementedError(f"method {self.name!r} trains in one regime (regime_switch_step is None)")
 
     @classmethod
-    def flops_budget(cls, cfg: MethodConfig) -> Optional[FlopsBudget]:
+    def flops_budget(cls, cfg: MethodCommon) -> Optional[FlopsBudget]:
         """The config key whose value sets this method's training FLOPs (what ``bame flops --target-ratio``
         solves for), or None when it has none. Raises ``ConfigError`` for a config it cannot be solved in."""
         return None
@@ -245,7 +269,7 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def create_method(cfg: MethodConfig, ctx: MethodContext) -> Method:
+def create_method(cfg: MethodCommon, ctx: MethodContext) -> Method:
     """The method named by ``cfg.name``."""
     if cfg.name not in METHODS:
         raise ValueError(f"unknown method {cfg.name!r}: available are {available_methods()}")
