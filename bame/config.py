@@ -19,6 +19,7 @@ from typing import Any, Optional
 import yaml
 
 from .data.specs import DATASETS
+from .instrument import InstrumentConfig
 from .methods import METHOD_SECTIONS, METHODS, MethodCommon
 from .methods.bame import BameConfig
 from .methods.phased import PhasedConfig
@@ -99,13 +100,6 @@ class TrainConfig:
     # stop the run as 'diverged' once the training loss has been non-finite (NaN, inf) for this many
     # consecutive optimizer steps (steps the fp16 GradScaler skipped do not count); 0: never
     nan_patience: int = 10
-
-
-@dataclass(frozen=True)
-class InstrumentConfig:
-    flops: bool = True  # exact per-step FLOPs ledger
-    mask_flips: bool = True  # SAD per layer per logged step
-    block_state_every_adaptations: int = 1  # save BAME per-block state every k adaptation steps (0: never)
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,28 @@ Nothing here draws random numbers, writes to the model or the method, or touches
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import InstrumentConfig
 from .contract import ADAPTATION_COLUMNS, ADAPTATION_TABLE, MASKS_TABLE, block_name
 from .layers import NMLayer, nm_layers
 
-__all__ = ["Recorders", "NullSink", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
+__all__ = ["InstrumentConfig", "Recorders", "NullSink", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
 
 FREQ_QUANTILE = 0.9  # freq_p90
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    """The ``instrument`` section of the config: what the ledger and the recorders keep."""
+
+    flops: bool = True  # exact per-step FLOPs ledger
+    mask_flips: bool = True  # SAD per layer per logged step
+    block_state_every_adaptations: int = 1  # save BAME per-block state every k adaptation steps (0: never)
 
 
 def _numpy(t: Any) -> Optional[np.ndarray]:
