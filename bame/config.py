@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .data.specs import DATASETS
+from .data.specs import DataConfig
 from .instrument import InstrumentConfig
 from .methods import METHOD_SECTIONS, METHODS, MethodCommon
 from .methods.bame import BameConfig
@@ -31,23 +31,6 @@ __all__ = [
     "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
     "configs_dir", "available_configs", "resolve_config_path", "experiment_identity", "with_value",
 ]
-
-@dataclass(frozen=True)
-class DataConfig:
-    name: str = choice(*DATASETS, default="fashion-mnist")
-    root: str = "data"  # folder holding <Name>/raw (MNIST), cifar-10-batches-py, imagenet/{train,val}
-    pad_to_32: bool = False  # pad 28x28 images to 32x32 (MNIST, Fashion-MNIST)
-    augment: bool = True  # standard training augmentation (crop + flip for CIFAR/ImageNet)
-    train_subset: Optional[int] = None  # use only the first k training images (quick runs)
-    test_subset: Optional[int] = None  # evaluate on the first k test images
-    image_size: int = 224  # ImageNet crop size
-    num_workers: int = 0
-    synthetic_train_size: int = 512
-    synthetic_test_size: int = 256
-    synthetic_num_classes: int = 10
-    synthetic_image_size: int = 32
-    synthetic_channels: int = 3
-
 
 @dataclass(frozen=True)
 class ModelConfig:

@@ -24,7 +24,11 @@ from .autograd import Backward, Observer, nm_conv2d, nm_linear
 from .kernels import WeightGradKernel
 from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
 
-__all__ = ["NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers", "mask_table"]
+__all__ = ["MASK_INITS", "ON_INDIVISIBLE", "NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers", "mask_table"]
+
+
+MASK_INITS = ("magnitude", "random")  # top-N |W| of each group, or a random N:M mask
+ON_INDIVISIBLE = ("dense", "error")  # a layer whose K is no multiple of M: keep it dense (and say why), or refuse
 
 
 class NMLayer:
@@ -203,7 +207,7 @@ class LayerPolicy:
     on_indivisible: str = "dense"  # 'dense': keep a layer whose K % M != 0 dense and record why; 'error'
 
     def __post_init__(self) -> None:
-        if self.on_indivisible not in ("dense", "error"):
+        if self.on_indivisible not in ON_INDIVISIBLE:
             raise ValueError(f"LayerPolicy.on_indivisible must be 'dense' or 'error', got {self.on_indivisible!r}")
 
 

@@ -26,12 +26,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("analysis", ("analysis",)),
     ("core", ("bame.nm", "bame.bame_core", "bame.kernels", "bame.seed", "bame.divergence", "bame.checkpoint")),
     ("sparse", ("bame.autograd", "bame.layers", "bame.models", "bame.data", "bame.distributed", "bame.compress")),
+    # (bame.data.cli, `bame data`, stands with its package: it needs nothing above it)
     ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.semistructured")),
     ("config", ("bame.config", "bame.runs")),
     ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume")),
     ("loop", ("bame.loop", "bame.training")),
     ("commands", ("bame.__main__", "bame.cli", "bame.sweep", "bame.inspect_runs", "bame.flops_report",
-                  "bame.export", "bame.report", "bame.demo", "bame.data.cli")),
+                  "bame.export", "bame.report", "bame.demo")),
 ]
 TORCH_FREE = ("contract", "files", "analysis")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 # name -> the room that defines it
 _ROOMS = {
-    **dict.fromkeys(("DATASETS", "DataShape", "data_shape", "DatasetNotFoundError", "DatasetCorruptError",
+    **dict.fromkeys(("DATASETS", "DataConfig", "DataShape", "data_shape", "DatasetNotFoundError", "DatasetCorruptError",
                      "DatasetFetchError", "NORMALIZATION", "IdxSpec", "IDX_SPECS", "FETCHABLE", "CifarSpec",
                      "CIFAR_SPECS", "CIFAR_URL"), "specs"),
     **dict.fromkeys(("DatasetBundle", "build_datasets", "InMemoryImages", "CifarPickle", "SyntheticImages"),

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DataConfig
 from .fetch import get_dataset
-from .specs import CIFAR_SPECS, FETCHABLE
+from .specs import CIFAR_SPECS, FETCHABLE, DataConfig
 from .verify import verify_dataset
 
 __all__ = ["add_data_parser", "cli_data_get", "cli_data_verify"]

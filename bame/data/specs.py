@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from ..schema import choice
 
 __all__ = [
-    "DATASETS", "DataShape", "data_shape", "DatasetNotFoundError", "DatasetCorruptError", "DatasetFetchError",
+    "DATASETS", "DataConfig", "DataShape", "data_shape", "DatasetNotFoundError", "DatasetCorruptError", "DatasetFetchError",
     "NORMALIZATION", "IdxSpec", "IDX_SPECS", "FETCHABLE", "CifarSpec", "CIFAR_SPECS", "CIFAR_URL", "how_to_get",
     "refetch_hint",
 ]
@@ -153,6 +155,29 @@ IMAGENET_CLASSES = 1000  # ILSVRC-2012 (the class folders a run finds decide; th
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "cifar100", "imagenet", "synthetic")  # data.name
+
+
+# --------------------------------------------------------------------------------------------------
+# the config section
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The ``data`` section of the config: which data set, where its files are, and how it is read."""
+
+    name: str = choice(*DATASETS, default="fashion-mnist")
+    root: str = "data"  # folder holding <Name>/raw (MNIST), cifar-10-batches-py, imagenet/{train,val}
+    pad_to_32: bool = False  # pad 28x28 images to 32x32 (MNIST, Fashion-MNIST)
+    augment: bool = True  # standard training augmentation (crop + flip for CIFAR/ImageNet)
+    train_subset: Optional[int] = None  # use only the first k training images (quick runs)
+    test_subset: Optional[int] = None  # evaluate on the first k test images
+    image_size: int = 224  # ImageNet crop size
+    num_workers: int = 0
+    synthetic_train_size: int = 512
+    synthetic_test_size: int = 256
+    synthetic_num_classes: int = 10
+    synthetic_image_size: int = 32
+    synthetic_channels: int = 3
 
 
 # --------------------------------------------------------------------------------------------------

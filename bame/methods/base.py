@@ -27,7 +27,7 @@ from torch import nn
 
 from ..autograd import Backward
 from ..kernels import WeightGradKernel
-from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
+from ..layers import MASK_INITS, ON_INDIVISIBLE, LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 from ..pattern import Layout, NMPattern
 from ..schema import choice
 
@@ -43,11 +43,11 @@ class MethodCommon:
     name: str = "bame"
     pattern: NMPattern = NMPattern(2, 4)  # N:M, written "1:16"; parsed once, here
     layout: str = choice(*(v.value for v in Layout), default="row")
-    mask_init: str = choice("magnitude", "random", default="magnitude")
+    mask_init: str = choice(*MASK_INITS, default="magnitude")
     first_conv_dense: bool = True
     classifier_dense: bool = True
     depthwise_dense: bool = True
-    on_indivisible: str = choice("dense", "error", default="dense")
+    on_indivisible: str = choice(*ON_INDIVISIBLE, default="dense")
     srste_decay: float = 2e-4  # lambda_w of SR-STE
     asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
     # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
