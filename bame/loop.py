@@ -90,7 +90,7 @@ class Trainer:
         self.last_train: dict[str, Optional[float]] = {"loss": None, "acc": None}
         self.last_cost = StepCost(0, 0, {})  # the ledger's account of the last step taken
         self.scalars: dict[str, float] = {}
-        self.global_macs: tuple[int, int] = (0, 0)  # run totals summed over ranks (set by summary())
+        self.global_macs: tuple[int, int] = (0, 0)  # run totals summed over ranks (set by training.run_summary)
         self.guard = DivergenceGuard(tc.nan_patience, device)
         self.signals: Optional[StopSignals] = None  # set while the loop runs under StopSignals
         self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint written (or loaded)
