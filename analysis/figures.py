@@ -28,11 +28,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from .groups import DENSE_PATTERN, _method_rank, _pattern_rank, run_groups
+from bame.contract import DENSE_PATTERN, pattern_label
+
+from .groups import _method_rank, _pattern_rank, run_groups
 from .readers import accuracy_percent, load_adaptation, load_masks, load_metrics, load_runs, load_sparsify
 from .style import empty, flops_axis, group_styles, legend_beside, legend_inside_or_below, new_figure, style
 
-__all__ = ["accuracy_vs_flops", "frozen_fraction", "layer_flips", "mask_flips", "training_loss"]
+__all__ = ["accuracy_vs_flops", "frozen_fraction", "layer_flips", "learning_curves", "mask_flips", "training_loss"]
 
 RunsLike = Union[str, Path, pd.DataFrame]
 Curve = Callable[[pd.Series], pd.DataFrame]
@@ -56,7 +58,7 @@ def _group_order(runs: pd.DataFrame, labels: pd.Series) -> list[tuple[str, str, 
         if lab not in first:
             row = runs.loc[idx]
             method = str(row["method.name"])
-            pattern = DENSE_PATTERN if method == "dense" else str(row["method.pattern"])
+            pattern = pattern_label(method, row["method.pattern"])
             first[lab] = (method, pattern)
     return sorted(((lab, *mp) for lab, mp in first.items()),
                   key=lambda g: (_method_rank(g[1]), _pattern_rank(g[2]), g[0]))
@@ -161,6 +163,23 @@ def accuracy_vs_flops(runs: RunsLike, split: str = "test", completed_only: bool 
         ax.set_ylabel(f"{split} top-1 (%)")
         ax.set_title("Accuracy against training FLOPs")
         legend_inside_or_below(ax)
+    return fig
+
+
+def learning_curves(metrics: pd.DataFrame, title: str = "") -> Figure:
+    """One run's top-1 (%) and loss over training steps, train rows as lines and test rows as points
+    (``metrics``: :func:`analysis.load_metrics`)."""
+    with style():
+        fig, axes = new_figure(7.2, 3.0, ncols=2, squeeze=False)
+        acc_ax, loss_ax = axes[0]
+        for split, fmt in (("train", "-"), ("test", "o-")):
+            part = metrics[metrics["split"] == split]
+            acc_ax.plot(part["step"], 100 * part["acc"], fmt, label=split)
+            loss_ax.plot(part["step"], part["loss"], fmt, label=split)
+        _step_axes(acc_ax, "top-1 (%)", f"{title}: accuracy" if title else "accuracy")
+        _step_axes(loss_ax, "cross-entropy", "loss")
+        for ax in (acc_ax, loss_ax):
+            ax.legend(loc="best")
     return fig
 
 

@@ -16,6 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bame.contract import DENSE_PATTERN
+from bame.pattern import NMPattern
+
 __all__ = ["DENSE_PATTERN", "METHOD_ORDER", "POINT_COLUMNS", "comparable_keys", "fill_defaults",
            "group_settings", "prepare_groups", "reference_reading", "run_groups", "run_points"]
 
@@ -25,7 +28,6 @@ POINT_COLUMNS = ["run_id", "group", "method", "pattern", "settings", "family", "
 
 # The order methods appear in tables and legends; unknown methods follow alphabetically.
 METHOD_ORDER = ("dense", "static", "ste", "srste", "asp", "lbc", "bimask", "bame")
-DENSE_PATTERN = "dense"  # the pattern column of a dense row (its config pattern is not used)
 
 # Config keys that never change the numbers a run produces: not grouped on, not checked.
 _IGNORED_KEYS = ("name", "train.seed", "train.device", "train.progress", "data.root", "data.num_workers",
@@ -43,8 +45,7 @@ def _method_rank(name: Any) -> tuple[int, str]:
 def _pattern_rank(p: Any) -> float:
     """Sort N:M patterns by density (2:4 before 1:4 before 1:16); unparsable ones last."""
     try:
-        n, m = str(p).split(":")
-        return -int(n) / int(m)
+        return -NMPattern.parse(str(p)).density
     except ValueError:
         return math.inf
 

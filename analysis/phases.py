@@ -6,17 +6,18 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from bame.contract import ADAPTATION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD
+
 from .figures import RunsLike, _group_order, _runs
 from .groups import run_groups
-from .readers import PHASES, RunLike, load_flops
+from .readers import RunLike, load_flops
 from .style import empty, flops_axis, new_figure, style
 
 __all__ = ["PHASE_LABELS", "phase_breakdown", "phase_totals"]
 
-PHASE_LABELS = {"forward": "forward", "input_grad": "input gradient", "weight_grad": "weight gradient",
-                "adaptation": "mask adaptation"}
-_PHASE_COLORS = {"forward": "#0072B2", "input_grad": "#56B4E9", "weight_grad": "#D55E00",
-                 "adaptation": "#CC79A7"}
+PHASE_LABELS = {FORWARD: "forward", INPUT_GRAD: "input gradient", WEIGHT_GRAD: "weight gradient",
+                ADAPTATION: "mask adaptation"}
+_PHASE_COLORS = {FORWARD: "#0072B2", INPUT_GRAD: "#56B4E9", WEIGHT_GRAD: "#D55E00", ADAPTATION: "#CC79A7"}
 
 
 def phase_totals(run: RunLike, view: str = "ideal") -> pd.Series:

@@ -1,9 +1,10 @@
 """Read run folders (docs/contracts.md, "Run folder") into pandas DataFrames.
 
-Pure: files in, DataFrames out. Nothing here imports the training code, so results can be read on a
-machine without torch. A *run folder* is a directory holding ``manifest.json`` (written first by
-``bame/runs.py``); ``DONE`` marks a finished run. Every loader takes a run as a path or as a row of
-:func:`load_runs` (anything with a ``path`` entry).
+Pure: files in, DataFrames out, through the one reader of run folders (``bame.runfolder``) and the names of
+``bame.contract``; nothing here imports the training code or torch, so results can be read on a machine
+without torch. A *run folder* is a directory holding ``manifest.json`` (written first by ``bame/runs.py``);
+``DONE`` marks a finished run. Every loader takes a run as a path or as a row of :func:`load_runs`
+(anything with a ``path`` entry).
 
 Units: accuracies are written as fractions in [0, 1] (``acc`` columns, as read); ``top1`` columns
 are in percent. FLOPs are counted as multiply-accumulates (MACs) and FLOPs = 2 x MACs.
@@ -11,16 +12,17 @@ are in percent. FLOPs are counted as multiply-accumulates (MACs) and FLOPs = 2 x
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 import pandas as pd
-import yaml
+
+from bame.contract import (ADAPTATION_TABLE, BLOCK_FIELDS, COMPLETED, FLOPS_CONVENTION as _CONVENTION, FLOPS_TABLE,
+                           MANIFEST, MASKS_TABLE, METRICS_TABLE, RUNNING, SPARSIFY_TABLE)
+from bame.runfolder import RunFolder, RunNotFoundError, find_run_folders
 
 __all__ = [
     "FLOPS_CONVENTION",
@@ -42,54 +44,16 @@ __all__ = [
     "run_path",
 ]
 
-FLOPS_CONVENTION = "FLOPs counted as multiply-accumulates (MACs); FLOPs = 2 x MACs."
+FLOPS_CONVENTION = f"FLOPs counted as {_CONVENTION}."  # the contract's convention, as a sentence
 
 RunLike = Union[str, Path, Mapping[str, Any], pd.Series]
 
-# Columns of each table, from docs/contracts.md: an absent optional table reads as an empty frame
-# with these columns, so that callers can filter and group without special cases.
-METRICS_COLUMNS = ["step", "epoch", "split", "lr", "loss", "acc", "wall_time_s", "step_ideal_macs",
-                   "cum_ideal_macs", "cum_executed_macs"]
-FLOPS_COLUMNS = ["epoch", "step", "layer", "phase", "ideal_macs", "executed_macs", "nm_on_reduction"]
-MASKS_COLUMNS = ["step", "layer", "flips", "flip_fraction"]
-ADAPTATION_COLUMNS = ["step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
-                      "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
-                      "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks"]
-BLOCK_FIELDS = ("frequency", "frozen", "last_score", "changes")
 BLOCKS_COLUMNS = ["step", "layer", "block", *BLOCK_FIELDS]
-PHASES = ("forward", "input_grad", "weight_grad", "adaptation")
-
-_BLOCK_FILE = re.compile(r"^step_(\d+)\.npz$")
-
-
-class NotARunFolderError(FileNotFoundError):
-    """A path given as a run folder is missing, or holds no ``manifest.json``."""
+NotARunFolderError = RunNotFoundError  # a path given as a run folder is missing, or holds no manifest.json
 
 
 # --------------------------------------------------------------------------------------------------
 # locating runs
-
-
-def find_run_folders(root: str | Path) -> list[Path]:
-    """Every run folder (a directory with ``manifest.json``) under ``root``, ``root`` included, sorted.
-
-    The search does not descend into a run folder (its ``blocks/`` and ``checkpoints/`` hold no runs).
-    """
-    root = Path(root)
-    if not root.exists():
-        raise FileNotFoundError(f"runs root {str(root)!r} does not exist")
-    if not root.is_dir():
-        raise NotADirectoryError(f"runs root {str(root)!r} is not a directory")
-    found: list[Path] = []
-    stack = [root]
-    while stack:
-        d = stack.pop()
-        if (d / "manifest.json").is_file():
-            found.append(d)
-            continue
-        stack.extend(sorted((p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                            reverse=True))
-    return sorted(found)
 
 
 def run_path(run: RunLike) -> Path:
@@ -105,7 +69,7 @@ def run_path(run: RunLike) -> Path:
         raise NotARunFolderError(f"{str(path)!r} is not a run folder: it does not exist")
     if not path.is_dir():
         raise NotARunFolderError(f"{str(path)!r} is not a run folder: it is a file, not a directory")
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         inside = find_run_folders(path)
         hint = ""
         if inside:
@@ -116,40 +80,28 @@ def run_path(run: RunLike) -> Path:
     return path
 
 
+def _folder(run: RunLike) -> RunFolder:
+    return RunFolder(run_path(run))
+
+
 # --------------------------------------------------------------------------------------------------
 # small file readers
 
 
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    return data if isinstance(data, dict) else {"value": data}
-
-
 def load_manifest(run: RunLike) -> dict:
     """``manifest.json`` as a dict."""
-    return _read_json(run_path(run) / "manifest.json")
+    return _folder(run).manifest
 
 
 def load_summary(run: RunLike) -> dict:
     """``summary.json`` as a dict (empty when the run has not written one yet)."""
-    return _read_json(run_path(run) / "summary.json")
+    return _folder(run).summary or {}
 
 
 def load_config(run: RunLike) -> dict:
     """The resolved ``config.yaml`` as a nested dict (empty when absent)."""
-    path = run_path(run) / "config.yaml"
-    if not path.is_file():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML ({err})") from None
-    return data if isinstance(data, dict) else {}
+    folder = _folder(run)
+    return folder.config_dict if folder.has_config else {}
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -166,17 +118,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _read_csv(run: RunLike, name: str, columns: list[str]) -> pd.DataFrame:
-    path = run_path(run) / name
-    if not path.is_file() or path.stat().st_size == 0:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
-    try:
-        df = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame({c: pd.Series(dtype=float) for c in columns})
-    return df
-
-
 # --------------------------------------------------------------------------------------------------
 # per-run tables
 
@@ -186,39 +127,27 @@ def load_metrics(run: RunLike) -> pd.DataFrame:
 
     Empty (with the contract's columns) when the run has not logged yet.
     """
-    return _read_csv(run, "metrics.csv", METRICS_COLUMNS)
+    return _folder(run).table(METRICS_TABLE)
 
 
 def load_flops(run: RunLike) -> pd.DataFrame:
     """``flops.csv``: MACs per epoch x layer x phase (ideal and executed); FLOPs = 2 x MACs."""
-    return _read_csv(run, "flops.csv", FLOPS_COLUMNS)
+    return _folder(run).table(FLOPS_TABLE)
 
 
 def load_masks(run: RunLike) -> pd.DataFrame:
     """``masks.csv``: mask flips (SAD) per logged step and layer; empty for dense runs."""
-    return _read_csv(run, "masks.csv", MASKS_COLUMNS)
+    return _folder(run).table(MASKS_TABLE)
 
 
 def load_adaptation(run: RunLike) -> pd.DataFrame:
     """``adaptation.csv``: what each BAME adaptation step did per layer; empty for other methods."""
-    return _read_csv(run, "adaptation.csv", ADAPTATION_COLUMNS)
+    return _folder(run).table(ADAPTATION_TABLE)
 
 
 def load_sparsify(run: RunLike) -> pd.DataFrame:
     """``sparsify.csv``: which layers became N:M and why the others stayed dense."""
-    return _read_csv(run, "sparsify.csv", ["name", "kind", "shape", "sparse", "reason"])
-
-
-def _block_files(run: RunLike) -> list[tuple[int, Path]]:
-    folder = run_path(run) / "blocks"
-    if not folder.is_dir():
-        return []
-    files = []
-    for p in folder.iterdir():
-        m = _BLOCK_FILE.match(p.name)
-        if m:
-            files.append((int(m.group(1)), p))
-    return sorted(files)
+    return _folder(run).table(SPARSIFY_TABLE)
 
 
 def _split_key(key: str) -> tuple[str, str]:
@@ -237,7 +166,7 @@ def load_block_arrays(run: RunLike, layers: Iterable[str] | None = None,
     wanted = set(layers) if layers is not None else None
     fields = tuple(fields)
     per_layer: dict[str, dict[str, list]] = {}
-    for step, path in _block_files(run):
+    for step, path in _folder(run).block_snapshots():
         with np.load(path) as npz:
             keys = list(npz.keys())
             by_layer: dict[str, dict[str, np.ndarray]] = {}
@@ -323,11 +252,10 @@ def _num(value: Any) -> float:
         return math.nan
 
 
-def _status(folder: Path, manifest: dict) -> str:
+def _status(folder: RunFolder, manifest: dict) -> str:
     status = manifest.get("status")
-    done = (folder / "DONE").exists()
-    if done and status in (None, "running"):
-        return "completed"
+    if folder.done and status in (None, RUNNING):
+        return COMPLETED
     if status is None:
         return "unknown"
     return str(status)
@@ -389,16 +317,17 @@ def _summary_fields(summary: dict) -> dict[str, float]:
 _MANIFEST_KEYS = ("id", "created", "started", "finished", "git", "device", "host", "config_name", "error", "versions")
 
 
-def _run_row(folder: Path, root: Path) -> dict[str, Any]:
-    manifest = load_manifest(folder)
-    summary = load_summary(folder)
-    config = load_config(folder)
+def _run_row(path: Path, root: Path) -> dict[str, Any]:
+    folder = RunFolder(path)
+    manifest = folder.manifest
+    summary = folder.summary or {}
+    config = folder.config_dict if folder.has_config else {}
     row: dict[str, Any] = {
-        "run_id": folder.name,  # the writer names the folder by its id; manifest.id may be stale in a copy
-        "path": str(folder),
-        "relpath": str(folder.relative_to(root)) if folder != root else ".",
+        "run_id": path.name,  # the writer names the folder by its id; manifest.id may be stale in a copy
+        "path": str(path),
+        "relpath": str(path.relative_to(root)) if path != root else ".",
         "status": _status(folder, manifest),
-        "done": (folder / "DONE").exists(),
+        "done": folder.done,
         "has_summary": bool(summary),
     }
     for key, value in flatten(manifest).items():
@@ -411,7 +340,7 @@ def _run_row(folder: Path, root: Path) -> dict[str, Any]:
             cfg[key] = str(value)
     row.update(cfg)
     # summary.json wins; the last rows of metrics.csv fill what it lacks (and unfinished runs)
-    merged = {**_last_eval(load_metrics(folder)), **_summary_fields(summary)}
+    merged = {**_last_eval(folder.table(METRICS_TABLE)), **_summary_fields(summary)}
     if cfg.get("instrument.flops") is False:
         # the ledger was off: the zeros it left are no count
         for name in ("ideal_macs", "executed_macs", "dense_macs", "ideal_x_dense"):

@@ -33,7 +33,9 @@ __all__ = [
     "METHOD_ORDER",
     "comparable_keys",
     "format_paper_table",
+    "mean_std_table",
     "paper_table",
+    "pm",
     "to_markdown",
 ]
 
@@ -148,11 +150,21 @@ def _fmt_num(v: Any, fmt: str) -> str:
     return format(v, fmt)
 
 
-def pm(mean: float, std: float) -> str:
+def pm(mean: float, std: float, digits: int = 2) -> str:
     """Mean ± sample std (``85.76 ± 0.37``); one seed has no spread (``85.76``); ``–`` without a number."""
     if math.isnan(mean):
         return "–"
-    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def mean_std_table(df: pd.DataFrame, by: str, digits: Mapping[str, int]) -> pd.DataFrame:
+    """Per value of ``by`` (in order of appearance): the number of rows (``seeds``) and each column of
+    ``digits`` as mean ± sample std with that many digits (:func:`pm`)."""
+    agg = df.groupby(by, sort=False)[list(digits)].agg(["mean", "std"])
+    table = pd.DataFrame({col: [pm(m, s, d) for m, s in zip(agg[(col, "mean")], agg[(col, "std")])]
+                          for col, d in digits.items()}, index=agg.index)
+    table.insert(0, "seeds", df.groupby(by, sort=False).size())
+    return table
 
 
 def display_name(method: str) -> str:

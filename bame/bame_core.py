@@ -63,7 +63,7 @@ __all__ = [
     "BlockSwaps", "pairs_per_group", "gradient_grow_scale", "swap_values", "block_swaps",
     "apply_swaps", "magnitude_blocks", "block_equal", "OBFState", "oscillation_events", "obf_step", "effective_frequency",
     "selection_budget", "selection_key", "select_blocks", "adaptation_elementwise_ops",
-    "magnitude_elementwise_ops", "obf_elementwise_ops", "DESIGNATED_GRADS", "PRUNED_UPDATES", "REGROW_RULES", "DESIGNATIONS",
+    "magnitude_elementwise_ops", "obf_elementwise_ops", "DESIGNATED_GRADS", "PRUNED_UPDATES", "REGROW_RULES", "REGROW_VALUES", "DESIGNATIONS",
 ]
 
 LMA_SCORES = ("taylor", "gradient")
@@ -73,6 +73,7 @@ ROUNDINGS = ("round", "ceil", "floor")
 DESIGNATED_GRADS = ("adaptation", "window")
 PRUNED_UPDATES = ("frozen", "train")
 REGROW_RULES = ("lma", "magnitude")
+REGROW_VALUES = ("stored", "zero")  # a regrown weight starts from its stored value, or from zero
 DESIGNATIONS = ("topk", "progressive")
 
 Scalar = Union[float, torch.Tensor]

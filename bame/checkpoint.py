@@ -1,7 +1,7 @@
 """Reading checkpoints without running code: ``torch.load(weights_only=True)`` and clear refusals.
 
 A bame checkpoint holds only tensors, numbers, strings, ``None`` and dicts / lists / tuples of them
-(enums as their string values, RNG states as tensors; see ``bame.train`` and ``bame.seed``), so
+(enums as their string values, RNG states as tensors; see ``bame.loop`` and ``bame.seed``), so
 ``torch.load(path, weights_only=True)`` reads it and nothing else is ever unpickled. Run folders are
 shared and downloaded: a crafted ``last.pt`` that asks to call a function is refused with
 :class:`UnsafeCheckpointError` naming what it asked for, and the function never runs.

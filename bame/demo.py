@@ -38,9 +38,9 @@ def run_demo(out: Path, config: str | Path = DEFAULT_CONFIG, root: Optional[str]
     """Train (or reuse) every demo run under ``out``, write ``out/report.md``; returns its path."""
     from analysis import load_runs, paper_table, to_markdown
 
-    from .cli import completed_runs
     from .report import write_report
-    from .train import train
+    from .sweep import completed_runs
+    from .training import train
 
     runs = demo_configs(config, root, extra or [])  # every config is validated before anything runs
     start = time.perf_counter()

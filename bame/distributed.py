@@ -1,6 +1,6 @@
 """What torchrun training needs beyond DDP: mask agreement checks, buffer averaging, summed counters.
 
-How the pieces fit (``bame.train`` wraps the model in ``DistributedDataParallel`` under torchrun):
+How the pieces fit (``bame.loop`` wraps the model in ``DistributedDataParallel`` under torchrun):
 
 - **Gradients.** DDP hooks every parameter's gradient accumulator, so the weight gradient our custom
   autograd functions return (``bame.autograd``: dense, straight-through, SR-STE or SPARSE, zero outside
@@ -10,7 +10,7 @@ How the pieces fit (``bame.train`` wraps the model in ``DistributedDataParallel`
 - **Buffers.** The N:M layers hold two bool buffers per weight (``mask``, ``grad_mask``). DDP's default
   ``broadcast_buffers=True`` would send rank 0's copy of every buffer before every forward: two bytes per
   weight per step (half the volume of the gradient all-reduce itself for float32 weights), and it would
-  hide a rank that disagrees. ``bame.train`` passes ``broadcast_buffers=False``; masks stay equal because
+  hide a rank that disagrees. ``bame.loop`` passes ``broadcast_buffers=False``; masks stay equal because
   every rank computes them from equal inputs, :func:`check_masks_agree` proves it after adaptation steps
   (``train.check_mask_sync``), and the floating buffers that do differ per rank (batch-norm running
   statistics, computed on each rank's shard) are averaged by :func:`average_float_buffers` before every
@@ -23,15 +23,17 @@ Every function is a no-op returning its input for one process (``torch.distribut
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .layers import nm_layers
 
-__all__ = ["is_distributed", "world_size", "mask_fingerprint", "check_masks_agree", "average_float_buffers",
-           "all_sum_ints", "MaskDisagreement"]
+__all__ = ["DistContext", "join_process_group", "is_distributed", "world_size", "mask_fingerprint",
+           "check_masks_agree", "average_float_buffers", "all_sum_ints", "MaskDisagreement"]
 
 _HASH_MUL = 2654435761  # Knuth's multiplicative hash constant
 _HASH_MOD = 2 ** 31 - 1
@@ -39,6 +41,51 @@ _HASH_MOD = 2 ** 31 - 1
 
 class MaskDisagreement(RuntimeError):
     """Ranks hold different masks: some decision depended on rank-local data."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Rank and world size of this process (1 process unless torchrun initialised torch.distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def current(cls) -> DistContext:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over ranks in place (identity for one process)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        return t
+
+
+def join_process_group() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (NCCL on CUDA, else gloo); True if joined here."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 def is_distributed() -> bool:

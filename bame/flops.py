@@ -1,9 +1,12 @@
-"""Exact training FLOPs: a per-step ledger (layer x phase x ideal/executed) and pure shape functions.
+"""Exact training FLOPs: a per-step ledger (layer x phase x ideal/executed), its sum over ranks, and one
+measured step of a whole model. It stands on the layers alone: the loop, ``bame flops`` and the benchmarks
+stand on it.
 
-Convention: every count is in multiply-accumulates (MACs); FLOPs = 2 x MACs (:data:`CONVENTION`).
-Conv and linear layers are counted, and self-attention's weightless matmuls QK^T and AV
-(:mod:`bame.attention_flops`: dense, phases forward and input_grad, layer ``<attention>.matmul``); batch
-norm, layer norm, activations, softmax, pooling and the optimizer are not.
+Convention: every count is in multiply-accumulates (MACs); FLOPs = 2 x MACs (:data:`CONVENTION`, the
+contract's). Conv and linear layers are counted, and self-attention's weightless matmuls QK^T and AV
+(:mod:`bame.attention_flops`: dense, phases forward and input_grad, layer ``<attention>.matmul``); batch norm,
+layer norm, activations, softmax, pooling and the optimizer are not. The closed forms of one call are
+``bame.macs``.
 
 The ledger is charged from the calls that really ran, never from a proportionality rule:
 
@@ -26,71 +29,33 @@ could accelerate it (see :meth:`FlopsLedger._flag`).
 
 from __future__ import annotations
 
-import math
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .attention_flops import AttentionHooks
-from .autograd import LazyMacs, PhaseCost
+from .autograd import PhaseCost
+from .contract import ADAPTATION, ADAPTATION_LAYER, FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, WEIGHT_GRAD
+from .contract import PHASES as CONTRACT_PHASES
+from .distributed import all_sum_ints
+from .kernels import LazyMacs
 from .layers import NMLayer
+from .macs import conv2d_macs, conv_output_hw, linear_macs
 from .nm import group_counts
 
-__all__ = ["CONVENTION", "PHASES", "ADAPTATION", "ADAPTATION_LAYER", "StepCost", "FlopsLedger",
-           "conv_output_hw", "conv2d_macs", "linear_macs", "StepCosts", "model_step_costs"]
+__all__ = ["CONVENTION", "PHASES", "ADAPTATION", "ADAPTATION_LAYER", "StepCost", "FlopsLedger", "RunFlops",
+           "run_flops", "sum_rows_over_ranks", "conv_output_hw", "conv2d_macs", "linear_macs", "StepCosts",
+           "model_step_costs"]
 
-CONVENTION = "MACs (multiply-accumulates); FLOPs = 2 x MACs"
-FORWARD, INPUT_GRAD, WEIGHT_GRAD, ADAPTATION = "forward", "input_grad", "weight_grad", "adaptation"
-PHASES = (FORWARD, INPUT_GRAD, WEIGHT_GRAD)  # the phases of a conv/linear layer, in execution order
-ALL_PHASES = PHASES + (ADAPTATION,)
-ADAPTATION_LAYER = "(adaptation)"  # the ledger's 'layer' name of the mask-adaptation line
+CONVENTION = FLOPS_CONVENTION
+PHASES = LAYER_PHASES  # the phases of a conv/linear layer, in execution order (ALL_PHASES adds adaptation)
+ALL_PHASES = CONTRACT_PHASES
 _PHASE_ORDER = {p: i for i, p in enumerate(ALL_PHASES)}
-
-
-# --------------------------------------------------------------------------------------------------
-# Pure functions of shapes (fvcore style): forward MACs of one call
-
-
-def conv_output_hw(hw: Sequence[int], kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
-    """Output ``(H, W)`` of a 2-D convolution (PyTorch's floor rule) with numeric padding."""
-    k, s, p, d = (_pair(v) for v in (kernel_size, stride, padding, dilation))
-    return tuple((hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))  # type: ignore
-
-
-def conv2d_macs(input_shape: Sequence[int], weight_shape: Sequence[int], stride=1, padding=0, dilation=1,
-                groups: int = 1, nnz: Optional[int] = None) -> int:
-    """Forward MACs of ``conv2d(x[B, Cin, H, W], w[Cout, Cin/groups, kh, kw])``.
-
-    Every output element of every output channel uses the ``Cin/groups * kh * kw`` weights of its
-    row, so the count is ``nnz * B * Hout * Wout`` with ``nnz = weight.numel()`` for a dense weight
-    (pass the non-zeros of ``W*m`` for a sparse one). The input gradient costs the same, and so does a
-    weight gradient computed at ``nnz`` positions.
-    """
-    b, cin, h, w = input_shape
-    cout, cin_g, kh, kw = weight_shape
-    if cin != cin_g * groups:
-        raise ValueError(f"conv2d_macs: input channels {cin} != weight's {cin_g} x groups {groups}")
-    hout, wout = conv_output_hw((h, w), (kh, kw), stride, padding, dilation)
-    n = cout * cin_g * kh * kw if nnz is None else int(nnz)
-    return n * b * hout * wout
-
-
-def linear_macs(input_shape: Sequence[int], weight_shape: Sequence[int], nnz: Optional[int] = None) -> int:
-    """Forward MACs of ``linear(x[..., K], w[Cout, K])``: ``nnz * prod(leading dims of x)``."""
-    cout, k = weight_shape
-    if input_shape[-1] != k:
-        raise ValueError(f"linear_macs: input features {input_shape[-1]} != weight's {k}")
-    rows = math.prod(input_shape[:-1])
-    return (cout * k if nnz is None else int(nnz)) * rows
-
-
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)  # type: ignore
 
 
 # --------------------------------------------------------------------------------------------------
@@ -399,6 +364,53 @@ class FlopsLedger:
             self.total_by_phase[p] = [int(v[0]), int(v[1])]
         self._epoch = {(layer, phase): [int(i), int(e), bool(f)]
                        for layer, phase, i, e, f in state.get("pending_rows", [])}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run's counts over ranks (torchrun)
+
+
+@dataclass(frozen=True)
+class RunFlops:
+    """The ledger's counts for the whole run so far, summed over ranks, in MACs."""
+
+    step_ideal: int  # the last step's ideal work
+    ideal: int
+    executed: int
+    by_phase: dict[str, tuple[int, int]]  # phase -> (ideal, executed)
+
+
+def run_flops(ledger: FlopsLedger, last_step: StepCost, world_size: int = 1) -> RunFlops:
+    """The run's counts: each rank's ledger counts the conv/linear work of its own shard of every global
+    batch, so their sum is the run's work (a collective under torchrun). The mask-adaptation line is
+    different: every rank scores and selects the same blocks (replicated, so that no mask needs to be
+    sent); the run *needed* it once (ideal: once) and *ran* it on every rank (executed: the sum)."""
+    by_phase = {k: list(v[:2]) for k, v in ledger.total_by_phase.items()}
+    adapt_step = last_step.by_phase.get(ADAPTATION, (0, 0))[0]
+    adapt_all = by_phase.get(ADAPTATION, [0, 0])[0]
+    sums = all_sum_ints([last_step.ideal_macs, adapt_step, ledger.total_ideal_macs, ledger.total_executed_macs,
+                         adapt_all] + [v for k in by_phase for v in by_phase[k]])
+    w = world_size
+    step_ideal, step_adapt, ideal, executed, adapt_all = sums[:5]
+    once = adapt_all - adapt_all // w  # the replicated copies of the adaptation line's ideal count
+    phases = {k: [sums[5 + 2 * i], sums[6 + 2 * i]] for i, k in enumerate(by_phase)}
+    if ADAPTATION in phases:
+        phases[ADAPTATION][0] //= w
+    return RunFlops(step_ideal - (step_adapt - step_adapt // w), ideal - once, executed,
+                    {k: tuple(v) for k, v in phases.items()})
+
+
+def sum_rows_over_ranks(rows: list[dict], world_size: int) -> list[dict]:
+    """``epoch_rows`` of every rank summed (the ranks have the same rows: same layers, phases, batch size);
+    the adaptation line counts once in ideal (see :func:`run_flops`). The rows themselves for one process."""
+    if world_size <= 1:
+        return rows
+    sums = all_sum_ints([v for r in rows for v in (r["ideal_macs"], r["executed_macs"])])
+    for i, r in enumerate(rows):
+        once = r["phase"] == ADAPTATION  # replicated on every rank: ideal once
+        r["ideal_macs"] = sums[2 * i] // world_size if once else sums[2 * i]
+        r["executed_macs"] = sums[2 * i + 1]
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """``bame flops``: the exact training cost of a config, before training, and the budget for a target ratio.
 
-The report stands on the ledger (:mod:`bame.flops`): it measures one normal and one adaptation step of the
-configured model and method with a :class:`bame.flops.FlopsLedger` (a real forward + backward on a random
-batch) and adds up the whole run from the method's declared costs (:meth:`bame.methods.Method.gradient_plan`,
-:meth:`~bame.methods.Method.regime_switch_step`). Counts are :data:`bame.flops.CONVENTION`.
+The report stands on the ledger (:mod:`bame.flops`) and on the experiment the training loop builds
+(:func:`bame.experiment.build`): it measures one normal and one adaptation step of the configured model and
+method with a :class:`bame.flops.FlopsLedger` (a real forward + backward on a random batch) and adds up the
+whole run from the method's declared costs (:meth:`bame.methods.Method.gradient_plan`,
+:attr:`~bame.methods.Method.regime_switch_step`, :meth:`~bame.methods.Method.switch_regime`). Counts are
+:data:`bame.contract.FLOPS_CONVENTION`.
 
-``--target-ratio R`` solves for the budget that puts SR-STE's training FLOPs at ``R`` times the method's:
-BAME's ``rho`` (``designation: topk``), its ``t_f_fraction`` (``progressive``) or ``phased``'s
-``switch_fraction``.
+``--target-ratio R`` solves for the budget the method declares (:meth:`bame.methods.Method.flops_budget`:
+BAME's ``rho``, or its ``t_f_fraction`` under ``progressive``; ``phased``'s ``switch_fraction``) that puts
+SR-STE's training FLOPs at ``R`` times the method's.
 """
 
 from __future__ import annotations
@@ -22,59 +24,31 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import models
 from .attention_flops import MATMUL_SUFFIX, attention_modules
-from .config import ConfigError
-from .flops import CONVENTION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD, StepCosts, model_step_costs
+from .config import Config, ConfigError, MethodConfig, with_value
+from .contract import FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, WEIGHT_GRAD
+from .data.specs import DataShape, data_shape
+from .experiment import build, method_context
+from .flops import StepCosts, model_step_costs
 from .layers import NMLayer
+from .methods import METHODS, FlopsBudget, Method, create_method
+from .schedule import Schedule
 
 __all__ = ["DataShape", "data_shape", "flops_report", "format_report", "TargetBudget", "solve_target_ratio",
            "format_target", "add_flops_parser", "cli_flops"]
-
-
-@dataclass(frozen=True)
-class DataShape:
-    num_classes: int
-    in_channels: int
-    image_size: int
-    train_size: int  # images in the training split (before train_subset)
-
-
-def data_shape(data_cfg) -> DataShape:
-    """Classes, channels, image size and training-set size of ``cfg.data``, without loading the data."""
-    name = data_cfg.name
-    if name in ("mnist", "fashion-mnist"):
-        return DataShape(10, 1, 32 if data_cfg.pad_to_32 else 28, 60_000)
-    if name == "cifar10":
-        return DataShape(10, 3, 32, 50_000)
-    if name == "cifar100":
-        return DataShape(100, 3, 32, 50_000)
-    if name == "imagenet":
-        return DataShape(1000, 3, data_cfg.image_size, 1_281_167)
-    if name == "synthetic":
-        return DataShape(data_cfg.synthetic_num_classes, data_cfg.synthetic_channels,
-                         data_cfg.synthetic_image_size, data_cfg.synthetic_train_size)
-    raise ValueError(f"bame flops: no shape known for data.name={name!r}")
-
-
-def _run_length(cfg, shape: DataShape):
-    """The run's :class:`bame.train.Schedule`: steps per epoch as the training loader gives them
-    (``drop_last``: ``floor(train images / batch)``), schedule and run lengths by ``plan_schedule``."""
-    from .train import plan_schedule
-
-    n = shape.train_size if cfg.data.train_subset is None else min(shape.train_size, cfg.data.train_subset)
-    return plan_schedule(cfg.train, n // cfg.train.batch_size)
 
 
 @dataclass
 class _Measured:
     """One config's measured steps, at batch ``b``, and what scales them to the config's batch."""
 
-    cfg: object
-    sched: object
+    cfg: Config
+    sched: Schedule
     batch: int
     b: int
     model: nn.Module  # the method's prepared model (in its last regime)
-    method: object
+    method: Method
     dense: StepCosts
     sparse: StepCosts  # the step of the method's (last) regime, and its adaptation step
     before_switch: Optional[StepCosts]  # the prepared regime's step, for a method that switches regime
@@ -84,19 +58,10 @@ class _Measured:
         return macs // self.b * self.batch
 
 
-def _create_method(cfg, sched):
-    from .methods import MethodContext, create_method
-
-    return create_method(cfg.method, MethodContext(total_steps=sched.schedule_steps,
-                                                   steps_per_epoch=sched.steps_per_epoch,
-                                                   weight_decay=cfg.train.weight_decay, seed=cfg.train.seed))
-
-
 def _measure(cfg, measure_batch: int) -> _Measured:
-    from . import models
-
+    """The dense model's step, and the method's normal and adaptation steps (and its prepared regime's step,
+    for a method that switches regime) on the experiment of ``cfg`` (``bame.experiment.build``)."""
     shape = data_shape(cfg.data)
-    sched = _run_length(cfg, shape)
     batch = cfg.train.batch_size
     b = min(batch, measure_batch)
     input_shape = (b, shape.in_channels, shape.image_size, shape.image_size)
@@ -106,17 +71,18 @@ def _measure(cfg, measure_batch: int) -> _Measured:
                                     image_size=shape.image_size)
     except ValueError as err:  # an unknown name, a size the model cannot take, timm missing
         raise ConfigError([f"model.name: {err}"]) from None
-    model = copy.deepcopy(dense_model)
     dense = model_step_costs(dense_model, input_shape)
-    method = _create_method(cfg, sched)
-    sparse = model_step_costs(model, input_shape, method)
-    switch = method.regime_switch_step
+    torch.manual_seed(cfg.train.seed)  # the same initial weights as the dense model
+    exp = build(cfg, shape=shape)
+    exp.ledger.detach()  # each step is measured by a ledger of its own
+    model, method = exp.model, exp.method
+    sparse = model_step_costs(model, input_shape)
     before = None
-    if switch is not None:
+    if method.regime_switch_step is not None:
         before = sparse
-        method.before_step(switch)
+        method.switch_regime()
         sparse = model_step_costs(model, input_shape)
-    m = _Measured(cfg, sched, batch, b, model, method, dense, sparse, before, {})
+    m = _Measured(cfg, exp.schedule, batch, b, model, method, dense, sparse, before, {})
     m.extra = {n: (m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][0] - sparse.step.by_layer[(n, WEIGHT_GRAD)][0]),
                    m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][1] - sparse.step.by_layer[(n, WEIGHT_GRAD)][1]))
                for n, mod in model.named_modules()
@@ -179,7 +145,7 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
             entry[key] = {ph: dict(ideal=scale(cost.by_layer[(layer, ph)][0]),
                                    executed=scale(cost.by_layer[(layer, ph)][1]),
                                    nm_on_reduction=cost.by_layer[(layer, ph)][2])
-                          for ph in PHASES if (layer, ph) in cost.by_layer}
+                          for ph in LAYER_PHASES if (layer, ph) in cost.by_layer}
         layers.append(entry)
     step_i, step_e = scale(sparse.step.ideal_macs), scale(sparse.step.executed_macs)
     dense_i = scale(m.dense.step.ideal_macs)
@@ -198,14 +164,14 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
               "budget rounds to 0 computes no candidate gradient") if plan else
              f"{cfg.method.name} computes no weight gradient beyond its normal step: adapt_step_macs = step_macs"]
     rep = dict(
-        convention=CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
+        convention=FLOPS_CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
         input_shape=[batch, shape.in_channels, shape.image_size, shape.image_size], measured_batch=m.b,
-        method=cfg.method.name, pattern=cfg.method.pattern,
+        method=cfg.method.name, pattern=str(cfg.method.pattern),
         dense_step_macs=dense_i, step_macs=step_i, step_executed_macs=step_e,
         adapt_step_macs=scale(sparse.adapt.ideal_macs), adapt_step_executed_macs=scale(sparse.adapt.executed_macs),
-        step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in PHASES},
-        adapt_step_by_phase={ph: scale(sparse.adapt.by_phase[ph][0]) for ph in PHASES},
-        dense_step_by_phase={ph: scale(m.dense.step.by_phase[ph][0]) for ph in PHASES},
+        step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in LAYER_PHASES},
+        adapt_step_by_phase={ph: scale(sparse.adapt.by_phase[ph][0]) for ph in LAYER_PHASES},
+        dense_step_by_phase={ph: scale(m.dense.step.by_phase[ph][0]) for ph in LAYER_PHASES},
         steps_per_epoch=sched.steps_per_epoch, schedule_steps=sched.schedule_steps, run_steps=run,
         adaptation_steps=len(method.adaptation_steps(run)),
         dense_run_total_macs=run * dense_i, layers=layers, notes=notes)
@@ -240,32 +206,15 @@ class TargetBudget:
     note: str
 
 
-def _budget_key(cfg) -> tuple[str, float, float, str]:
-    """(config key, lowest, highest, note) of the method's budget."""
-    mc = cfg.method
-    if mc.name == "phased":
-        return "method.phased.switch_fraction", 0.0, 1.0, "exact: phased's cost does not depend on training"
-    if mc.name == "bame":
-        b = mc.bame
-        if b.designation == "progressive":
-            if b.t_f_steps is not None:
-                raise ConfigError(["bame flops --target-ratio: method.bame.t_f_steps is set; the budget of "
-                                 "'progressive' is t_f_fraction, so unset t_f_steps (--set method.bame.t_f_steps=null)"])
-            low = 0.0 if b.t_i_steps is not None else b.t_i_fraction
-            return ("method.bame.t_f_fraction", low, 1.0,
-                    "an upper bound before training: OBF freezing can only lower it (the run's ledger gives the count)")
-        return ("method.bame.rho", 0.0, 1.0,
-                "an upper bound before training: blocks designated only where LMA finds a gain, and freezing, "
-                "can only lower it (the run's ledger gives the count)")
-    raise ConfigError([f"bame flops --target-ratio: method {mc.name!r} has no training-FLOPs budget to solve for; "
-                     f"use method.name=bame (rho, or t_f_fraction with designation=progressive) or phased "
-                     f"(switch_fraction)"])
-
-
-def _with(cfg, key: str, value: float):
-    section, field = key.split(".")[1:]
-    return replace(cfg, method=replace(cfg.method, **{section: replace(getattr(cfg.method, section),
-                                                                       **{field: value})}))
+def _budget(cfg) -> FlopsBudget:
+    """The method's declared training-FLOPs budget; a one-line error naming the methods that have one."""
+    budget = METHODS[cfg.method.name].flops_budget(cfg.method)
+    if budget is None:
+        have = [f"method.name={name} ({b.key})" for name, cls in sorted(METHODS.items())
+                if (b := cls.flops_budget(MethodConfig(name=name))) is not None]
+        raise ConfigError([f"bame flops --target-ratio: method {cfg.method.name!r} has no training-FLOPs budget to "
+                           f"solve for; use a method that has one: {' or '.join(have)}"])
+    return budget
 
 
 def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: int = 40,
@@ -274,7 +223,8 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
     times the method's, by bisection on the (non-decreasing) run total; ``ValueError`` when out of reach."""
     if not target > 0:
         raise ConfigError([f"bame flops --target-ratio must be > 0, got {target}"])
-    key, low, high, note = _budget_key(cfg)
+    budget = _budget(cfg)
+    key, low, high = budget.key, budget.low, budget.high
     reference = _measure(replace(cfg, method=replace(cfg.method, name="srste")), measure_batch)
     srste = _run_totals(reference, reference.method)[0]
     base = _measure(cfg, measure_batch)
@@ -283,7 +233,7 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
     scratch = copy.deepcopy(base.model)  # already N:M: a trial's prepare only builds the method's own state
 
     def total(value: float) -> int:
-        method = _create_method(_with(cfg, key, value), base.sched)
+        method = create_method(with_value(cfg, key, value).method, method_context(cfg.train, base.sched))
         method.prepare(scratch)
         return _run_totals(base, method)[0]
 
@@ -292,10 +242,8 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
         raise ConfigError([f"bame flops --target-ratio {target}: out of reach, even {key}={low} gives "
                          f"SR-STE / {cfg.method.name} = {srste / lo_total:.3f}; ask for at most that"])
     if hi_total < goal:
-        hint = (" (rho decays to 0 at t_f: raise method.bame.t_f_fraction or set method.bame.rho_decay=constant)"
-                if key.endswith(".rho") else "")
         raise ConfigError([f"bame flops --target-ratio {target}: out of reach, even {key}={high} gives "
-                         f"SR-STE / {cfg.method.name} = {srste / hi_total:.3f}; ask for at least that{hint}"])
+                         f"SR-STE / {cfg.method.name} = {srste / hi_total:.3f}; ask for at least that{budget.hint}"])
     lo, hi = low, high  # total(lo) < goal <= total(hi)
     for _ in range(iterations):
         if hi - lo < tolerance:
@@ -314,7 +262,8 @@ def solve_target_ratio(cfg, target: float, measure_batch: int = 2, iterations: i
         if low <= short <= high and total(short) == t_pick:
             pick = short
             break
-    return TargetBudget(key, pick, target, srste / t_pick, t_pick, srste, other, srste / max(t_other, 1), note)
+    return TargetBudget(key, pick, target, srste / t_pick, t_pick, srste, other, srste / max(t_other, 1),
+                        budget.note)
 
 
 def format_target(t: TargetBudget, method: str) -> str:
@@ -348,8 +297,8 @@ def format_report(rep: dict) -> str:
     for e in rep["layers"]:
         st, ad = e["step"], e["adapt"]
         get = lambda d, ph, k="ideal": d.get(ph, {}).get(k, 0)  # noqa: E731
-        executed = sum(get(st, ph, "executed") for ph in PHASES)
-        flags = "/".join("y" if st.get(ph, {}).get("nm_on_reduction") else "-" for ph in PHASES)
+        executed = sum(get(st, ph, "executed") for ph in LAYER_PHASES)
+        flags = "/".join("y" if st.get(ph, {}).get("nm_on_reduction") else "-" for ph in LAYER_PHASES)
         kind = e["pattern"] if e["sparse"] else "dense"
         lines.append(f"{e['layer'][:34]:<34} {'x'.join(map(str, e['shape'])):<16} {kind:<9} "
                      f"{_fmt(get(st, FORWARD)):>10} {_fmt(get(st, INPUT_GRAD)):>10} {_fmt(get(st, WEIGHT_GRAD)):>11} "
@@ -381,7 +330,7 @@ def add_flops_parser(subparsers) -> argparse.ArgumentParser:
         "flops", help="exact conv/linear training MACs of one step and of the whole run",
         description="Measure one normal and one adaptation training step of the configured model and "
                     "method with the FLOPs ledger (a real forward+backward on a random batch), and the "
-                    f"whole-run total under the config's schedule. Counts are {CONVENTION}.")
+                    f"whole-run total under the config's schedule. Counts are {FLOPS_CONVENTION}.")
     p.add_argument("--config", default=None, help="YAML config or named experiment (defaults when omitted)")
     p.add_argument("--set", dest="set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. method.pattern=1:16 (repeatable)")
@@ -397,17 +346,17 @@ def cli_flops(args: argparse.Namespace) -> int:
     """``bame flops``: print the report of ``args.config`` (+ ``args.set``); returns the exit code."""
     from .config import load_config
 
-    cfg = load_config(args.config, list(getattr(args, "set", None) or []))
-    if getattr(args, "target_ratio", None) is not None:
+    cfg = load_config(args.config, list(args.set))
+    if args.target_ratio is not None:
         t = solve_target_ratio(cfg, args.target_ratio)
-        if getattr(args, "json", False):
+        if args.json:
             json.dump(t.__dict__, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             print(format_target(t, cfg.method.name))
         return 0
     rep = flops_report(cfg)
-    if getattr(args, "json", False):
+    if args.json:
         json.dump(rep, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:

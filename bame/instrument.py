@@ -23,21 +23,28 @@ Nothing here draws random numbers, writes to the model or the method, or touches
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from .config import InstrumentConfig
+from .contract import ADAPTATION_COLUMNS, ADAPTATION_TABLE, MASKS_TABLE, block_name
 from .layers import NMLayer, nm_layers
 
-__all__ = ["Recorders", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
+__all__ = ["InstrumentConfig", "Recorders", "NullSink", "adaptation_rows", "block_arrays", "ADAPTATION_COLUMNS"]
 
-ADAPTATION_COLUMNS = ("step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
-                      "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
-                      "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks")
 FREQ_QUANTILE = 0.9  # freq_p90
+
+
+@dataclass(frozen=True)
+class InstrumentConfig:
+    """The ``instrument`` section of the config: what the ledger and the recorders keep."""
+
+    flops: bool = True  # exact per-step FLOPs ledger
+    mask_flips: bool = True  # SAD per layer per logged step
+    block_state_every_adaptations: int = 1  # save BAME per-block state every k adaptation steps (0: never)
 
 
 def _numpy(t: Any) -> Optional[np.ndarray]:
@@ -90,6 +97,16 @@ def block_arrays(record) -> dict[str, np.ndarray]:
     return out
 
 
+class NullSink:
+    """A sink that keeps nothing: the recorders' until a run folder exists, or where only their cost counts."""
+
+    def append(self, table: str, row: dict[str, Any]) -> None:
+        pass
+
+    def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+
 class Recorders:
     """Mask flips (SAD) per step and layer; BAME's per-layer adaptation rows and block snapshots.
 
@@ -119,7 +136,7 @@ class Recorders:
             if sad is not None:
                 scalars["sad_fraction"] = sad
                 scalars["cum_mask_flips"] = float(self.cum_mask_flips)
-        record = getattr(self.method, "last_adaptation", None)
+        record = self.method.last_adaptation
         if record is not None and record.step != self.last_adaptation_step:
             self._adaptation(record)
         return scalars
@@ -147,16 +164,16 @@ class Recorders:
             for (name, layer), f in zip(layers, flips):
                 if f:
                     self._prev[name].copy_(layer.mask)
-                self.sink.append("masks", dict(step=int(step), layer=name, flips=f,
+                self.sink.append(MASKS_TABLE, dict(step=int(step), layer=name, flips=f,
                                                flip_fraction=f / layer.mask.numel()))
         return total / numel if numel else 0.0
 
     def _adaptation(self, record) -> None:
         for row in adaptation_rows(record):
-            self.sink.append("adaptation", row)
+            self.sink.append(ADAPTATION_TABLE, row)
         every = self.cfg.block_state_every_adaptations
         if every and self.adaptations_seen % every == 0:
-            self.sink.save_arrays(f"step_{int(record.step):08d}", block_arrays(record))
+            self.sink.save_arrays(block_name(record.step), block_arrays(record))
         self.adaptations_seen += 1
         self.last_adaptation_step = int(record.step)
 

@@ -20,10 +20,15 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .autograd import Backward, Observer, WeightGradKernel, nm_conv2d, nm_linear
+from .autograd import Backward, Observer, nm_conv2d, nm_linear
+from .kernels import WeightGradKernel
 from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
 
-__all__ = ["NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers"]
+__all__ = ["MASK_INITS", "ON_INDIVISIBLE", "NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers", "mask_table"]
+
+
+MASK_INITS = ("magnitude", "random")  # top-N |W| of each group, or a random N:M mask
+ON_INDIVISIBLE = ("dense", "error")  # a layer whose K is no multiple of M: keep it dense (and say why), or refuse
 
 
 class NMLayer:
@@ -202,7 +207,7 @@ class LayerPolicy:
     on_indivisible: str = "dense"  # 'dense': keep a layer whose K % M != 0 dense and record why; 'error'
 
     def __post_init__(self) -> None:
-        if self.on_indivisible not in ("dense", "error"):
+        if self.on_indivisible not in ON_INDIVISIBLE:
             raise ValueError(f"LayerPolicy.on_indivisible must be 'dense' or 'error', got {self.on_indivisible!r}")
 
 
@@ -314,3 +319,14 @@ def nm_layers(model: nn.Module) -> Iterator[tuple[str, NMLayer]]:
     for name, module in model.named_modules():
         if isinstance(module, NMLayer):
             yield name, module
+
+
+@torch.no_grad()
+def mask_table(model: nn.Module) -> list[dict]:
+    """Per N:M layer of ``model``: its name, shape, pattern, mask density, whether every group keeps exactly N,
+    and whether the weight the forward uses (``W * mask``) is zero everywhere the mask is not."""
+    return [{"layer": name, "shape": "x".join(map(str, layer.weight.shape)), "pattern": str(layer.pattern),
+             "density": layer.mask.float().mean().item(),
+             "exactly N per group": is_nm(layer.mask, layer.pattern.n, layer.pattern.m, layer.layout, exact=True),
+             "zeros outside the mask": bool((layer.masked_weight()[~layer.mask] == 0).all())}
+            for name, layer in nm_layers(model)]

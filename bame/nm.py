@@ -18,11 +18,11 @@ times ``block_groups`` consecutive groups along K.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
+
+from .pattern import Layout, NMPattern
 
 __all__ = [
     "Layout",
@@ -38,66 +38,6 @@ __all__ = [
     "to_blocks",
     "from_blocks",
 ]
-
-
-class Layout(str, Enum):
-    """Which consecutive weights form a group of M."""
-
-    ROW = "row"  # M consecutive entries of weight.reshape(Cout, -1)
-    CHANNEL = "channel"  # M consecutive input channels at one kernel position (conv only)
-
-    @classmethod
-    def parse(cls, value: Layout | str) -> Layout:
-        if isinstance(value, Layout):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ValueError(
-                f"unknown N:M layout {value!r}: use one of {[v.value for v in cls]}"
-            ) from None
-
-
-_PATTERN_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class NMPattern:
-    """At most ``n`` non-zeros in every group of ``m`` consecutive weights. ``n == m`` is dense."""
-
-    n: int
-    m: int
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.n, int) and isinstance(self.m, int)) or not (1 <= self.n <= self.m):
-            raise ValueError(
-                f"invalid N:M pattern {self.n}:{self.m}: need integers with 1 <= N <= M, e.g. '2:4' or '1:16'"
-            )
-
-    @classmethod
-    def parse(cls, value: NMPattern | str | tuple[int, int]) -> NMPattern:
-        """Parse ``"2:4"``, ``(2, 4)`` or an ``NMPattern``; raises ``ValueError`` naming the pattern."""
-        if isinstance(value, NMPattern):
-            return value
-        if isinstance(value, (tuple, list)) and len(value) == 2:
-            return cls(int(value[0]), int(value[1]))
-        match = _PATTERN_RE.match(str(value))
-        if match is None:
-            raise ValueError(
-                f"invalid N:M pattern {value!r}: write it as 'N:M' with integers 1 <= N <= M, e.g. '2:4'"
-            )
-        return cls(int(match.group(1)), int(match.group(2)))
-
-    @property
-    def density(self) -> float:
-        return self.n / self.m
-
-    @property
-    def is_dense(self) -> bool:
-        return self.n == self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
 
 
 def _check_groupable(shape: torch.Size, m: int, layout: Layout, what: str = "weight", n: int | None = None) -> None:

@@ -1,7 +1,7 @@
 """Checks a run passes before its folder exists, each failing with a one-line error that says the fix.
 
-``bame.train`` builds data, model and method first, then runs these, and only then makes the run
-folder: a run that cannot train leaves nothing behind.
+``bame.train`` (bame.training) builds data, model and method first, then runs these, and only then makes
+the run folder: a run that cannot train leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from torch import nn
 
 from .config import Config, ConfigError
 from .layers import SparsifyReport
-from .nm import Layout, NMPattern
-from .runs import RunFolderError
+from .nm import Layout
+from .runfolder import RunFolderError
 from .seed import rng_neutral
 
 __all__ = ["check_out_dir", "check_pattern_fits", "check_model_runs"]
@@ -60,7 +60,7 @@ def check_pattern_fits(report: Optional[SparsifyReport], cfg: Config) -> None:
     naming the pattern, the first layers' K and the M that would fit."""
     if report is None or report.sparse_names:
         return
-    pattern = NMPattern.parse(cfg.method.pattern)
+    pattern = cfg.method.pattern
     model = cfg.model.name
     if pattern.is_dense:
         raise ConfigError([f"method.pattern: {pattern} keeps every weight (N = M), so {cfg.method.name} would "

@@ -9,11 +9,11 @@ defaults, and a config key an older run lacks counts as its default.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config, to_dict
+from .console import EXIT_USAGE, error
 
 __all__ = ["add_report_parser", "config_defaults", "write_report"]
 
@@ -56,12 +56,12 @@ def cli_report(args: argparse.Namespace) -> int:
 
     root = Path(args.runs_dir)
     if not root.is_dir():
-        print(f"bame: error: {str(root)!r} is not a folder of runs (it does not exist or is a file)", file=sys.stderr)
-        return 2
+        error(f"{str(root)!r} is not a folder of runs (it does not exist or is a file)")
+        return EXIT_USAGE
     try:
         path = write_report(root, args.out, args.title, args.family)
     except ReportError as err:
-        print(f"bame: error: {err}", file=sys.stderr)
-        return 2
+        error(str(err))
+        return EXIT_USAGE
     print(path)
     return 0

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import Config, ConfigError, apply_overrides, from_dict, to_dict
-from .runs import RunReader
+from .contract import CONFIG
+from .runlock import RunLock
+from .runs import RunReader, RunWriter
 
-__all__ = ["RESUMABLE_CHANGES", "ResumeError", "resume_config", "config_changes", "check_resume_point"]
+__all__ = ["RESUMABLE_CHANGES", "ResumeError", "resume_config", "config_changes", "check_resume_point",
+           "load_for_resume", "reopen_writer"]
 
 # Keys a resume may change: how long the run goes on, and how often it logs, evaluates and checkpoints,
 # and its guards. None of them changes a trained number (evaluation moves no RNG, checkpoints and logs
@@ -113,3 +116,29 @@ def check_resume_point(reader: RunReader, ckpt: dict[str, Any], steps_per_epoch:
         raise ResumeError(f"{reader.path}: nothing to do: the checkpoint is at step {done_at} >= "
                           f"train.max_steps ({run_steps}); raise it, up to the schedule's {schedule_steps} "
                           f"steps (e.g. --set train.max_steps={schedule_steps})")
+
+
+def load_for_resume(trainer: Any, reader: RunReader, ckpt: dict[str, Any]) -> None:
+    """Restore ``trainer`` (``bame.loop.Trainer``) from the checkpoint before the folder changes: a checkpoint
+    that does not fit the model and method this config builds is refused, the folder untouched."""
+    try:
+        trainer.load(ckpt)
+    except (RuntimeError, KeyError, ValueError, TypeError) as err:
+        text = " ".join(str(err).split())[:300]
+        raise ResumeError(f"{reader.checkpoint_path}: does not fit the model and method of "
+                          f"{reader.path / CONFIG} ({type(err).__name__}: {text})") from None
+
+
+def reopen_writer(reader: RunReader, lock: RunLock, cfg: Config, ckpt: dict[str, Any], to_step: int, *,
+                  command: list[str], device: str) -> RunWriter:
+    """The folder reopened for the resume (whose ``lock`` the caller holds): its tables cut back to the
+    checkpoint's rows, the resume entry written, and (unless it extends a completed run) ``config.yaml``
+    with the resume's ``max_steps``."""
+    writer = RunWriter.reopen(reader.path, lock, command=command, device=device, from_step=int(ckpt["step"]),
+                              to_step=to_step)
+    writer.manifest["resumes"][-1]["dropped_rows"] = writer.truncate_tables(ckpt.get("tables", {}))
+    writer.manifest["resumes"][-1]["max_steps"] = cfg.train.max_steps
+    if not writer.extends_completed:
+        writer.write_config(cfg)  # max_steps may have changed (an extension writes it when it completes)
+    writer.write_manifest()
+    return writer

@@ -22,9 +22,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from .contract import LOCK
+
 __all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "lock_holder"]
 
-LOCK_FILE = ".lock"
+LOCK_FILE = LOCK
 _ACQUIRE_WAIT_S = 1.0  # how long a writer retries (a reader's shared probe lasts microseconds)
 _RETRY_EVERY_S = 0.02
 

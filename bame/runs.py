@@ -1,4 +1,5 @@
-"""The run folder: an append-only writer for ``bame train`` and a reader for analysis.
+"""The run folder: the append-only writer of ``bame train``, and ``RunReader`` (``bame.runfolder``'s reader
+with the typed config and the checkpoint). The names of the files and columns are ``bame.contract``'s.
 
 A run lives in ``OUT/<run id>/`` with ``<run id> = <YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``
 (no ``<NofM>`` for a dense run; plus ``-2``, ``-3``, ... when that name exists: a folder is never reused).
@@ -16,10 +17,10 @@ Its files::
                          each covering the work since the previous block (``step`` = steps completed)
     masks.csv, adaptation.csv, blocks/<name>.npz    written by the recorders (bame.instrument)
     summary.json         final metrics, FLOPs totals (MACs; FLOPs = 2 x MACs), wall time
-    checkpoints/last.pt  everything a resume needs (see bame.train)
+    checkpoints/last.pt  everything a resume needs (see bame.loop)
     DONE                 written last, only by a run that completed
 
-Every json/yaml/checkpoint write is atomic (a temporary file ``.<name>.tmp-<pid>``, then ``os.replace``;
+Every json/yaml/checkpoint write is atomic (bame.files: a temporary file ``.<name>.tmp-<pid>``, then ``os.replace``;
 the leftovers of a killed writer are removed when the folder is next opened for writing); JSON is strict
 (``null`` for a non-finite number). Tables are appended row by row, the header coming from the first
 row (a later row with new keys widens the header). A resume truncates each table to the rows it had
@@ -29,11 +30,9 @@ duplicated. docs/run_folders.md states what a folder guarantees.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import hashlib
 import io
-import json
 import os
 import platform
 import re
@@ -44,127 +43,33 @@ from pathlib import Path
 from typing import Any, Optional
 from collections.abc import Iterable, Mapping
 
-import math
-
 import numpy as np
 
 from .config import Config, dump_yaml, from_dict
-from .runlock import RunLock, lock_holder
+from .contract import (BLOCKS_DIR, COMPLETED, CONFIG, DIVERGED, DONE, FAILED, INTERRUPTED, MANIFEST,
+                       RUNNING, STATUSES, SUMMARY, run_id)
+from .contract import CHECKPOINT as CHECKPOINT_FILE
+from .files import (CsvTable, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                    remove_leftover_temp_files, strict_json)
+from .runfolder import RunFolder, RunFolderError, RunNotFoundError
+from .runfolder import find_runs as _find_runs
+from .runlock import RunLock
 
 __all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
            "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES", "RunFolderError",
            "strict_json", "remove_leftover_temp_files"]
 
-STATUSES = ("running", "completed", "failed", "interrupted", "diverged")
-MANIFEST = "manifest.json"
-CONFIG = "config.yaml"
-SUMMARY = "summary.json"
-DONE = "DONE"
-CHECKPOINT = Path("checkpoints") / "last.pt"
+CHECKPOINT = Path(CHECKPOINT_FILE)
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class RunNotFoundError(FileNotFoundError):
-    """A path that is not a run folder (no ``manifest.json``)."""
-
-
-class RunFolderError(ValueError):
-    """A run folder (or the folder of runs) that cannot be used as asked: a damaged file, not writable."""
-
-
 # --------------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-_TMP_NAME = re.compile(r"^\..+\.tmp-[0-9]+$")
-
-
-def remove_leftover_temp_files(run_dir: str | Path) -> list[str]:
-    """Delete the ``.<name>.tmp-<pid>`` files a killed writer left in ``run_dir`` (and its ``checkpoints/``,
-    ``blocks/``); call only while holding the folder's lock (then no other writer can own one).
-    Returns their paths relative to ``run_dir``."""
-    run_dir = Path(run_dir)
-    removed = []
-    for folder in (run_dir, run_dir / "checkpoints", run_dir / "blocks"):
-        if not folder.is_dir():
-            continue
-        for p in folder.iterdir():
-            if _TMP_NAME.match(p.name) and p.is_file():
-                p.unlink()
-                removed.append(p.relative_to(run_dir).as_posix())
-    return removed
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def strict_json(obj: Any, indent: Optional[int] = 2) -> str:
-    """``obj`` as strict JSON: a non-finite float (NaN, inf) becomes ``null``, never the bare ``NaN``
-    that most JSON readers reject."""
-    return json.dumps(_finite_or_none(obj), indent=indent, default=_json_default, allow_nan=False)
-
-
-def _finite_or_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:  # numpy / torch scalars
-        return _finite_or_none(obj.item())
-    return obj
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, strict_json(obj) + "\n")
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` through a temporary file and ``os.replace``."""
-    import torch
-
-    path = Path(path)
-    tmp = _tmp_path(path)
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
+# provenance
 
 
 def _now() -> str:
     return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
-
-# --------------------------------------------------------------------------------------------------
-# provenance
 
 
 def _git(args: list[str], cwd: Path) -> Optional[bytes]:
@@ -207,97 +112,10 @@ def _versions() -> dict[str, Optional[str]]:
     return out
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "run"
-
-
-# Methods that train every layer dense: their config's method.pattern is unused (docs/contracts.md).
-PATTERNLESS_METHODS = ("dense",)
-
-
 def make_run_id(cfg: Config, when: Optional[_dt.datetime] = None) -> str:
-    """``<YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``, e.g. ``20250101-120000-quick-bame-2of4-s0``;
-    a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
-    when = when or _dt.datetime.now()
-    parts = [when.strftime("%Y%m%d-%H%M%S"), _slug(cfg.name), _slug(cfg.method.name)]
-    if cfg.method.name not in PATTERNLESS_METHODS:
-        parts.append(_slug(cfg.method.pattern.replace(":", "of")))
-    return "-".join([*parts, f"s{cfg.train.seed}"])
-
-
-# --------------------------------------------------------------------------------------------------
-# tables
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        value = value.item()
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-class _Table:
-    """One CSV file appended row by row; the header is the first row's keys, widened when needed."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.columns: list[str] = []
-        self.rows = 0
-        self._fh: Optional[io.TextIOWrapper] = None
-        if path.exists():
-            with open(path, newline="") as f:
-                reader = csv.reader(f)
-                self.columns = next(reader, [])
-                self.rows = sum(1 for _ in reader)
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        new = [str(k) for k in row if k not in self.columns]
-        if new:
-            self._rewrite(self.columns + new, self.rows)
-        if self._fh is None:
-            self._fh = open(self.path, "a", newline="")  # noqa: SIM115  (kept open across appends; close())
-        csv.writer(self._fh).writerow([_cell(row.get(c)) for c in self.columns])
-        self._fh.flush()
-        self.rows += 1
-
-    def _rewrite(self, columns: list[str], keep: int) -> None:
-        """Stream the first ``keep`` rows into a new file with header ``columns``, then swap it in."""
-        self.close()
-        tmp = _tmp_path(self.path)
-        with open(tmp, "w", newline="") as out:
-            w = csv.writer(out)
-            w.writerow(columns)
-            if self.path.exists():
-                with open(self.path, newline="") as f:
-                    for i, r in enumerate(csv.DictReader(f)):
-                        if i >= keep:
-                            break
-                        w.writerow([r.get(c, "") for c in columns])
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, self.path)
-        self.columns, self.rows = columns, min(self.rows, keep)
-
-    def read_rows(self) -> list[dict[str, str]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, newline="") as f:
-            return list(csv.DictReader(f))
-
-    def truncate(self, rows: int) -> int:
-        """Keep the first ``rows`` data rows; returns how many were dropped."""
-        dropped = max(0, self.rows - rows)
-        if dropped:
-            self._rewrite(self.columns, rows)
-        return dropped
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+    """The run id of ``cfg`` started at ``when`` (now): :func:`bame.contract.run_id`, e.g.
+    ``20250101-120000-quick-bame-2of4-s0``; a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
+    return run_id(when or _dt.datetime.now(), cfg.name, cfg.method.name, cfg.method.pattern, cfg.train.seed)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,7 +137,7 @@ class RunWriter:
         self.path = Path(path)
         self.manifest = manifest
         self.lock = lock
-        self._tables: dict[str, _Table] = {}
+        self._tables: dict[str, CsvTable] = {}
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
@@ -340,7 +158,7 @@ class RunWriter:
         lock = RunLock.acquire(path)
         manifest = {
             "id": path.name,
-            "status": "running",
+            "status": RUNNING,
             "created": _now(),
             "started": _now(),
             "finished": None,
@@ -354,7 +172,7 @@ class RunWriter:
             "seeds": {"train.seed": cfg.train.seed},
             "config_name": cfg.name,
             "method": cfg.method.name,
-            "pattern": cfg.method.pattern,
+            "pattern": str(cfg.method.pattern),
             "resumes": [],
             "error": None,
         }
@@ -377,14 +195,14 @@ class RunWriter:
         reader = load_run(run_dir)
         manifest = dict(reader.manifest)
         entry = {"time": _now(), "from_step": from_step, "to_step": to_step,
-                 "previous_status": manifest.get("status"), "status": "running",
+                 "previous_status": manifest.get("status"), "status": RUNNING,
                  "command": list(command) if command is not None else list(sys.argv), "device": device,
                  "host": socket.gethostname(), "pid": os.getpid(), "git": git_info(),
-                 "removed_temp_files": remove_leftover_temp_files(reader.path)}
+                 "removed_temp_files": remove_leftover_temp_files(reader.path, (CHECKPOINT.parent.name, BLOCKS_DIR))}
         manifest.setdefault("resumes", []).append(entry)
         writer = cls(reader.path, manifest, lock)
         if not writer.extends_completed:
-            manifest.update(status="running", finished=None, error=None)
+            manifest.update(status=RUNNING, finished=None, error=None)
             (writer.path / DONE).unlink(missing_ok=True)  # a stale marker: the manifest says not completed
         writer.write_manifest()
         return writer
@@ -393,7 +211,7 @@ class RunWriter:
     def extends_completed(self) -> bool:
         """Whether this writer resumed a completed run (it then never downgrades the folder's status)."""
         resumes = self.manifest.get("resumes") or []
-        return bool(resumes) and resumes[-1].get("previous_status") == "completed"
+        return bool(resumes) and resumes[-1].get("previous_status") == COMPLETED
 
     # -- files -------------------------------------------------------------------------------------
     @property
@@ -427,7 +245,7 @@ class RunWriter:
         """Save named arrays (numpy or torch) to ``blocks/<name>.npz`` (the sink interface)."""
         if not _TABLE_NAME.match(name):
             raise ValueError(f"bad array file name {name!r}")
-        folder = self.path / "blocks"
+        folder = self.path / BLOCKS_DIR
         folder.mkdir(exist_ok=True)
         plain = {}
         for key, value in arrays.items():
@@ -438,9 +256,9 @@ class RunWriter:
         np.savez_compressed(buf, **plain)
         atomic_write_bytes(folder / f"{name}.npz", buf.getvalue())
 
-    def _table(self, name: str) -> _Table:
+    def _table(self, name: str) -> CsvTable:
         if name not in self._tables:
-            self._tables[name] = _Table(self.path / f"{name}.csv")  # reads an existing file's size once
+            self._tables[name] = CsvTable(self.path / f"{name}.csv")  # reads an existing file's size once
         return self._tables[name]
 
     def table_rows(self) -> dict[str, int]:
@@ -475,8 +293,8 @@ class RunWriter:
         """``summary.json``, status completed, then ``DONE`` (last)."""
         self.close()
         self.write_json(SUMMARY, summary)
-        self._end_resume("completed")
-        self.update_manifest(status="completed", finished=_now(), error=None)
+        self._end_resume(COMPLETED)
+        self.update_manifest(status=COMPLETED, finished=_now(), error=None)
         atomic_write_text(self.path / DONE, self.manifest["finished"] + "\n")
 
     def _stop(self, status: str, error: str, summary: Optional[dict[str, Any]] = None, **fields: Any) -> None:
@@ -491,14 +309,14 @@ class RunWriter:
         self.update_manifest(status=status, finished=_now(), error=error, **fields)
 
     def fail(self, error: BaseException, traceback_text: Optional[str] = None) -> None:
-        self._stop("failed", f"{type(error).__name__}: {error}", traceback=traceback_text)
+        self._stop(FAILED, f"{type(error).__name__}: {error}", traceback=traceback_text)
 
     def interrupt(self, reason: str = "KeyboardInterrupt") -> None:
-        self._stop("interrupted", reason)
+        self._stop(INTERRUPTED, reason)
 
     def diverge(self, message: str, summary: dict[str, Any]) -> None:
         """Status ``diverged`` (a finished run that failed: no ``DONE``), ``summary.json`` for the record."""
-        self._stop("diverged", message, summary)
+        self._stop(DIVERGED, message, summary)
 
     def close(self) -> None:
         for t in self._tables.values():
@@ -526,110 +344,14 @@ class NullWriter:
 # reader
 
 
-class RunReader:
-    """Read-only view of a run folder: manifest, resolved config, tables, summary, checkpoint."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not (self.path / MANIFEST).is_file():
-            what = "does not exist" if not self.path.exists() else "is not a run folder (no manifest.json)"
-            raise RunNotFoundError(f"{self.path}: {what}")
-
-    @property
-    def id(self) -> str:
-        return self.path.name
-
-    def _damaged(self, name: str, problem: str) -> RunFolderError:
-        return RunFolderError(f"{self.path / name} is damaged ({problem}): bame writes it whole or not at all, "
-                              f"so it was edited or cut by hand; restore it from a copy, or remove the run folder")
-
-    def _json(self, name: str) -> Any:
-        try:
-            data = json.loads((self.path / name).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self._damaged(name, f"not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise self._damaged(name, f"a JSON {type(data).__name__}, not an object")
-        return data
-
-    @property
-    def manifest(self) -> dict[str, Any]:
-        return self._json(MANIFEST)
-
-    @property
-    def status(self) -> str:
-        return self.manifest.get("status", "unknown")
-
-    @property
-    def done(self) -> bool:
-        return (self.path / DONE).exists()
-
-    @property
-    def config_dict(self) -> dict:
-        import yaml
-
-        try:
-            data = yaml.safe_load((self.path / CONFIG).read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise self._damaged(CONFIG, f"not valid YAML: {' '.join(str(err).split())}") from None
-        except FileNotFoundError:
-            raise RunFolderError(f"{self.path / CONFIG} is missing: a run folder holds its resolved config; "
-                                 f"restore it from a copy") from None
-        if not isinstance(data, dict):
-            raise self._damaged(CONFIG, f"a YAML {type(data).__name__}, not a mapping of sections")
-        return data
+class RunReader(RunFolder):
+    """A run folder read by bame itself: :class:`bame.runfolder.RunFolder` plus the resolved config as a typed
+    :class:`Config` and the checkpoint."""
 
     @property
     def config(self) -> Config:
         # The file holds a resolved config; its patterns are strings (dump_yaml quotes them).
         return from_dict(self.config_dict, str(self.path / CONFIG))
-
-    @property
-    def summary(self) -> Optional[dict[str, Any]]:
-        return self._json(SUMMARY) if (self.path / SUMMARY).exists() else None
-
-    @property
-    def checkpoint_path(self) -> Optional[Path]:
-        p = self.path / CHECKPOINT
-        return p if p.exists() else None
-
-    def writing_pid(self) -> Optional[int]:
-        """The pid the manifest names as writing this folder now (status running, or an extension of a
-        completed run still running), else None. Whether that process lives: :meth:`lock_holder`."""
-        m = self.manifest
-        resumes = m.get("resumes") or []
-        last = resumes[-1] if resumes else m
-        running = m.get("status") == "running" or (bool(resumes) and last.get("status") == "running")
-        pid = last.get("pid", m.get("pid"))
-        return int(pid) if running and pid else None
-
-    def lock_holder(self) -> Optional[str]:
-        """``'process N'`` when a live process holds the folder's lock (is writing it), else None."""
-        return lock_holder(self.path)
-
-    def stale_pid(self) -> Optional[int]:
-        """The recorded writer's pid when the manifest says ``running`` but no process holds the lock
-        (the writer was killed, or its machine went down): the run can be resumed."""
-        pid = self.writing_pid()
-        return pid if pid is not None and self.lock_holder() is None else None
-
-    def tables(self) -> list[str]:
-        return sorted(p.stem for p in self.path.glob("*.csv"))
-
-    def rows(self, name: str) -> list[dict[str, str]]:
-        """``<name>.csv`` as a list of dicts of strings (no pandas needed); [] when absent."""
-        return _Table(self.path / f"{name}.csv").read_rows()
-
-    def table(self, name: str):
-        """``<name>.csv`` as a pandas DataFrame (empty when absent)."""
-        import pandas as pd
-
-        p = self.path / f"{name}.csv"
-        return pd.read_csv(p) if p.exists() and p.stat().st_size else pd.DataFrame()
-
-    def arrays(self, name: str) -> dict[str, np.ndarray]:
-        with np.load(self.path / "blocks" / f"{name}.npz") as z:
-            return {k: z[k] for k in z.files}
 
     def load_checkpoint(self, map_location: Any = "cpu") -> dict[str, Any]:
         """``checkpoints/last.pt`` read with ``torch.load(weights_only=True)`` (bame.checkpoint): a damaged
@@ -655,8 +377,4 @@ def load_run(path: str | Path) -> RunReader:
 
 def find_runs(out_dir: str | Path) -> list[RunReader]:
     """Every run folder directly under ``out_dir``, sorted by id (oldest first)."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    return [RunReader(p) for p in sorted(out.iterdir()) if (p / MANIFEST).is_file()]
-
+    return _find_runs(out_dir, RunReader)

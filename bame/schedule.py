@@ -1,5 +1,6 @@
-"""Pure functions of the optimizer step: BAME's adaptation window, its interval, the rho decay, ASP's
-prune point. No state; every function takes the step and the resolved numbers.
+"""Pure functions of the optimizer step: the run's lengths, the learning-rate factor, BAME's adaptation
+window, its interval, the rho decay, ASP's prune point. No state; every function takes the step and the
+resolved numbers (plain numbers, not config sections).
 
 Steps are 0-based optimizer steps ``0 .. total_steps - 1``. A fraction ``f`` of training resolves to
 step ``round_half_up(f * total_steps)`` (half-up, not Python's banker's rounding, so that 0.5 of 5 steps
@@ -9,11 +10,13 @@ is step 3 on every platform and in every reading of the config).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 __all__ = [
+    "Schedule", "plan_schedule", "LRFactor", "LR_SCHEDULES",
     "round_half_up", "resolve_step", "resolve_window", "resolve_interval", "is_adaptation_step", "adaptation_steps",
-    "rho_at", "asp_prune_step", "INTERVAL_ANCHORS", "RHO_DECAYS",
+    "rho_at", "asp_prune_step", "overlay_segments", "INTERVAL_ANCHORS", "RHO_DECAYS",
 ]
 
 # ``absolute``: adapt at t_i <= t < t_f with t % T == 0 (method.md, literally);
@@ -21,6 +24,82 @@ __all__ = [
 # The two agree whenever t_i is a multiple of T (always with the default t_i = 0).
 INTERVAL_ANCHORS = ("absolute", "t_i")
 RHO_DECAYS = ("cosine", "constant")
+
+
+# --------------------------------------------------------------------------------------------------
+# the run's lengths and the learning rate
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Lengths in optimizer steps (see :func:`plan_schedule` for the rule)."""
+
+    steps_per_epoch: int
+    schedule_steps: int  # LR schedule and method windows
+    run_steps: int  # where this run stops
+    warmup_steps: int
+    eval_interval_steps: int  # 0: evaluate only at the end
+
+
+def plan_schedule(steps_per_epoch: int, epochs: float, max_steps: Optional[int] = None,
+                  warmup_epochs: float = 0.0, eval_every_epochs: float = 1.0) -> Schedule:
+    """The run's lengths from ``S = steps_per_epoch``, one rule:
+
+    - **schedule length** = ``ceil(epochs * S)``: the LR schedule and the method's windows follow it; with
+      ``epochs <= 0`` (only with ``max_steps``) it is ``max_steps``.
+    - **run length** = ``min(schedule length, max_steps)``: where this run stops. A run stopped by
+      ``max_steps`` is the prefix of the full schedule, and can be resumed to a larger ``max_steps``.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError("the training set gives no batch: is it empty, or smaller than one batch with drop_last?")
+    if epochs > 0:
+        # ceil: a fractional epoch still takes its partial steps (rounded first: 1.1 * 10 is 11.000000000000002)
+        schedule = max(1, math.ceil(round(epochs * steps_per_epoch, 6)))
+    elif max_steps is not None:
+        schedule = max_steps
+    else:
+        raise ValueError("train.epochs: must be > 0 (or set train.max_steps)")
+    run = min(schedule, max_steps) if max_steps is not None else schedule
+    warmup = round(warmup_epochs * steps_per_epoch)
+    eval_every = max(1, round(eval_every_epochs * steps_per_epoch)) if eval_every_epochs > 0 else 0
+    return Schedule(steps_per_epoch, schedule, run, warmup, eval_every)
+
+
+LR_SCHEDULES = ("cosine", "step", "constant")
+
+
+class LRFactor:
+    """LR multiplier at optimizer step ``t`` (0-based): linear warm-up, then cosine / step / constant.
+
+    Warm-up: ``(t + 1) / warmup_steps`` for ``t < warmup_steps``. Cosine: ``0.5 (1 + cos(pi p))`` with
+    ``p = (t - warmup) / (total - warmup)``. Step: ``gamma ** #{milestones m : t >= m * total}``.
+    A callable object (not a lambda) so that ``LambdaLR.state_dict`` can save it.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0,
+                 milestones: tuple[float, ...] = (), gamma: float = 0.1) -> None:
+        self.kind = kind
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.milestones = [float(m) for m in milestones]
+        self.gamma = float(gamma)
+
+    def __call__(self, t: int) -> float:
+        if t < self.warmup_steps:
+            return (t + 1) / self.warmup_steps
+        if self.kind == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            p = min(1.0, (t - self.warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * p))
+        if self.kind == "step":
+            return self.gamma ** sum(1 for m in self.milestones if t >= m * self.total_steps)
+        if self.kind == "constant":
+            return 1.0
+        raise ValueError(f"unknown lr_schedule {self.kind!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# a method's steps
 
 
 def round_half_up(x: float) -> int:
@@ -103,3 +182,21 @@ def rho_at(step: int, rho: float, t_i: int, t_f: int, decay: str = "cosine") -> 
 def asp_prune_step(fraction: float, total_steps: int) -> int:
     """ASP's one-shot prune step: steps ``< p`` train dense, steps ``>= p`` train sparse."""
     return resolve_step(None, fraction, total_steps)
+
+
+def overlay_segments(a: list[tuple[int, int, dict[str, int]]], b: list[tuple[int, int, dict[str, int]]],
+                     stop_at: int) -> list[tuple[int, int, dict[str, int]]]:
+    """Two sorted lists of disjoint ``(start, stop, blocks)`` step segments (``blocks``: per layer) as one, cut
+    at every boundary, blocks per layer the larger of the two where they overlap, clipped to ``[0, stop_at)``.
+    (BAME's scoring windows and designation windows: without freezing a designated block is a candidate too.)"""
+    bounds = sorted({x for start, stop, _ in a + b for x in (start, stop) if x < stop_at} | {stop_at})
+    out, i, j = [], 0, 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        while i < len(a) and a[i][1] <= lo:
+            i += 1
+        while j < len(b) and b[j][1] <= lo:
+            j += 1
+        here = [segs[k][2] for segs, k in ((a, i), (b, j)) if k < len(segs) and segs[k][0] <= lo]
+        if here:
+            out.append((lo, hi, {n: max(h.get(n, 0) for h in here) for n in here[0]}))
+    return out

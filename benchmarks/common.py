@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: a training step built the loop's way, timing, machine facts.
 
-Not part of the package or the test run. A :class:`Variant` is one model + method + optimizer (+ FLOPs
-ledger and recorders) whose ``step()`` runs one optimizer step of the training loop (``bame.step.training_step``, then the
-recorders) on a fixed batch, so that only compute is timed (no data loading).
+Not part of the package or the test run. A :class:`Variant` is one experiment (``bame.experiment.build``:
+model + method + optimizer + FLOPs ledger + recorders, as the training loop builds them) whose ``step()``
+runs one optimizer step of the training loop (``bame.step.training_step``, then the recorders) on a fixed
+batch, so that only compute is timed (no data loading).
 """
 
 from __future__ import annotations
@@ -22,13 +23,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from bame import models
-from bame.config import BameConfig, InstrumentConfig, MethodConfig
-from bame.flops import FlopsLedger
-from bame.instrument import Recorders
-from bame.methods import MethodContext, create_method
+from bame.config import BameConfig, Config, DataConfig, InstrumentConfig, MethodConfig, ModelConfig, TrainConfig
+from bame.experiment import build
 from bame.step import training_step
-from bame.train import param_groups
 
 NEVER = 10 ** 9  # a step no benchmark reaches
 
@@ -82,23 +79,25 @@ class Variant:
     seed: int = 0
     times: list[float] = field(default_factory=list)
 
+    def config(self) -> Config:
+        """The variant as a config: synthetic images of its shape, SGD at a constant LR, a schedule that never
+        ends (BAME's windows as ``method_config`` sets them)."""
+        data = DataConfig(name="synthetic", synthetic_num_classes=self.num_classes, synthetic_image_size=self.image,
+                          synthetic_channels=3)
+        train = TrainConfig(epochs=0, max_steps=NEVER, lr=0.01, momentum=0.9, weight_decay=5e-4,
+                            lr_schedule="constant", channels_last=self.channels_last, seed=self.seed)
+        instrument = InstrumentConfig(flops=self.instrument, mask_flips=self.instrument,
+                                      block_state_every_adaptations=1 if self.instrument else 0)
+        return Config(data=data, model=ModelConfig(self.model_name),
+                      method=method_config(self.method_kind, self.pattern, self.weight_grad_kernel), train=train,
+                      instrument=instrument)
+
     def build(self) -> Variant:
         torch.manual_seed(self.seed)
-        model = models.create(self.model_name, num_classes=self.num_classes, in_channels=3).to(self.device)
-        cfg = method_config(self.method_kind, self.pattern, self.weight_grad_kernel)
-        self.method = create_method(cfg, MethodContext(total_steps=NEVER, steps_per_epoch=1000, weight_decay=5e-4))
-        model = self.method.prepare(model)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.train()
-        self.opt = torch.optim.SGD(param_groups(model, self.method.self_decayed_parameters(), 5e-4, True),
-                                   lr=0.01, momentum=0.9, weight_decay=5e-4)
-        self.method.attach_optimizer(self.opt)
-        self.ledger = FlopsLedger(model, enabled=self.instrument)
         self.sink = FileSink()
-        icfg = InstrumentConfig(flops=self.instrument, mask_flips=self.instrument,
-                                block_state_every_adaptations=1 if self.instrument else 0)
-        self.recorders = Recorders(icfg, model, self.method, self.sink)
+        exp = build(self.config(), steps_per_epoch=1000, device=self.device, sink=self.sink)
+        self.model, self.method, self.opt = exp.model.train(), exp.method, exp.optimizer
+        self.ledger, self.recorders = exp.ledger, exp.recorders
         gen = torch.Generator().manual_seed(self.seed)
         self.x = torch.randn(self.batch, 3, self.image, self.image, generator=gen).to(self.device)
         if self.channels_last:

@@ -17,11 +17,8 @@ import traceback
 
 import torch
 
-from bame import models
-from bame.config import BameConfig, MethodConfig, InstrumentConfig
-from bame.flops import FlopsLedger
-from bame.instrument import Recorders
-from bame.methods import MethodContext, create_method
+from bame.config import BameConfig, Config, DataConfig, InstrumentConfig, MethodConfig, ModelConfig, TrainConfig
+from bame.experiment import build
 from bame.step import training_step
 
 READS = ("__int__", "__bool__", "__float__", "item", "tolist")
@@ -48,27 +45,18 @@ def counting(where: collections.Counter):
             setattr(torch.Tensor, name, fn)
 
 
-class _Sink:
-    def append(self, table, row):
-        pass
-
-    def save_arrays(self, name, arrays):
-        pass
-
-
 def steady_state_reads(model_name: str, method_name: str, batch: int, steps: int, ledger_on: bool,
                        recorders_on: bool) -> list[collections.Counter]:
     """Reads of step ``steps - 4`` (BAME adapts every 4 steps from 0) and of the last step (3 steps later)."""
     torch.manual_seed(0)
-    model = models.create(model_name, num_classes=10, in_channels=3)
-    cfg = MethodConfig(name=method_name, pattern="2:4", bame=BameConfig(interval_steps=4, t_f_fraction=1.0))
-    method = create_method(cfg, MethodContext(total_steps=1000, steps_per_epoch=100, weight_decay=5e-4))
-    model = method.prepare(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    method.attach_optimizer(opt)
-    ledger = FlopsLedger(model, enabled=ledger_on)
-    rec = Recorders(InstrumentConfig(flops=ledger_on, mask_flips=recorders_on,
-                                     block_state_every_adaptations=1 if recorders_on else 0), model, method, _Sink())
+    cfg = Config(data=DataConfig(name="synthetic", synthetic_image_size=32, synthetic_channels=3),
+                 model=ModelConfig(model_name),
+                 method=MethodConfig(name=method_name, pattern="2:4", bame=BameConfig(interval_steps=4, t_f_fraction=1.0)),
+                 train=TrainConfig(epochs=0, max_steps=1000, lr=0.01, momentum=0.9, lr_schedule="constant"),
+                 instrument=InstrumentConfig(flops=ledger_on, mask_flips=recorders_on,
+                                             block_state_every_adaptations=1 if recorders_on else 0))
+    exp = build(cfg, steps_per_epoch=100)
+    model, method, opt, ledger, rec = exp.model, exp.method, exp.optimizer, exp.ledger, exp.recorders
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     counters = [collections.Counter() for _ in range(steps)]
     for step in range(steps):

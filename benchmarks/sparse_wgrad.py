@@ -36,10 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Variant, interleaved, machine, median, paired_ratio, sync, write_json  # noqa: E402
 
 from bame import models  # noqa: E402
-from bame.autograd import (_gather_conv_weight_grad, _gather_linear_weight_grad, _GatherPlan,  # noqa: E402
-                           auto_kernel_choices)
+from bame.kernels import (GatherPlan, auto_kernel_choices, gather_conv_weight_grad,  # noqa: E402
+                          gather_linear_weight_grad)
 from bame.layers import LayerPolicy, sparsify  # noqa: E402
-from bame.nm import nm_mask  # noqa: E402
+from bame.nm import NMPattern, nm_mask  # noqa: E402
 
 PATTERNS = ["2:4", "1:4", "1:16"]
 
@@ -95,7 +95,8 @@ def _time_interleaved(fns: dict, reps: int, device) -> dict[str, float]:
 
 
 def bench_layer(e: dict, pattern: str, device, reps: int) -> dict:
-    n, m = (int(v) for v in pattern.split(":"))
+    nm = NMPattern.parse(pattern)
+    n, m = nm.n, nm.m
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(e["weight"], generator=gen).to(device)
     x = torch.randn(e["input"], generator=gen).to(device)
@@ -104,17 +105,17 @@ def bench_layer(e: dict, pattern: str, device, reps: int) -> dict:
         stride, padding = tuple(e["stride"]), tuple(e["padding"])
         go = torch.randn(F.conv2d(x, w, None, stride, padding).shape, generator=gen).to(device)
         args = (stride, padding, (1, 1), 1)
-        plan = _GatherPlan.build(mask.reshape(w.shape[0], -1))
+        plan = GatherPlan.build(mask.reshape(w.shape[0], -1))
         fns = {
             "masked_dense": lambda: conv2d_weight(x, w.shape, go, stride, padding, 1, 1) * mask,
-            "gather": lambda: _gather_conv_weight_grad(x, go, plan, w.shape, args),
+            "gather": lambda: gather_conv_weight_grad(x, go, plan, w.shape, args),
         }
         positions = go.shape[0] * go.shape[2] * go.shape[3]
     else:
         go = torch.randn(x.shape[0], w.shape[0], generator=gen).to(device)
-        plan = _GatherPlan.build(mask)
+        plan = GatherPlan.build(mask)
         fns = {"masked_dense": lambda: (go.t() @ x) * mask,
-               "gather": lambda: _gather_linear_weight_grad(x, go, plan)}
+               "gather": lambda: gather_linear_weight_grad(x, go, plan)}
         positions = x.shape[0]
     ref, got = fns["masked_dense"](), fns["gather"]()
     err = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-30))

@@ -211,8 +211,8 @@ def quickstart() -> list:
     """)
     c.code('''
     from bame import models
-    from bame.layers import nm_layers, sparsify
-    from bame.nm import group_view, is_nm
+    from bame.layers import mask_table, nm_layers, sparsify
+    from bame.nm import group_view
 
     torch.manual_seed(0)
     model = models.create("resnet20", num_classes=10, in_channels=3)
@@ -228,18 +228,7 @@ def quickstart() -> list:
     forward pass uses (`W * mask`) must be zero everywhere else.
     """)
     c.code('''
-    rows = []
-    for name, layer in nm_layers(model):
-        p = layer.pattern
-        rows.append({
-            "layer": name,
-            "shape": "x".join(map(str, layer.weight.shape)),
-            "pattern": str(p),
-            "density": layer.mask.float().mean().item(),
-            "exactly N per group": is_nm(layer.mask, p.n, p.m, layer.layout, exact=True),
-            "zeros outside the mask": bool((layer.masked_weight()[~layer.mask] == 0).all()),
-        })
-    masks = pd.DataFrame(rows)
+    masks = pd.DataFrame(mask_table(model))
     print(analysis.to_markdown(masks, floatfmt=".3f"))
     assert masks["exactly N per group"].all() and masks["zeros outside the mask"].all()
     ''', "check-table")
@@ -253,21 +242,15 @@ def quickstart() -> list:
     print("... and |W| (the mask keeps the N largest of each group)\\n", weights[0, :3].abs().round(decimals=3))
     ''')
     c.code('''
-    # The same layer's mask at two patterns: each row of the image is a row of W[Cout, K], grid lines every M.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-    for ax, pattern in zip(axes, [PATTERN, "1:16"]):
+    # The same layer's mask at two patterns: the first 16 rows x 64 of W[Cout, K] (black: kept), a line every M.
+    masks_at = {}
+    for pattern in [PATTERN, "1:16"]:
         torch.manual_seed(0)
         m16 = models.create("resnet20", num_classes=10, in_channels=3)
         sparsify(m16, pattern)
         lay = dict(nm_layers(m16))[name]
-        mask2d = lay.mask.reshape(lay.weight.shape[0], -1)[:16, :64].float()
-        ax.imshow(mask2d, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
-        for x in range(lay.pattern.m, 64, lay.pattern.m):
-            ax.axvline(x - 0.5, color="tab:red", lw=0.6)
-        ax.set_title(f"{name} mask, {pattern}: first 16 rows x 64 of K (black: kept)", fontsize=9)
-        ax.set_xlabel("k (position along W[Cout, K])")
-        ax.set_ylabel("output channel")
-    fig.tight_layout()
+        masks_at[pattern] = (lay.mask.reshape(lay.weight.shape[0], -1).numpy(), lay.pattern.m)
+    fig = analysis.mask_image(masks_at, name)
     save_figure(fig, "masks")
     plt.show()
     ''', "check-figure")
@@ -312,17 +295,7 @@ def quickstart() -> list:
     ''', "check-table")
     c.md("## 5. Plot accuracy")
     c.code('''
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    for split, style in (("train", "-"), ("test", "o-")):
-        part = metrics[metrics["split"] == split]
-        axes[0].plot(part["step"], 100 * part["acc"], style, label=split)
-        axes[1].plot(part["step"], part["loss"], style, label=split)
-    axes[0].set(xlabel="training step", ylabel="top-1 (%)", title=f"BAME {PATTERN}: accuracy")
-    axes[1].set(xlabel="training step", ylabel="cross-entropy", title="loss")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
+    fig = analysis.learning_curves(metrics, f"BAME {PATTERN}")
     save_figure(fig, "accuracy")
     plt.show()
     ''', "check-figure")
@@ -405,47 +378,9 @@ def reproduce() -> list:
     the absolute accuracies.
     """)
     c.code('''
-    import re
-
     pub = analysis.load_published()
     print(analysis.to_markdown(pub, floatfmt=".1f", caption=False))
-
-
-    def density(pattern):
-        n, m = map(int, pattern.split(":"))
-        return n / m
-
-
-    sparse = table[table["method"].isin(["bame", "srste"])]
-    pattern = min(sparse["pattern"], key=density)  # our sparsest pattern
-    ours = {m: sparse[(sparse["method"] == m) & (sparse["pattern"] == pattern)].iloc[0] for m in ("bame", "srste")}
-    theirs = {m: pub[(pub["method"] == m) & (pub["pattern"] == "1:16")].iloc[0] for m in ("bame", "srste")}
-    stated = re.search(r"([0-9.]+)x fewer training FLOPs", str(theirs["bame"].get("note", "")))
-    data, model = ours["bame"]["data.name"], ours["bame"]["model.name"]
-
-
-    def acc(row):
-        return f"{row.top1_mean:.2f} ± {row.top1_std:.2f}" if row.n_seeds > 1 else f"{row.top1_mean:.2f}"
-
-
-    side = pd.DataFrame({
-        "published: imagenet / resnet50 / 1:16": {
-            "BAME top-1 (%)": f"{theirs['bame'].top1:.1f}",
-            "SR-STE top-1 (%)": f"{theirs['srste'].top1:.1f}",
-            "BAME - SR-STE (points)": f"{theirs['bame'].top1 - theirs['srste'].top1:+.1f}",
-            "training FLOPs, SR-STE / BAME": f"{stated.group(1)}x (as stated)" if stated else "–",
-            "training FLOPs, dense / BAME": "–",
-            "source": theirs["bame"].source,
-        },
-        f"this notebook: {data} / {model} / {pattern} ({MODE} mode)": {
-            "BAME top-1 (%)": acc(ours["bame"]),
-            "SR-STE top-1 (%)": acc(ours["srste"]),
-            "BAME - SR-STE (points)": f"{ours['bame'].top1_mean - ours['srste'].top1_mean:+.2f}",
-            "training FLOPs, SR-STE / BAME": f"{ours['srste'].train_flops / ours['bame'].train_flops:.2f}x",
-            "training FLOPs, dense / BAME": f"{1 / ours['bame'].flops_x_dense:.2f}x",
-            "source": f"{int(ours['bame'].n_seeds)} seed(s), exact ledger counts",
-        },
-    }).rename_axis("")
+    side = analysis.published_comparison(table, pub, ours=f"this notebook ({MODE} mode)")
     print(analysis.to_markdown(side, index=True, caption=False))
     print("Different data set, model, schedule and scale: the columns are not comparable number for number.")
     ''', "check-table")
@@ -523,8 +458,7 @@ def mask_oscillation() -> list:
     sweep(OUT, METHODS, SEEDS, patterns=[PATTERN], sets=STUDY_SETS)
     runs = analysis.load_runs(OUT)
     runs = runs[runs["status"] == "completed"].copy()
-    runs["group"] = [f"{m} {p}" + (f" (obf={o})" if m == "bame" else "")
-                     for m, p, o in zip(runs["method.name"], runs["method.pattern"], runs["method.bame.obf"])]
+    runs["group"] = analysis.run_groups(runs, by=["method.bame.obf"])
     print(runs.groupby("group", sort=False)["run_id"].count().to_dict())
     ''')
     c.md("""
@@ -572,31 +506,8 @@ def mask_oscillation() -> list:
     the last adaptation step, and final top-1; then mean ± std over seeds per group.
     """)
     c.code('''
-    import numpy as np
-
-
-    def run_stats(run):
-        masks, adapt = analysis.load_masks(run), analysis.load_adaptation(run)
-        last = adapt[adapt["step"] == adapt["step"].max()] if len(adapt) else adapt
-        return {
-            "group": run["group"],
-            "top-1 (%)": run["top1"],
-            "mask flips": float(masks["flips"].sum()),
-            "oscillation events": float(adapt["oscillation_events"].sum()) if len(adapt) else np.nan,
-            "frozen at last adaptation (%)": 100 * last["frozen_blocks"].sum() / last["num_blocks"].sum()
-            if len(last) else np.nan,
-        }
-
-
-    stats = pd.DataFrame([run_stats(run) for _, run in runs.iterrows()])
-    agg = stats.groupby("group", sort=False).agg(["mean", "std"])
-    digits = {"top-1 (%)": 2, "mask flips": 0, "oscillation events": 0, "frozen at last adaptation (%)": 2}
-    summary = pd.DataFrame({
-        col: [f"{m:.{d}f} ± {s:.{d}f}" if s == s else (f"{m:.{d}f}" if m == m else "–")
-              for m, s in zip(agg[(col, "mean")], agg[(col, "std")])]
-        for col, d in digits.items()
-    }, index=agg.index)
-    summary.insert(0, "seeds", stats.groupby("group", sort=False).size())
+    stats = analysis.mask_stats(runs)
+    summary = analysis.mean_std_table(stats, "group", analysis.MASK_STAT_DIGITS)
     print(analysis.to_markdown(summary, index=True, caption=False))
     ''', "check-table")
     c.md("""
@@ -607,15 +518,12 @@ def mask_oscillation() -> list:
     """)
     c.code('''
     run = first_seed[first_seed["method.bame.obf"].astype(bool)].iloc[0]
-    blocks = analysis.load_blocks(run)
-    if blocks.empty:
+    found = analysis.block_summary(run)
+    if found is None:
         print(f"{run['run_id']} saved no block snapshot (instrument.block_state_every_adaptations)")
     else:
-        final = blocks[blocks["step"] == blocks["step"].max()]
-        per_layer = final.groupby("layer").agg(
-            blocks=("block", "size"), changed=("changes", lambda c: int((c > 0).sum())),
-            mean_changes=("changes", "mean"), mean_frequency=("frequency", "mean"), frozen=("frozen", "mean"))
-        print(f"snapshot at step {int(final['step'].max())} of {run['run_id']}")
+        step, per_layer = found
+        print(f"snapshot at step {step} of {run['run_id']}")
         print(analysis.to_markdown(per_layer, index=True, floatfmt=".3g", caption=False))
     ''', "check-table")
     return c.cells
@@ -673,17 +581,10 @@ def training_flops() -> list:
     is what masked dense kernels waste: N:M hardware kernels would close that gap.
     """)
     c.code('''
-    rows = []
-    for _, run in runs.sort_values("method.name", key=lambda m: m.map(METHODS.index)).iterrows():
-        for view in ("ideal", "executed"):
-            totals = analysis.phase_totals(run, view)
-            rows.append({"group": run["group"], "view": view, **totals.to_dict(), "total": totals.sum()})
-    phases = pd.DataFrame(rows).groupby(["group", "view"], sort=False).mean()
-    dense_total = phases.loc[("dense", "ideal"), "total"]
-    phases["x dense (ideal)"] = phases["total"] / dense_total
+    phases = analysis.phase_table(runs)
     print(f"training FLOPs per phase, whole run ({analysis.FLOPS_CONVENTION})")
     print(analysis.to_markdown(phases, index=True, floatfmt=".4g", caption=False))
-    ratio = (phases.xs("executed", level="view")["total"] / phases.xs("ideal", level="view")["total"]).rename("executed / ideal")
+    ratio = analysis.executed_over_ideal(phases)
     print(analysis.to_markdown(ratio.to_frame(), index=True, floatfmt=".3f", caption=False))
     ''', "check-table")
     c.code('''
@@ -713,36 +614,15 @@ def training_flops() -> list:
     config's schedule and BAME's default readings (`t_f` = 50% of training, `T` = 100, no block frozen).
     """)
     c.code('''
-    import numpy as np
-
-    from bame.flops import PHASES
     from bame.flops_report import flops_report
 
-    reports, rows = {}, []
+    reports = {}
     for config in PAPER_CONFIGS:
         for pattern in PAPER_PATTERNS:
             for method in PAPER_METHODS:
                 cfg = bame.load_config(ROOT / config, [f"method.name={method}", f"method.pattern={pattern}"])
-                rep = reports[(cfg.model.name, method, pattern)] = flops_report(cfg, measure_batch=1)
-                if not any(r["model"] == rep["model"] and r["method"] == "dense" for r in rows):
-                    rows.append({"model": rep["model"], "input": "x".join(map(str, rep["input_shape"])),
-                                 "method": "dense", "pattern": "dense", "step": rep["dense_step_macs"],
-                                 "adaptation step": rep["dense_step_macs"],
-                                 **{f"step {ph}": rep["dense_step_by_phase"][ph] for ph in PHASES},
-                                 "step executed": rep["dense_step_macs"], "run": rep["dense_run_total_macs"]})
-                rows.append({"model": rep["model"], "input": "x".join(map(str, rep["input_shape"])),
-                             "method": method, "pattern": pattern, "step": rep["step_macs"],
-                             "adaptation step": rep["adapt_step_macs"],
-                             **{f"step {ph}": rep["step_by_phase"][ph] for ph in PHASES},
-                             "step executed": rep["step_executed_macs"], "run": rep["run_total_macs"]})
-    costs = pd.DataFrame(rows)
-    macs = [c for c in costs.columns if c.startswith(("step", "adaptation", "run"))]
-    costs[macs] = costs[macs].astype(float)  # exact integers, shown with 4 significant digits
-    dense = costs[costs["method"] == "dense"].set_index("model")
-    costs["step x dense"] = costs["step"] / costs["model"].map(dense["step"])
-    costs["run x dense"] = costs["run"] / costs["model"].map(dense["run"])
-    srste = costs[costs["method"] == "srste"].set_index(["model", "pattern"])["run"]
-    costs["run x srste"] = [r / srste.get((m, p), np.nan) for m, p, r in zip(costs["model"], costs["pattern"], costs["run"])]
+                reports[(cfg.model.name, method, pattern)] = flops_report(cfg, measure_batch=1)
+    costs = analysis.step_costs_table(reports.values())
     print("per-step and whole-run MACs at the config's batch (FLOPs = 2 x MACs)")
     print(analysis.to_markdown(costs, floatfmt=".4g", caption=False))
     ''', "check-table")
@@ -750,33 +630,13 @@ def training_flops() -> list:
     c.code('''
     pub = analysis.load_published()
     stated = pub[(pub["method"] == "bame") & (pub["model"] == "resnet50")]["note"].tolist()
-    r50 = costs[(costs["model"] == "resnet50") & costs["pattern"].isin(["dense", "1:16"])].set_index("method")
-    if {"bame", "srste", "dense"} <= set(r50.index):
-        b, s, d = r50.loc["bame"], r50.loc["srste"], r50.loc["dense"]
-        print(f"ResNet-50, input {b['input']}, 1:16, MACs per training step (FLOPs = 2 x MACs):")
-        print(f"  dense          {d['step']:.4g}")
-        print(f"  SR-STE         {s['step']:.4g}  = {s['step'] / d['step']:.3f} x dense")
-        print(f"  BAME, normal   {b['step']:.4g}  = {b['step'] / d['step']:.3f} x dense, {s['step'] / b['step']:.2f}x fewer than SR-STE")
-        print(f"  BAME, adapting {b['adaptation step']:.4g}  (every block a candidate: the weight gradient is dense)")
-        print(f"whole run (this config's schedule): SR-STE / BAME = {s['run'] / b['run']:.2f}x, "
-              f"dense / BAME = {d['run'] / b['run']:.2f}x")
+    lines = analysis.step_cost_lines(costs, "resnet50", "1:16")
+    if lines:
+        print("\\n".join(lines))
         print(f"published: {'; '.join(stated) or '–'} (the paper's schedule and readings are not known to us)")
     ''')
     c.code('''
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
-    model = "resnet50"
-    view = costs[(costs["model"] == model) & costs["pattern"].isin(["dense", "1:16"])].reset_index(drop=True)
-    labels = [f"{m} {p}" if p != "dense" else m for m, p in zip(view["method"], view["pattern"])]
-    bottom = np.zeros(len(view))
-    for ph in PHASES:
-        values = 2 * view[f"step {ph}"].to_numpy(float)
-        ax.bar(labels, values, bottom=bottom, label=analysis.PHASE_LABELS[ph])
-        bottom += values
-    ax.plot(labels, 2 * view["step executed"].to_numpy(float), "kx", ms=9, label="executed here (all phases)")
-    ax.set(ylabel="FLOPs per training step (2 x MACs)", title=f"{model}: one normal training step by phase (ideal)")
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    fig = analysis.step_cost_bars(costs, "resnet50", "1:16")
     save_figure(fig, "paper_step_costs")
     plt.show()
     ''', "check-figure")
@@ -788,21 +648,9 @@ def training_flops() -> list:
     `2 f_S + f_D` on an adaptation step with every block a candidate.
     """)
     c.code('''
-    checks = []
-    for method in ("srste", "bame"):
-        rep = reports.get(("resnet50", method, "1:16"))
-        if rep is None:
-            continue
-        for layer in (e for e in rep["layers"] if e["sparse"]):
-            f_d, f_s = layer["dense"]["forward"]["ideal"], layer["step"]["forward"]["ideal"]
-            in_grad = layer["step"].get("input_grad", {}).get("ideal", 0)  # 0 only for a first layer
-            step = sum(v["ideal"] for v in layer["step"].values())
-            adapt = sum(v["ideal"] for v in layer["adapt"].values())
-            expected_step = (f_s + in_grad + f_d) if method == "srste" else (f_s + in_grad + f_s)
-            checks.append({"method": method, "layer": layer["layer"], "f_D": f_d, "f_S": f_s,
-                           "f_S / f_D": f_s / f_d, "step": step, "closed form": expected_step,
-                           "adaptation step": adapt, "closed form (adapt)": f_s + in_grad + f_d})
-    checks = pd.DataFrame(checks)
+    import numpy as np
+
+    checks = analysis.closed_form_checks(reports, "resnet50", "1:16")
     if len(checks):
         assert (checks["step"] == checks["closed form"]).all()
         assert (checks["adaptation step"] == checks["closed form (adapt)"]).all()
@@ -883,66 +731,24 @@ def ablations() -> list:
     (BAME without adaptation). Both are shared by every ablation below.
     """)
     c.code(TITLES_SOURCE + "\n" + _src('''
-    import numpy as np
-
     tables = {}  # ablation -> its table, for the summary at the end
 
     sweep(OUT / "reference", ["bame"], SEEDS, patterns=[PATTERN], sets=STUDY_SETS)
     sweep(OUT / "control", ["static"], SEEDS, patterns=[PATTERN], sets=STUDY_SETS)
 
 
-    def keys_of(name):
-        """The config keys an ablation varies."""
-        return sorted({o.split("=")[0] for v in ABLATIONS[name] for o in v.split()})
-
-
-    def label(row, keys):
-        return ", ".join(f"{k.rsplit('.', 1)[-1]}={row[k]}" for k in keys)
-
-
     def ablation(name):
         """Run the variants of one ablation, then print its table and plot it against reference and control."""
-        keys = keys_of(name)
+        keys = analysis.ablation_keys(ABLATIONS[name])
         for variant in ABLATIONS[name]:
             sweep(OUT / name, ["bame"], SEEDS, patterns=[PATTERN], sets=[*STUDY_SETS, *variant.split()])
         parts = {"reference": analysis.load_runs(OUT / "reference"), "variant": analysis.load_runs(OUT / name),
                  "control": analysis.load_runs(OUT / "control")}
-        runs = pd.concat([df.assign(role=role) for role, df in parts.items()], ignore_index=True)
-        runs = runs[runs["status"] == "completed"].copy()
-        runs["setting"] = [
-            "static (control)" if role == "control" else label(row, keys) + (" (reference)" if role == "reference" else "")
-            for role, (_, row) in zip(runs["role"], runs.iterrows())]
-        table = analysis.paper_table(runs, by=["setting"])
-        static_flops = table.loc[table["method"] == "static", "train_flops"].iloc[0]
-        shown = pd.DataFrame({
-            "setting": table["setting"],
-            "seeds": table["n_seeds"],
-            "top-1 (%)": [f"{m:.2f} ± {s:.2f}" if s == s else f"{m:.2f}" for m, s in zip(table["top1_mean"], table["top1_std"])],
-            "training FLOPs": table["train_flops"],
-            "x static": table["train_flops"] / static_flops,
-        })
+        runs = analysis.ablation_runs(parts, keys)
+        table = analysis.ablation_table(runs)
         print(f"{TITLES[name]}: top-1 (%) mean ± std over seeds; training FLOPs: ideal, whole run, 2 x MACs")
-        print(analysis.to_markdown(shown, floatfmt=".4g", caption=False))
-
-        bame_rows = table[table["method"] == "bame"].reset_index(drop=True)
-        control = table[table["method"] == "static"].iloc[0]
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        x = np.arange(len(bame_rows))
-        ax.errorbar(x, bame_rows["top1_mean"], yerr=bame_rows["top1_std"].fillna(0), fmt="o", capsize=4,
-                    color="tab:blue", label="BAME")
-        for _, run in runs[runs["method.name"] == "bame"].iterrows():  # single seeds
-            ax.plot(list(bame_rows["setting"]).index(run["setting"]), run["top1"], ".", color="tab:blue", alpha=0.35)
-        ax.axhline(control["top1_mean"], color="0.3", ls="--", label="static (control)")
-        if control["n_seeds"] > 1:
-            ax.axhspan(control["top1_mean"] - control["top1_std"], control["top1_mean"] + control["top1_std"],
-                       color="0.3", alpha=0.12, lw=0)
-        ax.set_xticks(x)
-        ax.set_xticklabels(bame_rows["setting"], fontsize=8, rotation=15, ha="right")
-        ax.set_xlim(-0.6, len(bame_rows) - 0.4)
-        ax.set(ylabel="final test top-1 (%)", title=f"Ablation: {TITLES[name]} ({PATTERN}, {len(SEEDS)} seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        print(analysis.to_markdown(analysis.format_ablation_table(table), floatfmt=".4g", caption=False))
+        fig = analysis.ablation_figure(table, runs, f"Ablation: {TITLES[name]} ({PATTERN}, {len(SEEDS)} seeds)")
         save_figure(fig, f"ablation_{name}")
         plt.show()
         return table
@@ -957,22 +763,9 @@ def ablations() -> list:
     result).
     """)
     c.code('''
-    rows = []
-    for name, table in tables.items():
-        ref = table[table["setting"].str.endswith("(reference)")].iloc[0]
-        for _, r in table[(table["method"] == "bame") & ~table["setting"].str.endswith("(reference)")].iterrows():
-            rows.append({"ablation": TITLES[name], "variant": r["setting"],
-                         "delta top-1 vs reference": r["top1_mean"] - ref["top1_mean"],
-                         "delta FLOPs vs reference (%)": 100 * (r["train_flops"] / ref["train_flops"] - 1)})
-    deltas = pd.DataFrame(rows)
+    deltas = analysis.ablation_deltas(tables, TITLES)
     print(analysis.to_markdown(deltas, floatfmt=".3g", caption=False))
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(deltas) + 1.5))
-    ax.barh([f"{a}: {v}" for a, v in zip(deltas["ablation"], deltas["variant"])], deltas["delta top-1 vs reference"])
-    ax.axvline(0, color="0.3", lw=0.8)
-    ax.invert_yaxis()
-    ax.set(xlabel="mean top-1 minus the reference's (points)", title="Ablations against the reference")
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig = analysis.ablations_figure(deltas)
     save_figure(fig, "ablations_summary")
     plt.show()
     ''', "check-table", "check-figure")

@@ -263,7 +263,7 @@ def test_counts_follow_in_place_mask_changes():
 
 
 def test_lazy_counts_reach_only_observers_that_take_them():
-    from bame.autograd import LazyMacs
+    from bame.kernels import LazyMacs
 
     torch.manual_seed(0)
     x = torch.randn(3, 8)
@@ -288,9 +288,9 @@ def test_lazy_counts_reach_only_observers_that_take_them():
 
 def test_auto_kernel_times_once_per_shape_and_density(monkeypatch):
     """AUTO runs both kernels once per (shape, density class), keeps the faster, and the result is right."""
-    from bame import autograd
+    from bame import kernels
 
-    monkeypatch.setattr(autograd, "_AUTO", {})
+    monkeypatch.setattr(kernels, "_AUTO", {})
     torch.manual_seed(0)
     x = torch.randn(4, 64, dtype=torch.float64)
     w = torch.randn(8, 64, dtype=torch.float64)
@@ -302,9 +302,9 @@ def test_auto_kernel_times_once_per_shape_and_density(monkeypatch):
         grads[kernel] = wk.grad
     torch.testing.assert_close(grads[WeightGradKernel.AUTO], grads[WeightGradKernel.MASKED_DENSE], rtol=1e-10,
                                atol=1e-10)
-    (choice,) = autograd.auto_kernel_choices()  # the second AUTO call reused the first decision
+    (choice,) = kernels.auto_kernel_choices()  # the second AUTO call reused the first decision
     assert choice.key[-1] == -4 and choice.gather == (choice.gather_s < choice.masked_dense_s)
     grad_mask = torch.ones_like(mask)  # an adaptation step whose candidates fill the layer: decided apart
     nm_linear(x, w.clone().requires_grad_(), None, mask, grad_mask, Backward.SPARSE, 0.0,
               WeightGradKernel.AUTO).sum().backward()
-    assert sorted(c.key[-1] for c in autograd.auto_kernel_choices()) == [-4, 0]
+    assert sorted(c.key[-1] for c in kernels.auto_kernel_choices()) == [-4, 0]

@@ -134,6 +134,17 @@ def test_python_dash_m_bame(monkeypatch, capsys):
         assert cmd in out
 
 
+def test_an_import_error_inside_a_command_is_not_hidden():
+    """A command whose module fails to import stops the command line with that error (it used to turn into
+    an 'unavailable' stub that hid it)."""
+    import subprocess
+
+    code = "import sys; sys.modules['bame.report'] = None; import bame.cli; bame.cli.main(['--help'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode != 0 and "import of bame.report halted" in out.stderr
+    assert "unavailable" not in out.stdout + out.stderr
+
+
 def test_a_reader_that_leaves_early_ends_the_command_quietly(monkeypatch, capsys):
     """`bame flops --json | head`: stdout's reader is gone; exit 141 (128 + SIGPIPE), no traceback."""
     import os

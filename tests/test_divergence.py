@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import bame
+from bame import loop
 from bame.cli import main
 from bame.runs import find_runs, load_run
 
-from test_train import QUICK, SMALL, quick, train_mod
+from test_train import QUICK, SMALL, quick
 
 NAN_LR = ["method.name=static", "train.lr=1e6"]
 
@@ -63,16 +64,16 @@ def test_steps_the_fp16_grad_scaler_skips_are_not_divergence(tmp_path, monkeypat
             loss = super().forward(out, y)
             return loss * math.inf if Overflowing.calls <= 6 else loss
 
-    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", Overflowing)
+    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", Overflowing)
     cfg = quick("method.name=static", "train.max_steps=10", "train.nan_patience=3")
-    build = train_mod._Trainer.build
+    build = loop.Trainer.build
 
     def with_scaler(self):
         build(self)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
 
     with monkeypatch.context() as mp:
-        mp.setattr(train_mod._Trainer, "build", with_scaler)
+        mp.setattr(loop.Trainer, "build", with_scaler)
         scaled = bame.train(cfg, out_dir=tmp_path / "scaled", verbose=False)
     assert scaled.status == "completed" and load_run(scaled.run_dir).done
     assert load_run(scaled.run_dir).load_checkpoint()["scaler"]["scale"] == 2.0 ** 2  # halved 6 times

@@ -55,6 +55,42 @@ def _study_points(n_seeds: int = 3) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _step_reports() -> list[dict]:
+    """Hand-built ``bame flops`` reports of a ResNet-50 at 1:16 (SR-STE and BAME), at the scale of the real one."""
+    def report(method: str, step: dict, executed: float, run: float) -> dict:
+        return {"model": "resnet50", "input_shape": [256, 3, 224, 224], "method": method, "pattern": "1:16",
+                "step_macs": sum(step.values()), "adapt_step_macs": 1.2 * sum(step.values()), "step_by_phase": step,
+                "step_executed_macs": executed, "run_total_macs": run, "dense_step_macs": 3.0e12,
+                "dense_step_by_phase": {"forward": 1e12, "input_grad": 1e12, "weight_grad": 1e12},
+                "dense_run_total_macs": 1.5e18}
+
+    return [report("srste", {"forward": 6.3e10, "input_grad": 6.3e10, "weight_grad": 1e12}, 3e12, 5.6e17),
+            report("bame", {"forward": 6.3e10, "input_grad": 6.3e10, "weight_grad": 6.3e10}, 3e12, 2.4e17)]
+
+
+def _ablation() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """An ablation of tau (two variants) against its reference and the static control: runs, table, deltas."""
+    from test_notebook_analysis import _paper_rows
+
+    base = _paper_rows(**{"method.bame.tau": 0.5})
+    base = base[base["method.pattern"] == "1:16"]
+    bame = base[base["method.name"] == "bame"]
+    variants = pd.concat([bame.assign(**{"method.bame.tau": tau, "top1": bame["top1"] + d, "run_id": bame["run_id"] + str(tau)})
+                          for tau, d in ((0.3, 1.0), (0.8, -2.0))])
+    runs = analysis.ablation_runs({"reference": bame, "variant": variants,
+                                   "control": base[base["method.name"] == "static"]}, ["method.bame.tau"])
+    table = analysis.ablation_table(runs)
+    return runs, table, analysis.ablation_deltas({"tau": table, "rho": table}, {"tau": "tau", "rho": "rho (again)"})
+
+
+def _mask_arrays() -> dict:
+    from bame.nm import nm_mask
+    import torch
+
+    scores = torch.rand(16, 64, generator=torch.Generator().manual_seed(0))
+    return {p: (nm_mask(scores, n, m).numpy(), m) for p, (n, m) in (("2:4", (2, 4)), ("1:16", (1, 16)))}
+
+
 def _figure_builders(runs: pd.DataFrame, runs_root: Path, tmp: Path) -> dict:
     """Every figure function of analysis, on the real runs, on no runs, and at the study's scale."""
     bame = runs[(runs["method.name"] == "bame") & (runs["status"] == "completed")].iloc[0]
@@ -64,6 +100,7 @@ def _figure_builders(runs: pd.DataFrame, runs_root: Path, tmp: Path) -> dict:
     no_blocks = shutil.copytree(bame["path"], tmp / "no-snapshots", ignore=shutil.ignore_patterns("blocks"))
     srste = runs[(runs["method.name"] == "srste") & (runs["status"] == "completed")].iloc[0]
     deep = shutil.copytree(srste["path"], tmp / "runs-deep" / "deep", ignore=shutil.ignore_patterns("checkpoints"))
+    ablation = _ablation()
     masks = pd.read_csv(deep / "masks.csv")  # a model with 20 N:M layers: one legend entry each
     pd.concat([masks.assign(layer=f"layer{i // 6 + 1}.{i % 3}.conv{i % 2 + 1}.{i}") for i in range(20)]).to_csv(
         deep / "masks.csv", index=False)
@@ -91,6 +128,14 @@ def _figure_builders(runs: pd.DataFrame, runs_root: Path, tmp: Path) -> dict:
         "phase_breakdown:empty": lambda: analysis.phase_breakdown(empty),
         "oscillation_heatmaps": lambda: analysis.oscillation_heatmaps(bame),
         "oscillation_heatmaps:adaptation.csv": lambda: analysis.oscillation_heatmaps(no_blocks),
+        "learning_curves": lambda: analysis.learning_curves(analysis.load_metrics(bame), "BAME 2:4"),
+        "mask_image": lambda: analysis.mask_image(_mask_arrays(), "layer1.0.conv1"),
+        "step_cost_bars": lambda: analysis.step_cost_bars(analysis.step_costs_table(_step_reports())),
+        "step_cost_bars:empty": lambda: analysis.step_cost_bars(analysis.step_costs_table(_step_reports()), "vgg16"),
+        "ablation_figure": lambda: analysis.ablation_figure(ablation[1], ablation[0], "Ablation: tau (1:16, 2 seeds)"),
+        "ablation_figure:empty": lambda: analysis.ablation_figure(ablation[1].iloc[:0], ablation[0], "nothing"),
+        "ablations_figure": lambda: analysis.ablations_figure(ablation[2]),
+        "ablations_figure:empty": lambda: analysis.ablations_figure(ablation[2].iloc[:0]),
     }
 
 

@@ -21,7 +21,7 @@ from bame.config import ConfigError, load_config
 from bame.methods import METHODS
 from bame.runs import load_run
 
-train_mod = importlib.import_module("bame.train")  # `bame.train` itself is the function
+from bame import experiment, loop, schedule, training
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 QUICK = CONFIGS_DIR / "quick.yaml"
 # 128 synthetic images in batches of 16: 8 steps per epoch; 2 epochs = 16 schedule steps;
@@ -73,36 +73,36 @@ def run(cfg, out, **kw):
 
 def test_schedule_rule():
     tc = quick("train.epochs=2").train
-    s = train_mod.plan_schedule(tc, 8)
+    s = experiment.run_schedule(tc, 8)
     assert (s.schedule_steps, s.run_steps, s.eval_interval_steps) == (16, 16, 8)
-    s = train_mod.plan_schedule(quick("train.max_steps=5").train, 8)
+    s = experiment.run_schedule(quick("train.max_steps=5").train, 8)
     assert (s.schedule_steps, s.run_steps) == (16, 5)  # the schedule still follows the epochs
-    s = train_mod.plan_schedule(quick("train.max_steps=50").train, 8)
+    s = experiment.run_schedule(quick("train.max_steps=50").train, 8)
     assert (s.schedule_steps, s.run_steps) == (16, 16)
-    s = train_mod.plan_schedule(quick("train.epochs=0", "train.max_steps=12").train, 8)
+    s = experiment.run_schedule(quick("train.epochs=0", "train.max_steps=12").train, 8)
     assert (s.schedule_steps, s.run_steps) == (12, 12)  # no epochs: max_steps is the schedule
-    s = train_mod.plan_schedule(quick("train.epochs=1.1", "train.warmup_epochs=0.5").train, 10)
+    s = experiment.run_schedule(quick("train.epochs=1.1", "train.warmup_epochs=0.5").train, 10)
     assert (s.schedule_steps, s.warmup_steps) == (11, 5)
 
 
 def test_lr_factor():
-    cos = train_mod.LRFactor("cosine", total_steps=10, warmup_steps=2)
+    cos = schedule.LRFactor("cosine", total_steps=10, warmup_steps=2)
     assert [cos(0), cos(1), cos(2)] == [0.5, 1.0, 1.0]
     assert cos(6) == pytest.approx(0.5) and cos(10) == pytest.approx(0.0)
-    step = train_mod.LRFactor("step", 100, milestones=(0.5, 0.75), gamma=0.1)
+    step = schedule.LRFactor("step", 100, milestones=(0.5, 0.75), gamma=0.1)
     assert [step(49), step(50), step(75)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
-    assert train_mod.LRFactor("constant", 10)(7) == 1.0
+    assert schedule.LRFactor("constant", 10)(7) == 1.0
 
 
 def test_param_groups():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     own = [model[3].weight]
-    groups = {g["name"]: g for g in train_mod.param_groups(model, own, 1e-3, no_decay_bn_bias=True)}
+    groups = {g["name"]: g for g in experiment.param_groups(model, own, 1e-3, no_decay_bn_bias=True)}
     ids = lambda g: {id(p) for p in g["params"]}  # noqa: E731
     assert ids(groups["decay"]) == {id(model[0].weight)} and groups["decay"]["weight_decay"] == 1e-3
     assert ids(groups["no_decay"]) == {id(model[0].bias), id(model[1].weight), id(model[1].bias), id(model[3].bias)}
     assert ids(groups["self_decayed"]) == {id(model[3].weight)} and groups["self_decayed"]["weight_decay"] == 0
-    flat = train_mod.param_groups(model, [], 1e-3, no_decay_bn_bias=False)
+    flat = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False)
     assert [g["name"] for g in flat] == ["decay"] and len(flat[0]["params"]) == 6
 
 
@@ -243,13 +243,13 @@ def test_grad_scaler_unscales_before_the_method_sees_gradients(tmp_path, monkeyp
     equals the unscaled one only if bame's after_backward (masked decay, scores) sees unscaled grads."""
     cfg = quick("train.max_steps=10")
     plain = run(cfg, tmp_path / "plain")
-    build = train_mod._Trainer.build
+    build = loop.Trainer.build
 
     def build_with_scaler(self):
         build(self)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
 
-    monkeypatch.setattr(train_mod._Trainer, "build", build_with_scaler)
+    monkeypatch.setattr(loop.Trainer, "build", build_with_scaler)
     scaled = run(cfg, tmp_path / "scaled")
     assert load_run(scaled.run_dir).load_checkpoint()["scaler"]["scale"] == 2.0 ** 12
     _assert_same_run(plain.run_dir, scaled.run_dir)
@@ -257,13 +257,13 @@ def test_grad_scaler_unscales_before_the_method_sees_gradients(tmp_path, monkeyp
 
 def test_resume_refuses_changed_config_and_nothing_to_do(tmp_path):
     res = run(quick("method.name=static", "train.max_steps=2"), tmp_path)
-    with pytest.raises(train_mod.ResumeError, match=r"train\.lr: 0\.05 -> 0\.2"):
+    with pytest.raises(training.ResumeError, match=r"train\.lr: 0\.05 -> 0\.2"):
         bame.train(resume=res.run_dir, overrides=["train.lr=0.2", "train.max_steps=4"], verbose=False)
-    with pytest.raises(train_mod.ResumeError, match=r"nothing to do: .* >= train.max_steps \(2\); raise it, up to .* 16"):
+    with pytest.raises(training.ResumeError, match=r"nothing to do: .* >= train.max_steps \(2\); raise it, up to .* 16"):
         bame.train(resume=res.run_dir, verbose=False)
     assert load_run(res.run_dir).status == "completed" and load_run(res.run_dir).done
     whole = run(quick("method.name=static", "train.epochs=0.25"), tmp_path)  # a 2-step schedule, run to its end
-    with pytest.raises(train_mod.ResumeError, match="ends the whole schedule"):
+    with pytest.raises(training.ResumeError, match="ends the whole schedule"):
         bame.train(resume=whole.run_dir, overrides=["train.max_steps=10"], verbose=False)
 
 
@@ -367,7 +367,7 @@ def test_step_schedule_warmup_nesterov_and_label_smoothing_reach_the_run(tmp_pat
         criteria.append(real_ce(*a, **k))
         return criteria[-1]
 
-    monkeypatch.setattr(train_mod.nn, "CrossEntropyLoss", recording_ce)
+    monkeypatch.setattr(loop.nn, "CrossEntropyLoss", recording_ce)
     opts = ["method.name=static", "train.log_every_steps=1", "train.lr=0.05", "train.lr_schedule=step",
             "train.step_milestones=[0.5,0.75]", "train.step_gamma=0.1", "train.warmup_epochs=0.5"]
     res = run(quick(*opts, "train.nesterov=true", "train.momentum=0.9", "train.label_smoothing=0.1"),
@@ -416,13 +416,13 @@ def test_a_cuda_device_without_an_index_is_local_ranks_under_torchrun(monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert train_mod.resolve_device("cuda") == torch.device("cuda", 0)
+    assert experiment.resolve_device("cuda") == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "3")
     for name in ("auto", "cuda"):
-        assert train_mod.resolve_device(name) == torch.device("cuda", 3), name
-    assert train_mod.resolve_device("cuda:1") == torch.device("cuda", 1)
-    assert train_mod.resolve_device("cpu") == torch.device("cpu")
+        assert experiment.resolve_device(name) == torch.device("cuda", 3), name
+    assert experiment.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert experiment.resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train_mod.resolve_device("auto") == torch.device("cpu")
+    assert experiment.resolve_device("auto") == torch.device("cpu")
     with pytest.raises(ConfigError, match="CUDA is not available"):
-        train_mod.resolve_device("cuda")
+        experiment.resolve_device("cuda")

@@ -1,8 +1,15 @@
-"""Sparsity methods behind one interface; importing this package fills the registry."""
+"""Sparsity methods behind one interface (``base.py``). Every other module of this package is one method,
+which registers itself (``@register``) when the package imports it: importing the package imports each of
+its modules, in name order, so adding a method is adding its file (docs/adding_a_method.md)."""
 
-from . import asp, bame, dense, phased, srste, static, ste  # noqa: F401  (each module registers its method)
-from .base import (METHODS, AdaptationRecord, LayerAdaptation, Method, MethodContext, available_methods,
-                   create_method, experiment_identity, register)
+import importlib
+import pkgutil
 
-__all__ = ["METHODS", "AdaptationRecord", "LayerAdaptation", "Method", "MethodContext", "available_methods",
-           "create_method", "experiment_identity", "register"]
+from .base import (METHOD_SECTIONS, METHODS, AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation,
+                   Method, MethodCommon, MethodContext, available_methods, create_method, register)
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["METHODS", "METHOD_SECTIONS", "AdaptationRecord", "FlopsBudget", "GradientSegment", "LayerAdaptation",
+           "Method", "MethodCommon", "MethodContext", "available_methods", "create_method", "register"]

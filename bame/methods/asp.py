@@ -29,7 +29,7 @@ class ASP(Static):
     mask of the dense phase that is the ordinary decay of every weight.
     """
 
-    backward_mode: Backward = Backward.DENSE
+    backward_mode = Backward.DENSE
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
@@ -46,6 +46,9 @@ class ASP(Static):
     @property
     def regime_switch_step(self) -> int:
         return self.prune_step
+
+    def switch_regime(self) -> None:
+        self.prune()
 
     def before_step(self, step: int) -> None:
         super().before_step(step)

@@ -55,18 +55,124 @@ import torch
 from torch import nn
 
 from ..autograd import Backward
-from ..bame_core import (BlockSwaps, OBFState, adaptation_elementwise_ops, apply_swaps, block_equal, block_swaps,
-                         effective_frequency, gradient_grow_scale, magnitude_blocks, magnitude_elementwise_ops,
-                         obf_elementwise_ops, obf_step, select_blocks, selection_budget)
+from ..bame_core import (DESIGNATED_GRADS, DESIGNATIONS, LMA_SCORES, OBF_UPDATES, PRUNED_UPDATES, REGROW_RULES,
+                         REGROW_VALUES, ROUNDINGS, SELECTIONS, BlockSwaps, OBFState, adaptation_elementwise_ops,
+                         apply_swaps, block_equal, block_swaps, effective_frequency, gradient_grow_scale,
+                         magnitude_blocks, magnitude_elementwise_ops, obf_elementwise_ops, obf_step, select_blocks,
+                         selection_budget)
 from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
-from ..schedule import adaptation_steps, is_adaptation_step, resolve_interval, resolve_window, rho_at
-from .base import AdaptationRecord, GradientSegment, LayerAdaptation, register
+from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, is_adaptation_step, overlay_segments,
+                        resolve_interval, resolve_window, rho_at)
+from ..schema import ConfigError, Section, at_least, choice
+from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, register
 from .static import Static
 
-__all__ = ["Bame"]
+__all__ = ["Bame", "BameConfig"]
 
 _STATE_VERSION = 2  # 2: per-layer 'designated' blocks (version 1 checkpoints load with none designated)
+
+
+@dataclass(frozen=True)
+class BameConfig(Section):
+    """BAME's readings of method.md; every default is a hypothesis (see docs/results.md)."""
+
+    block_rows: int = 1  # a block is block_rows x block_groups groups of M
+    block_groups: int = 1
+    t_i_fraction: float = 0.0  # adaptation window start, as a fraction of training steps
+    t_i_steps: Optional[int] = None  # ... or in steps (overrides the fraction)
+    t_f_fraction: float = 0.5  # adaptation window end (mask fixed afterwards)
+    t_f_steps: Optional[int] = None
+    interval_steps: int = 100  # T: adapt once every T steps inside [t_i, t_f)
+    # ... or T as a fraction of training steps: T = max(1, round_half_up(fraction * total_steps));
+    # when set, it replaces interval_steps (so a config that sets interval_steps can switch with one --set)
+    interval_fraction: Optional[float] = None
+    # 'absolute': adapt where step % T == 0 (method.md); 't_i': where (step - t_i) % T == 0
+    interval_anchor: str = choice(*INTERVAL_ANCHORS, default="absolute")
+    # Regrowth/drop score. 'gradient' (RigL-style regrowth by |g_j|) is the default: on Fashion-MNIST 1:16 it
+    # beat 'taylor' by 1.5 points over 3 seeds and tied the static mask (docs/results.md).
+    lma: str = choice(*LMA_SCORES, default="gradient")
+    obf: bool = True  # oscillation-aware block freezing
+    beta: float = 0.9  # EMA decay of the oscillation frequency
+    # which blocks get the EMA update on an adaptation step: 'changed' (only blocks whose mask changed;
+    # f_b is then the recent share of a block's changes that were oscillations) or 'candidates' (every
+    # candidate block, event 0 when it did not oscillate; f_b is then oscillations per adaptation)
+    obf_update: str = choice(*OBF_UPDATES, default="changed")
+    obf_bias_correction: bool = False  # compare f_b / (1 - beta^updates) with tau (Adam-style), not f_b
+    tau: float = 0.5  # freeze a block once its frequency (in [0, 1]) >= tau, tau in (0, 1] ...
+    min_changes: int = 2  # ... and it has changed at least this often
+    selection: str = choice(*SELECTIONS, default="freeze_then_topk")
+    joint_lambda: float = 1.0  # selection 'joint': rank by R_b / (1 + lambda f_b)
+    # fraction of a layer's blocks changed per adaptation ... 0.0125, not method.md's 0.05: on Fashion-MNIST 1:16
+    # over 10 epochs 0.05 lost 0.53 points to the static mask and 0.0125 0.07; over 3 epochs they tied
+    # (docs/results.md). At a fixed T in steps a longer schedule adapts more often: fewer swaps per step.
+    rho: float = 0.0125
+    rho_decay: str = choice(*RHO_DECAYS, default="cosine")  # ... decayed to 0 at t_f
+    # blocks selected per layer = rounding(rho(t) * num_blocks): 'round' (half up), 'ceil', 'floor'
+    rho_rounding: str = choice(*ROUNDINGS, default="round")
+    swaps_per_block: int = 1
+    # LMA scores from the mean candidate gradient of the last score_steps steps up to and including the
+    # adaptation step (1: that step's mini-batch only, method.md). Candidate blocks get their dense weight
+    # gradient on each of those steps (counted by the ledger); at most T.
+    score_steps: int = 1
+    regrow: str = choice(*REGROW_VALUES, default="stored")  # value of a regrown weight
+    # -- the second family: designated blocks that learn (docs/method.md, "Blocks that learn") --------
+    # Which blocks compute their full weight gradient: 'adaptation' (the candidates, on adaptation steps
+    # only) or 'window' (the blocks designated at an adaptation step, on every step up to and including the
+    # next adaptation step, or t_f).
+    designated_grad: str = choice(*DESIGNATED_GRADS, default="adaptation")
+    # 'frozen': pruned weights keep their stored value; 'train': the pruned weights of designated blocks
+    # take the optimizer update (momentum, masked weight decay) from that gradient (needs 'window').
+    pruned_update: str = choice(*PRUNED_UPDATES, default="frozen")
+    # SR-STE's refined decay lambda_w (1 - m) W on the pruned weights of designated blocks ('train' only);
+    # None: method.srste_decay; 0: off
+    pruned_decay: Optional[float] = None
+    # How a block's mask is re-chosen: 'lma' (its best LMA swap) or 'magnitude' (top-N |W| of each group)
+    regrow_rule: str = choice(*REGROW_RULES, default="lma")
+    # Which blocks are designated: 'topk' (the top rho(t) of a layer by LMA score) or 'progressive' (every
+    # non-frozen block; OBF freezing shrinks the set; rho is unused)
+    designation: str = choice(*DESIGNATIONS, default="topk")
+
+    def problems(self, method: Any) -> list[tuple[str, str]]:
+        """The ranges and pairings types cannot express; each message says what to write instead."""
+        out = []
+        for key in ("t_i_fraction", "t_f_fraction"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                out.append((key, f"must lie in [0, 1] (a fraction of training), got {getattr(self, key)}"))
+        out += at_least(self, ("t_i_steps", "t_f_steps"), 0, " (a 0-based optimizer step)")
+        if self.t_i_steps is None and self.t_f_steps is None and self.t_i_fraction > self.t_f_fraction:
+            out.append(("t_i_fraction", f"t_i ({self.t_i_fraction}) is after t_f ({self.t_f_fraction})"))
+        if self.t_i_steps is not None and self.t_f_steps is not None and self.t_i_steps > self.t_f_steps:
+            out.append(("t_i_steps", f"t_i_steps ({self.t_i_steps}) is after t_f_steps ({self.t_f_steps})"))
+        out += at_least(self, ("interval_steps", "block_rows", "block_groups", "swaps_per_block", "score_steps"), 1)
+        if self.interval_fraction is not None and not 0.0 < self.interval_fraction <= 1.0:
+            out.append(("interval_fraction", f"must lie in (0, 1] (T as a fraction of training steps), "
+                        f"got {self.interval_fraction}"))
+        p = method.pattern
+        if self.swaps_per_block > min(p.n, p.m - p.n) * self.block_rows * self.block_groups:
+            out.append(("swaps_per_block", f"{self.swaps_per_block} swaps cannot fit in a block of "
+                        f"{self.block_rows}x{self.block_groups} groups of {p}"))
+        if not 0.0 < self.beta < 1.0:
+            out.append(("beta", f"must lie in (0, 1), got {self.beta}"))
+        if not 0.0 < self.tau <= 1.0:
+            out.append(("tau", f"must lie in (0, 1], got {self.tau}: a block's oscillation frequency is an EMA of "
+                        f"0/1 events, so tau > 1 never freezes (to turn freezing off set method.bame.obf=false) and "
+                        f"tau <= 0 freezes every block after min_changes changes"))
+        out += at_least(self, ("min_changes",), 0)
+        if self.joint_lambda < 0:
+            out.append(("joint_lambda", f"must be >= 0 (0 ranks by R_b alone), got {self.joint_lambda}"))
+        if not 0.0 <= self.rho <= 1.0:
+            out.append(("rho", f"must lie in [0, 1], got {self.rho}"))
+        if self.designated_grad == "window" and self.pruned_update != "train":
+            out.append(("designated_grad", "'window' computes the designated blocks' full weight gradient on "
+                        "every step, which only method.bame.pruned_update=train uses: set pruned_update=train (or "
+                        "designated_grad=adaptation)"))
+        if self.pruned_update == "train" and self.designated_grad != "window":
+            out.append(("pruned_update", "'train' needs method.bame.designated_grad=window (with 'adaptation' "
+                        "the designated blocks have a gradient on one step only)"))
+        if self.pruned_decay is not None and self.pruned_decay < 0:
+            out.append(("pruned_decay", f"must be >= 0 or null (method.srste_decay), got {self.pruned_decay}"))
+        return out
 
 
 @dataclass
@@ -90,12 +196,11 @@ class _LayerDecision:
     ops: int  # element-wise work of scoring, selection, re-choice and OBF
 
 
-@register("bame")
+@register("bame", config=BameConfig)
 class Bame(Static):
     """BAME: static N:M training plus loss-aware, oscillation-aware block mask adaptation in ``[t_i, t_f)``."""
 
-    backward_mode: Backward = Backward.SPARSE
-    config_sections = ("bame",)
+    backward_mode = Backward.SPARSE
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
@@ -164,6 +269,23 @@ class Bame(Static):
             self._designated_positions[name] = None if held is None else held.to(device)
         return st
 
+    @classmethod
+    def flops_budget(cls, cfg: Any) -> FlopsBudget:
+        """``rho`` (``designation: topk``) or ``t_f_fraction`` (``progressive``): an upper bound before training."""
+        b = cfg.bame
+        if b.designation == "progressive":
+            if b.t_f_steps is not None:
+                raise ConfigError(["bame flops --target-ratio: method.bame.t_f_steps is set; the budget of "
+                                   "'progressive' is t_f_fraction, so unset t_f_steps (--set method.bame.t_f_steps=null)"])
+            low = 0.0 if b.t_i_steps is not None else b.t_i_fraction
+            return FlopsBudget("method.bame.t_f_fraction", low, 1.0, "an upper bound before training: OBF freezing "
+                               "can only lower it (the run's ledger gives the count)")
+        return FlopsBudget("method.bame.rho", 0.0, 1.0,
+                           "an upper bound before training: blocks designated only where LMA finds a gain, and "
+                           "freezing, can only lower it (the run's ledger gives the count)",
+                           " (rho decays to 0 at t_f: raise method.bame.t_f_fraction or set "
+                           "method.bame.rho_decay=constant)")
+
     # -- schedule ------------------------------------------------------------------------------
     def is_adaptation_step(self, step: int) -> bool:
         b = self.bcfg
@@ -230,7 +352,7 @@ class Bame(Static):
             designated = [(a + first, end + last, self.budgets(a))
                           for a, end in zip(adapts, adapts[1:] + [self.t_f])]
         segments: list[GradientSegment] = []
-        for start, stop, blocks in _overlay(scoring, designated, run_steps):
+        for start, stop, blocks in overlay_segments(scoring, designated, run_steps):
             share = {n: Fraction(k, whole[n]) for n, k in blocks.items()}
             if segments and segments[-1].stop == start and segments[-1].share == share:
                 segments[-1] = GradientSegment(segments[-1].start, stop, share)
@@ -600,21 +722,3 @@ class Bame(Static):
         self.last_adaptation_step = int(state["last_adaptation_step"])
         self._plans, self._budgets, self._candidates = {}, None, None
         self._written = {}
-
-
-def _overlay(a: list[tuple[int, int, dict[str, int]]], b: list[tuple[int, int, dict[str, int]]],
-             stop_at: int) -> list[tuple[int, int, dict[str, int]]]:
-    """Two sorted lists of disjoint ``(start, stop, blocks)`` segments as one, cut at every boundary, blocks
-    per layer the larger of the two where they overlap (without freezing a designated block is a candidate
-    too), clipped to ``[0, stop_at)``."""
-    bounds = sorted({x for start, stop, _ in a + b for x in (start, stop) if x < stop_at} | {stop_at})
-    out, i, j = [], 0, 0
-    for lo, hi in zip(bounds, bounds[1:]):
-        while i < len(a) and a[i][1] <= lo:
-            i += 1
-        while j < len(b) and b[j][1] <= lo:
-            j += 1
-        here = [segs[k][2] for segs, k in ((a, i), (b, j)) if k < len(segs) and segs[k][0] <= lo]
-        if here:
-            out.append((lo, hi, {n: max(h.get(n, 0) for h in here) for n in here[0]}))
-    return out

@@ -25,11 +25,38 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..config import Config, MethodConfig, to_dict
-from ..layers import LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
+from ..autograd import Backward
+from ..kernels import WeightGradKernel
+from ..layers import MASK_INITS, ON_INDIVISIBLE, LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
+from ..pattern import Layout, NMPattern
+from ..schema import choice
 
-__all__ = ["MethodContext", "Method", "METHODS", "register", "create_method", "available_methods",
-           "AdaptationRecord", "LayerAdaptation", "GradientSegment", "experiment_identity"]
+__all__ = ["MethodCommon", "MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
+           "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment", "FlopsBudget"]
+
+
+@dataclass(frozen=True)
+class MethodCommon:
+    """The keys of ``method`` that every method reads; ``bame.config.MethodConfig`` adds ``name``'s choices
+    (the registry's names) and each method's own section."""
+
+    name: str = "bame"
+    pattern: NMPattern = NMPattern(2, 4)  # N:M, written "1:16"; parsed once, here
+    layout: str = choice(*(v.value for v in Layout), default="row")
+    mask_init: str = choice(*MASK_INITS, default="magnitude")
+    first_conv_dense: bool = True
+    classifier_dense: bool = True
+    depthwise_dense: bool = True
+    on_indivisible: str = choice(*ON_INDIVISIBLE, default="dense")
+    srste_decay: float = 2e-4  # lambda_w of SR-STE
+    asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
+    # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
+    # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
+    weight_grad_kernel: str = choice(*(k.value for k in WeightGradKernel), default="masked_dense")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pattern, NMPattern):  # MethodConfig(pattern="1:16") in code
+            object.__setattr__(self, "pattern", NMPattern.parse(self.pattern))
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,19 @@ class GradientSegment:
     share: dict[str, Fraction]
 
 
+@dataclass(frozen=True)
+class FlopsBudget:
+    """A method's training-FLOPs budget: the config key ``key`` in ``[low, high]``, on which the whole run's
+    FLOPs do not decrease; ``note`` says how exact the count before training is, ``hint`` what to
+    change when even ``high`` is not enough."""
+
+    key: str  # dotted, e.g. method.bame.rho
+    low: float
+    high: float
+    note: str
+    hint: str = ""
+
+
 @dataclass
 class AdaptationRecord:
     """Everything one adaptation step decided, per layer."""
@@ -87,10 +127,13 @@ class Method:
     """Base class: a dense-weight method that touches nothing. Subclasses override what they need."""
 
     name: ClassVar[str] = "base"
-    # Nested sections of MethodConfig this method reads (e.g. ("bame",)); the others do not affect it.
+    # The backward mode of this method's N:M layers (bame.autograd.Backward); None: no layer is made N:M.
+    backward_mode: ClassVar[Optional[Backward]] = None
+    # Nested sections of MethodConfig this method reads (its own, ("bame",), set by ``register``); the
+    # others do not affect it.
     config_sections: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, cfg: MethodConfig, ctx: MethodContext) -> None:
+    def __init__(self, cfg: MethodCommon, ctx: MethodContext) -> None:
         self.cfg = cfg
         self.ctx = ctx
         self.model: Optional[nn.Module] = None
@@ -101,8 +144,11 @@ class Method:
 
     # -- set-up --------------------------------------------------------------------------------
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Make ``model`` ready for this method (swap layers, set masks and modes); returns it."""
+        """Make ``model`` ready for this method; returns it. By default: swap its eligible layers for N:M
+        layers with this method's :attr:`backward_mode` (none when that is None), masks from ``cfg.mask_init``."""
         self.model = model
+        if self.backward_mode is not None:
+            self.sparsify(model, self.backward_mode.value)
         return model
 
     def sparsify(self, model: nn.Module, backward_mode: str) -> SparsifyReport:
@@ -140,7 +186,18 @@ class Method:
     def regime_switch_step(self) -> Optional[int]:
         """The step from which the method trains in another regime (ASP's prune, ``phased``'s switch): steps
         before it cost the step of the prepared model, steps from it on the step after
-        ``before_step(regime_switch_step)``. None: one regime throughout."""
+        :meth:`switch_regime`. None: one regime throughout."""
+        return None
+
+    def switch_regime(self) -> None:
+        """Enter, now, the regime the method trains in from :attr:`regime_switch_step` on (``bame flops``
+        measures that regime's step so); only a method with a switch step has one."""
+        raise NotImplementedError(f"method {self.name!r} trains in one regime (regime_switch_step is None)")
+
+    @classmethod
+    def flops_budget(cls, cfg: MethodCommon) -> Optional[FlopsBudget]:
+        """The config key whose value sets this method's training FLOPs (what ``bame flops --target-ratio``
+        solves for), or None when it has none. Raises ``ConfigError`` for a config it cannot be solved in."""
         return None
 
     # -- per step hooks ------------------------------------------------------------------------
@@ -186,37 +243,33 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
+# method name -> the frozen dataclass of its own config section, ``method.<name>`` (bame.config adds one
+# field to MethodConfig per entry)
+METHOD_SECTIONS: dict[str, type] = {}
 
 
-def register(name: str) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator adding a method to :data:`METHODS` under ``name``."""
+def register(name: str, config: Optional[type] = None) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator adding a method to :data:`METHODS` under ``name``, with ``config`` (a frozen dataclass,
+    ideally a :class:`bame.schema.Section`) as its own config section ``method.<name>`` when it has one.
+
+    Register before ``bame.config`` is first imported: every module of this package is imported (and so
+    registered) when the package is.
+    """
     def deco(cls: type[Method]) -> type[Method]:
         cls.name = name
+        cls.config_sections = (name,) if config is not None else ()
         METHODS[name] = cls
+        if config is not None:
+            METHOD_SECTIONS[name] = config
         return cls
     return deco
-
-
-def experiment_identity(cfg: Config) -> dict[str, Any]:
-    """The resolved config as a dict, less the method sections its method never reads.
-
-    Two runs with equal identities are the same experiment: a static run stays "done" when a default
-    of BAME's section changes. Sweeps and the demo use this to skip completed runs.
-    """
-    data = to_dict(cfg)
-    cls = METHODS.get(cfg.method.name)
-    used = cls.config_sections if cls is not None else ()
-    for key, value in list(data["method"].items()):
-        if isinstance(value, dict) and key not in used:
-            del data["method"][key]
-    return data
 
 
 def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def create_method(cfg: MethodConfig, ctx: MethodContext) -> Method:
+def create_method(cfg: MethodCommon, ctx: MethodContext) -> Method:
     """The method named by ``cfg.name``."""
     if cfg.name not in METHODS:
         raise ValueError(f"unknown method {cfg.name!r}: available are {available_methods()}")

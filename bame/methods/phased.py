@@ -6,6 +6,7 @@ early (SR-STE, the mask following ``|W|``), none later (the static mask's sparse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,13 +14,26 @@ from torch import nn
 
 from ..autograd import Backward
 from ..schedule import resolve_step
-from .base import register
+from ..schema import Section
+from .base import FlopsBudget, register
 from .srste import SRSTE
 
-__all__ = ["Phased"]
+__all__ = ["Phased", "PhasedConfig"]
 
 
-@register("phased")
+@dataclass(frozen=True)
+class PhasedConfig(Section):
+    """``phased``: SR-STE until ``switch_fraction`` of the training steps, then a frozen mask (static)."""
+
+    switch_fraction: float = 0.25
+
+    def problems(self, method: Any) -> list[tuple[str, str]]:
+        if not 0.0 <= self.switch_fraction <= 1.0:
+            return [("switch_fraction", f"must lie in [0, 1] (a fraction of training), got {self.switch_fraction}")]
+        return []
+
+
+@register("phased", config=PhasedConfig)
 class Phased(SRSTE):
     """Steps ``< s = round_half_up(switch_fraction * total_steps)`` are SR-STE's; at the start of step ``s``
     the mask (top-N ``|W|`` of the weights after step ``s - 1``, as SR-STE left it) is frozen, the layers
@@ -32,8 +46,7 @@ class Phased(SRSTE):
     SR-STE's bit for bit) and at the kept weights after it (as static does).
     """
 
-    backward_mode: Backward = Backward.SRSTE
-    config_sections = ("phased",)
+    backward_mode = Backward.SRSTE
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
@@ -43,6 +56,14 @@ class Phased(SRSTE):
     @property
     def regime_switch_step(self) -> int:
         return self.switch_step
+
+    def switch_regime(self) -> None:
+        self.switch()
+
+    @classmethod
+    def flops_budget(cls, cfg: Any) -> FlopsBudget:
+        return FlopsBudget("method.phased.switch_fraction", 0.0, 1.0,
+                           "exact: phased's cost does not depend on training")
 
     def self_decayed_parameters(self) -> list[nn.Parameter]:
         return [layer.weight for _, layer in self.layers()]

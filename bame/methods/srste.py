@@ -17,4 +17,4 @@ class SRSTE(STE):
     ``cfg.srste_decay`` to them.
     """
 
-    backward_mode: Backward = Backward.SRSTE
+    backward_mode = Backward.SRSTE

@@ -20,12 +20,7 @@ class Static(Method):
     keep their stored value bit for bit and their momentum stays zero.
     """
 
-    backward_mode: Backward = Backward.SPARSE
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.model = model
-        self.sparsify(model, self.backward_mode.value)
-        return model
+    backward_mode = Backward.SPARSE
 
     def self_decayed_parameters(self) -> list[nn.Parameter]:
         return [layer.weight for _, layer in self.layers()]

@@ -22,15 +22,14 @@ class STE(Method):
     and checkpoints see the mask of the final weights. Weight decay is the optimizer's, on every weight.
     """
 
-    backward_mode: Backward = Backward.STE
+    backward_mode = Backward.STE
 
     def __init__(self, cfg, ctx) -> None:
         super().__init__(cfg, ctx)
         self._mask_fresh = False
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        self.model = model
-        self.sparsify(model, self.backward_mode.value)
+        super().prepare(model)
         self.refresh_masks()
         return model
 

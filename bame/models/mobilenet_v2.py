@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import init_weights, register
+from .registry import init_weights, register
 
 __all__ = ["CIFAR_STAGES", "InvertedResidual", "MobileNetV2", "Stage"]
 

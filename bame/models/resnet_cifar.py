@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import init_weights, register
+from .registry import init_weights, register
 
 __all__ = ["CIFAR_WIDTHS", "BasicBlock", "CifarResNet"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torchvision
 from torch import nn
 
-from . import register
+from .registry import register
 
 __all__ = ["adapt_stem"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register
+from .registry import register
 
 __all__ = ["TimmNotInstalled", "DEIT", "SMALL_VIT"]
 
