@@ -47,4 +47,11 @@ if [[ $PHASE == readings || $PHASE == all ]]; then
     --variant $PROG method.bame.regrow_rule=lma method.bame.t_f_fraction=0.27 \
     --variant $TOPK method.bame.regrow_rule=magnitude \
     --variant $TOPK method.bame.regrow_rule=lma
+  # OBF made to freeze at T = 1 (with the default tau = 0.5 and beta = 0.9 a block needs about seven A->B->A
+  # returns in a row, and almost none freezes): a longer window whose freezing brings the FLOPs back down.
+  sweep --methods bame --patterns "$PATTERNS" "$@" \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=1 method.bame.t_f_fraction=0.5 \
+      method.bame.tau=0.2 \
+    --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=1 method.bame.t_f_fraction=0.5 \
+      method.bame.tau=0.1 method.bame.beta=0.8 method.bame.min_changes=1
 fi
