@@ -55,3 +55,22 @@ if [[ $PHASE == readings || $PHASE == all ]]; then
     --variant $PROG method.bame.regrow_rule=magnitude method.bame.interval_steps=1 method.bame.t_f_fraction=0.5 \
       method.bame.tau=0.1 method.bame.beta=0.8 method.bame.min_changes=1
 fi
+
+if [[ $PHASE == equal || $PHASE == all ]]; then
+  # Equal training FLOPs: static, phased 0.27 and the learning-block reading calibrated to the paper's FLOPs
+  # fraction (progressive, magnitude, T = 1, t_f 0.27) trained for E = 10 x (SR-STE / method training FLOPs at
+  # equal steps) epochs, so that each spends SR-STE's 10-epoch budget; the ratios are the ledger's totals of
+  # the 10-epoch runs (1:16: 2.465, 1.766, 1.773; 1:4: 1.623, 1.390, 1.392). Output: runs/learn_equal.
+  EQ=${EQUAL_OUT:-runs/learn_equal}
+  eq() { $BAME sweep --config "$CONFIG" --out "$EQ" --seeds 0,1,2 --jobs "$JOBS" --no-progress "$@"; }
+  eq --methods static --patterns 1:16 --set train.epochs=24.65
+  eq --methods static --patterns 1:4 --set train.epochs=16.23
+  eq --methods phased --patterns 1:16 --set train.epochs=17.66 method.phased.switch_fraction=0.27
+  eq --methods phased --patterns 1:4 --set train.epochs=13.90 method.phased.switch_fraction=0.27
+  # shellcheck disable=SC2086
+  eq --methods bame --patterns 1:16 --set train.epochs=17.73 $PROG method.bame.regrow_rule=magnitude \
+    method.bame.interval_steps=1 method.bame.t_f_fraction=0.27
+  # shellcheck disable=SC2086
+  eq --methods bame --patterns 1:4 --set train.epochs=13.92 $PROG method.bame.regrow_rule=magnitude \
+    method.bame.interval_steps=1 method.bame.t_f_fraction=0.27
+fi
