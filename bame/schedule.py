@@ -184,6 +184,18 @@ def asp_prune_step(fraction: float, total_steps: int) -> int:
     return resolve_step(None, fraction, total_steps)
 
 
+def coalesce_segments(segments: list[tuple[int, int, dict[str, int]]]) -> list[tuple[int, int, dict[str, int]]]:
+    """Sorted disjoint ``(start, stop, blocks)`` segments with each run of touching segments of equal blocks
+    joined into one (a designation re-made every step is one segment, not one per step)."""
+    out: list[tuple[int, int, dict[str, int]]] = []
+    for start, stop, blocks in segments:
+        if out and out[-1][1] == start and (out[-1][2] is blocks or out[-1][2] == blocks):
+            out[-1] = (out[-1][0], stop, blocks)
+        else:
+            out.append((start, stop, blocks))
+    return out
+
+
 def overlay_segments(a: list[tuple[int, int, dict[str, int]]], b: list[tuple[int, int, dict[str, int]]],
                      stop_at: int) -> list[tuple[int, int, dict[str, int]]]:
     """Two sorted lists of disjoint ``(start, stop, blocks)`` step segments (``blocks``: per layer) as one, cut

@@ -286,6 +286,10 @@ def test_gradient_plan_is_the_closed_form_of_the_window():
     prog = Run(method_cfg("bame", designation="progressive", regrow_rule="magnitude", **WINDOW)).method
     steps = sorted(s for seg in prog.gradient_plan(TOTAL) for s in range(seg.start, seg.stop))
     assert steps == list(range(0, SETTLE))
+    # re-chosen every step (T = 1), the designation is one segment, not one per step
+    every = Run(method_cfg("bame", designation="progressive", regrow_rule="magnitude", interval_steps=1,
+                           **WINDOW)).method
+    assert [(seg.start, seg.stop) for seg in every.gradient_plan(TOTAL)] == [(0, every.t_f)]
     topk = Run(method_cfg("bame", regrow_rule="magnitude", **WINDOW)).method
     per_step = {s: {n: int(f * whole[n]) for n, f in seg.share.items()}
                 for seg in topk.gradient_plan(TOTAL) for s in range(seg.start, seg.stop)}

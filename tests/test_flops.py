@@ -616,3 +616,17 @@ def test_cli_target_ratio_errors_name_the_fix(capsys):
         assert main(["flops", "--config", str(QUICK), "--set", *_SMALL, *sets, "--target-ratio", ratio]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_the_calibrated_resnet50_config_is_at_the_papers_ratio():
+    """configs/paper/imagenet_resnet50_learning_blocks.yaml: SR-STE / BAME training FLOPs = 2.37 (the paper's
+    ratio for ImageNet ResNet-50 at 1:16), as bame flops counts it before training."""
+    from dataclasses import replace
+
+    from bame.config import load_config
+    from bame.flops_report import flops_report
+
+    cfg = load_config("paper/imagenet_resnet50_learning_blocks")
+    srste = flops_report(replace(cfg, method=replace(cfg.method, name="srste")))["run_total_macs"]
+    assert srste / flops_report(cfg)["run_total_macs"] == pytest.approx(2.37, abs=0.005)

@@ -131,3 +131,12 @@ def test_bame_with_interval_fraction_adapts_at_the_resolved_steps():
         if method.adaptations > before:
             adapted.append(step)
     assert adapted == expected
+
+
+def test_coalesce_segments_joins_touching_equal_segments_only():
+    from bame.schedule import coalesce_segments
+
+    a, b = {"x": 1}, {"x": 2}
+    segs = [(0, 1, a), (1, 2, dict(a)), (2, 3, b), (4, 5, b), (5, 6, a)]
+    assert coalesce_segments(segs) == [(0, 2, a), (2, 3, b), (4, 5, b), (5, 6, a)]
+    assert coalesce_segments([]) == []

@@ -62,7 +62,8 @@ from ..bame_core import (DESIGNATED_GRADS, DESIGNATIONS, LMA_SCORES, OBF_UPDATES
                          selection_budget)
 from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
-from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, is_adaptation_step, overlay_segments,
+from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, coalesce_segments, is_adaptation_step,
+                        overlay_segments,
                         resolve_interval, resolve_window, rho_at)
 from ..schema import ConfigError, Section, at_least, choice
 from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, register
@@ -349,10 +350,12 @@ class Bame(Static):
             # magnitude: re-chosen at the start of the next one, so a+1 .. before it (progressive: from a itself)
             first = 0 if self.rechoose_at_start and self.bcfg.designation == "progressive" else 1
             last = 0 if self.rechoose_at_start else 1
-            designated = [(a + first, end + last, self.budgets(a))
+            progressive = self.bcfg.designation == "progressive"  # every block on every adaptation step
+            designated = [(a + first, end + last, whole if progressive else self.budgets(a))
                           for a, end in zip(adapts, adapts[1:] + [self.t_f])]
         segments: list[GradientSegment] = []
-        for start, stop, blocks in overlay_segments(scoring, designated, run_steps):
+        for start, stop, blocks in overlay_segments(coalesce_segments(scoring), coalesce_segments(designated),
+                                                    run_steps):
             share = {n: Fraction(k, whole[n]) for n, k in blocks.items()}
             if segments and segments[-1].stop == start and segments[-1].share == share:
                 segments[-1] = GradientSegment(segments[-1].start, stop, share)
