@@ -19,8 +19,9 @@ import pandas as pd
 from analysis import load_runs, pareto_scatter, to_markdown
 from analysis.style import save as save_figure
 
+OBF_DEFAULT = {"tau": 0.5}  # the study's OBF variants change tau (and beta); the default reading keeps it
 FAMILIES = {"phased": "phased (switch 0.1 / 0.27 / 0.5)",
-            "progressive magnitude": "learning blocks, progressive, magnitude (t_f 0.1 / 0.27 / 0.5)"}
+            "progressive magnitude": "learning blocks, progressive, magnitude, T 1 (t_f 0.1 / 0.27 / 0.5)"}
 
 
 def reading(row: pd.Series) -> tuple[str, str | None]:
@@ -35,30 +36,34 @@ def reading(row: pd.Series) -> tuple[str, str | None]:
     if row.get("method.bame.designated_grad", "adaptation") != "window":
         return "BAME, first family (default)", None
     designation, rule = row["method.bame.designation"], row["method.bame.regrow_rule"]
+    interval, tau = int(row["method.bame.interval_steps"]), float(row["method.bame.tau"])
+    obf = "" if tau == OBF_DEFAULT["tau"] else f", OBF tau {tau:g} beta {float(row['method.bame.beta']):g}"
     if designation == "progressive":
-        family = "progressive magnitude" if rule == "magnitude" else None
-        return f"learning blocks, progressive, {rule}, t_f {row['method.bame.t_f_fraction']:g}", family
-    return f"learning blocks, top-k, {rule}, rho {row['method.bame.rho']:g}", None
+        label = f"learning blocks, progressive, {rule}, T {interval}, t_f {row['method.bame.t_f_fraction']:g}{obf}"
+        family = "progressive magnitude" if rule == "magnitude" and interval == 1 and not obf else None
+        return label, family
+    return f"learning blocks, top-k, {rule}, T {interval}, rho {row['method.bame.rho']:g}{obf}", None
 
 
 def points(root: Path) -> pd.DataFrame:
     """One row per completed run of ``root``: label, family, pattern, seed, epochs, top-1 and FLOPs."""
     runs = load_runs(root)
-    runs = runs[runs["status"] == "completed"]
+    runs = runs[runs["status"].isin(["completed", "diverged"])]
     rows = []
     for _, r in runs.iterrows():
         label, family = reading(r)
         epochs = float(r["train.epochs"])
         rows.append({"group": label, "family": family, "method": r["method.name"], "pattern": r["method.pattern"],
-                     "seed": int(r["train.seed"]), "epochs": epochs, "top1": float(r["top1"]),
-                     "train_flops": float(r["ideal_flops"])})
+                     "seed": int(r["train.seed"]), "epochs": epochs, "status": r["status"],
+                     "top1": float(r["top1"]) if r["status"] == "completed" else float("nan"),
+                     "train_flops": float(r["ideal_flops"]) if r["status"] == "completed" else float("nan")})
     return pd.DataFrame(rows)
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
     """Per (pattern, group, epochs): n, top-1 mean and std, FLOPs mean."""
     g = df.groupby(["pattern", "group", "epochs"], sort=False)
-    out = g.agg(n=("top1", "size"), top1=("top1", "mean"), top1_std=("top1", "std"),
+    out = g.agg(n=("top1", "count"), top1=("top1", "mean"), top1_std=("top1", "std"),
                 flops=("train_flops", "mean"), family=("family", "first"), method=("method", "first")).reset_index()
     return out
 
@@ -108,6 +113,9 @@ def main(argv: list[str]) -> int:
         for pattern in sorted(df["pattern"].unique(), key=lambda p: -int(p.split(":")[1])) if len(df) else []:
             print(f"\n### {name}, {pattern}\n")
             print(to_markdown(length_table(df, pattern), caption=False, pad=False).rstrip("\n"))
+            lost = df[(df["pattern"] == pattern) & (df["status"] != "completed")]
+            for _, r in lost.iterrows():
+                print(f"\n{r['group']}, seed {r['seed']}: {r['status']} (not in the mean)")
     if len(equal) and len(ten):
         for pattern in sorted(equal["pattern"].unique(), key=lambda p: -int(p.split(":")[1])):
             print(f"\n### equal training FLOPs (SR-STE's 10 epochs), {pattern}\n")
