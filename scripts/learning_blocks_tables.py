@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import load_runs, pareto_scatter, to_markdown
+from analysis.layout import text_problems
 from analysis.style import save as save_figure
 
 OBF_DEFAULT = {"tau": 0.5}  # the study's OBF variants change tau (and beta); the default reading keeps it
@@ -122,12 +123,15 @@ def main(argv: list[str]) -> int:
             print(to_markdown(equal_table(equal, ten, pattern), caption=False, pad=False).rstrip("\n"))
     if len(ten):
         figures.mkdir(parents=True, exist_ok=True)
-        both = pd.concat([ten, equal.assign(group=equal["group"] + ", longer")] if len(equal) else [ten])
+        longer = equal.assign(group=equal["group"] + ", longer", family=None)  # not on its family's line
+        both = pd.concat([ten, longer] if len(equal) else [ten])
         both["family"] = both["family"].map(lambda f: FAMILIES.get(f) if isinstance(f, str) else None)
         for pattern in sorted(both["pattern"].unique()):
             sub = both[both["pattern"] == pattern]
-            fig = pareto_scatter(sub, title=f"Fashion-MNIST, LeNet-5-wide, {pattern}: 10 epochs, and longer runs",
-                                 legend="groups")
+            fig = pareto_scatter(sub, title=f"{pattern}: 10 epochs, and longer", legend="groups")
+            problems = text_problems(fig)
+            if problems:
+                raise SystemExit(f"the {pattern} figure's texts overlap: {problems}")
             path = figures / f"learning_blocks_pareto_{pattern.replace(':', 'of')}"
             save_figure(fig, path)
             print(f"\nwrote {path}.png and .pdf")
