@@ -1,0 +1,283 @@
+"""Sparse forward and input-gradient products of N:M layers, from the compressed forms of :mod:`bame.nm_compressed`.
+
+Each :class:`SparseKernel` computes ``Y = op(X, W*m)`` and ``dX = op^T(dY, W*m)`` for a linear layer
+(``[P, K] @ A^T``) or a groups=1 conv2d lowered to a matrix product over conv columns:
+
+============  ==========================================  =============================================
+kernel        product                                     conv columns
+============  ==========================================  =============================================
+``csr``       ``torch.sparse`` CSR @ dense (MKL on x86)   ``[K, B*L]`` (``_im2col_t``; col2im by ``fold``)
+``bsr``       the same with 1x1-block BSR (MKL's BSR)     as ``csr``
+``gather``    ELL gather-multiply-sum in torch ops        ``[B, K, L]`` (``F.unfold`` / ``F.fold``)
+``compiled``  the same gather-multiply-sum, torch.compile  as ``gather``
+============  ==========================================  =============================================
+
+``L`` is the number of output positions of one image, ``K = Cin*kh*kw``. For a 1x1 conv with stride 1
+and no padding the columns are the input itself (a view for ``gather``/``compiled``). The batch-major
+``[B, K, L]`` layout makes the ELL kernels' output ``[B, Cout, L]`` the conv's own layout (no copy);
+CSR wants one ``[K, B*L]`` matrix, so its output is permuted back (one copy).
+
+Work: ``csr``/``bsr`` multiply-add each kept weight once per position (``|m| x positions``, the ideal
+work); ``gather``/``compiled`` too for the forward, and ``ell_t.padding`` times that for the input
+gradient (zero-valued padding entries). ``gather`` materialises the gathered columns in chunks of at
+most :data:`GATHER_CHUNK_BYTES`.
+
+Supported: float32 and float64 (``csr``/``bsr``: MKL has no half-precision CSR product), the CPU (the
+only device this was measured on), conv stride / padding / dilation, groups=1. :func:`unsupported`
+says why a call cannot run, so that a caller can fall back to the masked dense kernels.
+
+:func:`nm_sparse_linear` / :func:`nm_sparse_conv2d` wrap a kernel in an autograd Function (forward and
+input gradient by the kernel, weight gradient ``mask * dL/d(W*m)`` by the dense kernel), so that
+exactness can be checked against plain autograd and with ``gradcheck``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_weight
+
+from .autograd import _im2col_t, _pair  # the [K, B*L] conv columns of the SDDMM weight gradient
+from .nm_compressed import NMIndex
+
+__all__ = ["SparseKernel", "GATHER_CHUNK_BYTES", "COMPILED_SHAPES_LIMIT", "unsupported", "pack", "ell_matmul",
+           "sparse_linear", "sparse_linear_input_grad", "conv_columns", "sparse_conv2d", "sparse_conv2d_input_grad",
+           "nm_sparse_linear", "nm_sparse_conv2d"]
+
+
+class SparseKernel(str, Enum):
+    """Which product computes the forward / input gradient (see the module docstring)."""
+
+    CSR = "csr"
+    BSR = "bsr"
+    GATHER = "gather"
+    COMPILED = "compiled"
+
+    @property
+    def batch_major(self) -> bool:
+        """Whether the kernel takes conv columns as ``[B, K, L]`` (else ``[K, B*L]``)."""
+        return self in (SparseKernel.GATHER, SparseKernel.COMPILED)
+
+
+GATHER_CHUNK_BYTES = 64 * 2 ** 20  # bound on the gathered [S, T, R, L] block that `gather` materialises
+COMPILED_SHAPES_LIMIT = 256  # distinct (shape, dtype) specialisations `compiled` may hold (dynamo's default: 8)
+_MKL_DTYPES = (torch.float32, torch.float64)
+
+
+def unsupported(kernel: SparseKernel, dtype: torch.dtype, device: torch.device, groups: int = 1) -> Optional[str]:
+    """Why ``kernel`` cannot compute this layer (``None`` when it can)."""
+    if groups != 1:
+        return f"groups={groups}: the sparse kernels lower groups=1 convs only"
+    if device.type != "cpu":
+        return f"device {device}: the sparse kernels were built and checked on the CPU only"
+    if dtype not in _MKL_DTYPES:
+        return f"dtype {dtype}: float32 and float64 only (MKL's CSR product has no half precision)"
+    return None
+
+
+def _check(kernel: SparseKernel, dtype: torch.dtype, device: torch.device, groups: int = 1) -> None:
+    reason = unsupported(kernel, dtype, device, groups)
+    if reason is not None:
+        raise ValueError(f"sparse kernel {kernel.value!r} cannot run this layer: {reason}; use masked_dense")
+
+
+def pack(index: NMIndex, weight: torch.Tensor, kernel: SparseKernel, transpose: bool = False):
+    """The operand ``A = W*m`` (``transpose``: ``A^T``) of ``kernel``, re-packed from the current ``weight``.
+
+    ``csr``/``bsr``: a sparse tensor; ``gather``/``compiled``: ``(values, cols)``, both ``[T, R]``.
+    """
+    if kernel.batch_major:
+        ell = index.ell_t if transpose else index.ell
+        return ell.pack(weight), ell.cols
+    return (index.csr_t if transpose else index.csr).pack(weight, blocked=kernel is SparseKernel.BSR)
+
+
+def _ell_core(values: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """``out[s, r, l] = sum_t values[t, r] * dense[s, cols[t, r], l]``: ``[S, R, L]`` from ``dense`` ``[S, C, L]``.
+
+    The sum runs over the outer (entry) dimension, so the compiled loop vectorises along ``L``, where
+    ``dense`` is contiguous (summing over an inner dimension made inductor gather 16 scalars per vector).
+    """
+    return (values[None, :, :, None] * dense[:, cols, :]).sum(1)
+
+
+_COMPILED_ELL = None
+
+
+def _compiled_ell():
+    global _COMPILED_ELL
+    if _COMPILED_ELL is None:
+        _COMPILED_ELL = torch.compile(_ell_core, dynamic=False)  # one specialisation per shape: dynamic was slower
+    return _COMPILED_ELL
+
+
+def ell_matmul(values: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+    """:func:`_ell_core` (``[S, C, L]`` -> ``[S, R, L]``), compiled or in eager torch ops (chunked)."""
+    if compiled:
+        try:
+            with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES_LIMIT):
+                return _compiled_ell()(values, cols, dense.contiguous())
+        except Exception as e:  # inductor needs a working C++ compiler (and its headers) on this machine
+            raise RuntimeError(f"torch.compile of the gather-multiply-sum failed ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}); use kernel 'csr' or 'gather'") from e
+    s, _, length = dense.shape
+    per_position = values.numel() * dense.element_size()  # bytes gathered per (s, l)
+    step_l = max(1, min(length, GATHER_CHUNK_BYTES // per_position))
+    step_s = max(1, GATHER_CHUNK_BYTES // (per_position * step_l))
+    if step_s >= s and step_l >= length:
+        return _ell_core(values, cols, dense)
+    out = dense.new_empty(s, values.shape[1], length)
+    for s0 in range(0, s, step_s):
+        for l0 in range(0, length, step_l):
+            out[s0:s0 + step_s, :, l0:l0 + step_l] = _ell_core(values, cols, dense[s0:s0 + step_s, :, l0:l0 + step_l])
+    return out
+
+
+def _product(kernel: SparseKernel, operand, dense: torch.Tensor) -> torch.Tensor:
+    """``A @ dense`` by ``kernel``: ``dense`` ``[S, C, L]`` for the ELL kernels, ``[C, P]`` for CSR/BSR."""
+    if kernel.batch_major:
+        values, cols = operand
+        return ell_matmul(values, cols, dense, compiled=kernel is SparseKernel.COMPILED)
+    return operand @ dense
+
+
+def sparse_linear(x: torch.Tensor, operand, kernel: SparseKernel) -> torch.Tensor:
+    """``x @ A^T`` (``x`` ``[..., K]``, ``A`` ``[Cout, K]`` from :func:`pack`) -> ``[..., Cout]``."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x_t = x2.t().contiguous()  # [K, P]: positions along the vectorised dimension
+    y_t = _product(kernel, operand, x_t[None] if kernel.batch_major else x_t)
+    return y_t.reshape(y_t.shape[-2], -1).t().reshape(*x.shape[:-1], -1)
+
+
+def sparse_linear_input_grad(grad_out: torch.Tensor, operand_t, kernel: SparseKernel) -> torch.Tensor:
+    """``grad_out @ A`` (``operand_t`` = ``A^T`` from ``pack(..., transpose=True)``) -> ``[..., K]``."""
+    return sparse_linear(grad_out, operand_t, kernel)
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def _is_pointwise(kernel_hw, conv_args) -> bool:
+    """A 1x1 conv with stride 1 and no padding: its columns are the input itself."""
+    stride, padding, _, _ = conv_args
+    return tuple(kernel_hw) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def conv_columns(x: torch.Tensor, kernel_hw, conv_args, batch_major: bool) -> torch.Tensor:
+    """``x`` ``[B, Cin, H, W]`` as conv columns: ``[B, K, L]`` (``batch_major``) or ``[K, B*L]``, K in weight order."""
+    stride, padding, dilation, _ = conv_args
+    if batch_major:
+        if _is_pointwise(kernel_hw, conv_args):
+            return x.reshape(x.shape[0], x.shape[1], -1)  # a view of a contiguous input
+        return F.unfold(x, kernel_hw, dilation=dilation, padding=padding, stride=stride)
+    return _im2col_t(x, tuple(kernel_hw), stride, padding, dilation)
+
+
+def _fold(cols: torch.Tensor, x_shape, kernel_hw, conv_args) -> torch.Tensor:
+    """Adjoint of :func:`conv_columns` (batch-major): sum ``[B, K, L]`` back into ``[B, Cin, H, W]``."""
+    stride, padding, dilation, _ = conv_args
+    if _is_pointwise(kernel_hw, conv_args):
+        return cols.reshape(x_shape)
+    return F.fold(cols, tuple(x_shape[2:]), kernel_hw, dilation=dilation, padding=padding, stride=stride)
+
+
+def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, conv_args) -> torch.Tensor:
+    """``conv2d(x, W*m)`` (no bias) for a groups=1 conv; ``operand`` = ``A`` from :func:`pack`."""
+    cout, _, kh, kw = weight_shape
+    stride, padding, dilation, _ = conv_args
+    b, _, h, w = x.shape
+    hout = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    wout = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    cols = conv_columns(x, (kh, kw), conv_args, kernel.batch_major)
+    y = _product(kernel, operand, cols)  # [B, Cout, L] or [Cout, B*L]
+    if kernel.batch_major:
+        return y.view(b, cout, hout, wout)
+    return y.view(cout, b, hout, wout).transpose(0, 1).contiguous()
+
+
+def sparse_conv2d_input_grad(grad_out: torch.Tensor, operand_t, kernel: SparseKernel, x_shape, weight_shape,
+                             conv_args) -> torch.Tensor:
+    """``conv2d_input(x_shape, W*m, grad_out)`` for a groups=1 conv; ``operand_t`` = ``A^T``."""
+    cout, _, kh, kw = weight_shape
+    b = grad_out.shape[0]
+    if kernel.batch_major:
+        cols = _product(kernel, operand_t, grad_out.reshape(b, cout, -1))  # [B, K, L]
+    else:
+        go_t = grad_out.transpose(0, 1).reshape(cout, -1)  # [Cout, B*L]
+        cols = _product(kernel, operand_t, go_t).view(-1, b, go_t.shape[1] // b).transpose(0, 1)  # [B, K, L]
+    return _fold(cols, x_shape, (kh, kw), conv_args)
+
+
+class _SparseNMLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, index, kernel):
+        ctx.save_for_backward(x, weight, mask)
+        ctx.index, ctx.kernel, ctx.has_bias = index, kernel, bias is not None
+        y = sparse_linear(x, pack(index, weight, kernel), kernel)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mask = ctx.saved_tensors
+        go2 = grad_out.reshape(-1, grad_out.shape[-1])  # [P, Cout]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sparse_linear_input_grad(grad_out, pack(ctx.index, weight, ctx.kernel, transpose=True), ctx.kernel)
+        if ctx.needs_input_grad[1]:
+            grad_w = (go2.t() @ x.reshape(-1, x.shape[-1])) * mask
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = go2.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class _SparseNMConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, index, kernel, conv_args):
+        ctx.save_for_backward(x, weight, mask)
+        ctx.index, ctx.kernel, ctx.conv_args, ctx.has_bias = index, kernel, conv_args, bias is not None
+        y = sparse_conv2d(x, pack(index, weight, kernel), kernel, weight.shape, conv_args)
+        return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mask = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sparse_conv2d_input_grad(grad_out, pack(ctx.index, weight, ctx.kernel, transpose=True),
+                                              ctx.kernel, x.shape, weight.shape, ctx.conv_args)
+        if ctx.needs_input_grad[1]:
+            grad_w = conv2d_weight(x, weight.shape, grad_out, stride, padding, dilation, groups) * mask
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _checked_index(index: NMIndex, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    if tuple(index.weight_shape) != tuple(weight.shape) or mask.shape != weight.shape:
+        raise ValueError(f"index of shape {index.weight_shape} / mask of shape {tuple(mask.shape)} do not match the "
+                         f"weight's {tuple(weight.shape)}: build NMIndex from this layer's mask")
+
+
+def nm_sparse_linear(x, weight, bias, mask, index: NMIndex, kernel: SparseKernel | str) -> torch.Tensor:
+    """``F.linear(x, weight * mask, bias)`` with forward and input gradient by ``kernel`` (``index`` from ``mask``)."""
+    kernel = SparseKernel(kernel)
+    _check(kernel, weight.dtype, weight.device)
+    _checked_index(index, weight, mask)
+    return _SparseNMLinear.apply(x.to(weight.dtype), weight, bias, mask, index, kernel)
+
+
+def nm_sparse_conv2d(x, weight, bias, mask, index: NMIndex, kernel: SparseKernel | str, stride=1, padding=0,
+                     dilation=1, groups=1) -> torch.Tensor:
+    """``F.conv2d(x, weight * mask, bias, ...)`` with forward and input gradient by ``kernel``."""
+    kernel = SparseKernel(kernel)
+    _check(kernel, weight.dtype, weight.device, int(groups))
+    _checked_index(index, weight, mask)
+    if isinstance(padding, str):
+        raise ValueError(f"nm_sparse_conv2d needs numeric padding, got {padding!r}: pass the padding as integers")
+    conv_args = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
+    return _SparseNMConv2d.apply(x.to(weight.dtype), weight, bias, mask, index, kernel, conv_args)
