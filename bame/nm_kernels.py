@@ -28,7 +28,8 @@ says why a call cannot run, so that a caller can fall back to the masked dense k
 
 :func:`nm_sparse_linear` / :func:`nm_sparse_conv2d` wrap a kernel in an autograd Function (forward and
 input gradient by the kernel, weight gradient ``mask * dL/d(W*m)`` by the dense kernel), so that
-exactness can be checked against plain autograd and with ``gradcheck``.
+exactness can be checked against plain autograd and with ``gradcheck``. Under autocast they compute in
+float32 (``custom_fwd(cast_inputs=float32)``): the CSR product has no half precision on the CPU.
 """
 
 from __future__ import annotations
@@ -214,6 +215,7 @@ def sparse_conv2d_input_grad(grad_out: torch.Tensor, operand_t, kernel: SparseKe
 
 class _SparseNMLinear(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: float32, autocast off
     def forward(ctx, x, weight, bias, mask, index, kernel):
         ctx.save_for_backward(x, weight, mask)
         ctx.index, ctx.kernel, ctx.has_bias = index, kernel, bias is not None
@@ -221,6 +223,7 @@ class _SparseNMLinear(torch.autograd.Function):
         return y if bias is None else y + bias
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
         go2 = grad_out.reshape(-1, grad_out.shape[-1])  # [P, Cout]
@@ -236,6 +239,7 @@ class _SparseNMLinear(torch.autograd.Function):
 
 class _SparseNMConv2d(torch.autograd.Function):
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu", cast_inputs=torch.float32)  # under autocast: float32, autocast off
     def forward(ctx, x, weight, bias, mask, index, kernel, conv_args):
         ctx.save_for_backward(x, weight, mask)
         ctx.index, ctx.kernel, ctx.conv_args, ctx.has_bias = index, kernel, conv_args, bias is not None
@@ -243,6 +247,7 @@ class _SparseNMConv2d(torch.autograd.Function):
         return y if bias is None else y + bias.view(1, -1, 1, 1)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
