@@ -10,16 +10,22 @@ kernel        product                                     conv columns
 ``bsr``       the same with 1x1-block BSR (MKL's BSR)     as ``csr``
 ``gather``    ELL gather-multiply-sum in torch ops        ``[B, K, L]`` (``F.unfold`` / ``F.fold``)
 ``compiled``  the same gather-multiply-sum, torch.compile  as ``gather``
+``direct``    per-tap gather-multiply-sum over shifted    none: a direct convolution (input gradient of
+              input windows, torch.compile                a strided conv: scattered into strided windows)
 ============  ==========================================  =============================================
 
 ``L`` is the number of output positions of one image, ``K = Cin*kh*kw``. For a 1x1 conv with stride 1
 and no padding the columns are the input itself (a view for ``gather``/``compiled``). The batch-major
 ``[B, K, L]`` layout makes the ELL kernels' output ``[B, Cout, L]`` the conv's own layout (no copy);
-CSR wants one ``[K, B*L]`` matrix, so its output is permuted back (one copy).
+CSR wants one ``[K, B*L]`` matrix, so its output is permuted back (one copy). ``direct`` reads the
+(padded) input in place: per tap ``(i, j)`` one ELL product ``NMIndex.taps`` with the window of the
+input that tap sees, so inductor's loads stay contiguous along the output row (summed over an inner
+dimension, or gathered through an index tensor, they would be gathered 16 scalars per vector).
 
 Work: ``csr``/``bsr`` multiply-add each kept weight once per position (``|m| x positions``, the ideal
 work); ``gather``/``compiled`` too for the forward, and ``ell_t.padding`` times that for the input
-gradient (zero-valued padding entries). ``gather`` materialises the gathered columns in chunks of at
+gradient (zero-valued padding entries); ``direct`` ``taps.padding`` times it (1.0 in layout ``channel``)
+and ``taps_t.padding`` for the input gradient. ``gather`` materialises the gathered columns in chunks of at
 most :data:`GATHER_CHUNK_BYTES`.
 
 Supported: float32 and float64 (``csr``/``bsr``: MKL has no half-precision CSR product), the CPU (the
@@ -56,15 +62,16 @@ class SparseKernel(str, Enum):
     BSR = "bsr"
     GATHER = "gather"
     COMPILED = "compiled"
+    DIRECT = "direct"
 
     @property
     def batch_major(self) -> bool:
-        """Whether the kernel takes conv columns as ``[B, K, L]`` (else ``[K, B*L]``)."""
-        return self in (SparseKernel.GATHER, SparseKernel.COMPILED)
+        """Whether the kernel takes its dense operand as ``[B, K, L]`` (else ``[K, B*L]``)."""
+        return self is not SparseKernel.CSR and self is not SparseKernel.BSR
 
 
 GATHER_CHUNK_BYTES = 64 * 2 ** 20  # bound on the gathered [S, T, R, L] block that `gather` materialises
-COMPILED_SHAPES_LIMIT = 256  # distinct (shape, dtype) specialisations `compiled` may hold (dynamo's default: 8)
+COMPILED_SHAPES_LIMIT = 1024  # specialisations (shape, dtype, conv args) a compiled kernel may hold (dynamo: 8)
 _MKL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -88,8 +95,12 @@ def _check(kernel: SparseKernel, dtype: torch.dtype, device: torch.device, group
 def pack(index: NMIndex, weight: torch.Tensor, kernel: SparseKernel, transpose: bool = False):
     """The operand ``A = W*m`` (``transpose``: ``A^T``) of ``kernel``, re-packed from the current ``weight``.
 
-    ``csr``/``bsr``: a sparse tensor; ``gather``/``compiled``: ``(values, cols)``, both ``[T, R]``.
+    ``csr``/``bsr``: a sparse tensor; ``gather``/``compiled``: ``(values, cols)``, both ``[T, R]``; ``direct``:
+    the same per conv tap, ``[kh*kw, T, R]`` (one tap for a linear layer).
     """
+    if kernel is SparseKernel.DIRECT:
+        taps = index.taps_t if transpose else index.taps
+        return taps.pack(weight), taps.cols
     if kernel.batch_major:
         ell = index.ell_t if transpose else index.ell
         return ell.pack(weight), ell.cols
@@ -105,25 +116,61 @@ def _ell_core(values: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor) -> 
     return (values[None, :, :, None] * dense[:, cols, :]).sum(1)
 
 
-_COMPILED_ELL = None
+def _direct_core(values: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, kernel_hw: tuple, stride: tuple,
+                 padding: tuple, dilation: tuple, out_hw: tuple) -> torch.Tensor:
+    """A conv of ``x`` ``[B, C, H, W]`` whose tap ``(i, j)`` is the ELL ``(values, cols)[i*kw + j]`` (``[T, R]``):
+    ``[B, R, Hout, Wout]``; a negative ``padding`` crops."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel_hw, stride, padding, dilation, out_hw
+    xp = F.pad(x, (pw, pw, ph, ph))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            win = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]  # [B, C, ho, wo]
+            t = i * kw + j
+            term = (values[t][None, :, :, None, None] * win[:, cols[t]]).sum(1)
+            out = term if out is None else out + term
+    return out
 
 
-def _compiled_ell():
-    global _COMPILED_ELL
-    if _COMPILED_ELL is None:
-        _COMPILED_ELL = torch.compile(_ell_core, dynamic=False)  # one specialisation per shape: dynamic was slower
-    return _COMPILED_ELL
+def _direct_transposed_core(values: torch.Tensor, cols: torch.Tensor, grad_out: torch.Tensor, x_hw: tuple,
+                            kernel_hw: tuple, stride: tuple, padding: tuple, dilation: tuple) -> torch.Tensor:
+    """The input gradient of a strided conv: tap ``(i, j)`` (``taps_t``, flipped: entry ``kh*kw-1 - (i*kw+j)``)
+    applied to ``grad_out`` and added into the strided window of the padded input it came from."""
+    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = x_hw, kernel_hw, stride, padding, dilation
+    b, _, ho, wo = grad_out.shape
+    dxp = grad_out.new_zeros(b, values.shape[-1], h + 2 * ph, w + 2 * pw)
+    for i in range(kh):
+        for j in range(kw):
+            t = kh * kw - 1 - (i * kw + j)
+            z = (values[t][None, :, :, None, None] * grad_out[:, cols[t]]).sum(1)  # [B, Cin, ho, wo]
+            dxp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw] += z
+    return dxp[:, :, ph:ph + h, pw:pw + w]
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(fn):
+    """``torch.compile(fn)`` (one specialisation per shape: ``dynamic=True`` was 1.2-1.5x slower), made once."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
+
+
+def _run_compiled(fn, *args):
+    try:
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES_LIMIT,
+                                        accumulated_recompile_limit=COMPILED_SHAPES_LIMIT):
+            return _compiled(fn)(*args)
+    except Exception as e:  # inductor needs a working C++ compiler (and its headers) on this machine
+        raise RuntimeError(f"torch.compile of the gather-multiply-sum failed ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); use kernel 'csr' or 'gather'") from e
 
 
 def ell_matmul(values: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor, compiled: bool = False) -> torch.Tensor:
     """:func:`_ell_core` (``[S, C, L]`` -> ``[S, R, L]``), compiled or in eager torch ops (chunked)."""
     if compiled:
-        try:
-            with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES_LIMIT):
-                return _compiled_ell()(values, cols, dense.contiguous())
-        except Exception as e:  # inductor needs a working C++ compiler (and its headers) on this machine
-            raise RuntimeError(f"torch.compile of the gather-multiply-sum failed ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else ''}); use kernel 'csr' or 'gather'") from e
+        return _run_compiled(_ell_core, values, cols, dense.contiguous())
     s, _, length = dense.shape
     per_position = values.numel() * dense.element_size()  # bytes gathered per (s, l)
     step_l = max(1, min(length, GATHER_CHUNK_BYTES // per_position))
@@ -141,7 +188,9 @@ def _product(kernel: SparseKernel, operand, dense: torch.Tensor) -> torch.Tensor
     """``A @ dense`` by ``kernel``: ``dense`` ``[S, C, L]`` for the ELL kernels, ``[C, P]`` for CSR/BSR."""
     if kernel.batch_major:
         values, cols = operand
-        return ell_matmul(values, cols, dense, compiled=kernel is SparseKernel.COMPILED)
+        if kernel is SparseKernel.DIRECT:  # a linear layer's one tap
+            values, cols = values[0], cols[0]
+        return ell_matmul(values, cols, dense, compiled=kernel is not SparseKernel.GATHER)
     return operand @ dense
 
 
@@ -193,6 +242,8 @@ def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, 
     b, _, h, w = x.shape
     hout = _out_size(h, kh, stride[0], padding[0], dilation[0])
     wout = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    if kernel is SparseKernel.DIRECT:
+        return _run_compiled(_direct_core, *operand, x.contiguous(), (kh, kw), stride, padding, dilation, (hout, wout))
     cols = conv_columns(x, (kh, kw), conv_args, kernel.batch_major)
     y = _product(kernel, operand, cols)  # [B, Cout, L] or [Cout, B*L]
     if kernel.batch_major:
@@ -205,6 +256,14 @@ def sparse_conv2d_input_grad(grad_out: torch.Tensor, operand_t, kernel: SparseKe
     """``conv2d_input(x_shape, W*m, grad_out)`` for a groups=1 conv; ``operand_t`` = ``A^T``."""
     cout, _, kh, kw = weight_shape
     b = grad_out.shape[0]
+    stride, padding, dilation, _ = conv_args
+    if kernel is SparseKernel.DIRECT and tuple(stride) == (1, 1):  # a direct conv of grad_out with the flipped taps
+        flipped = tuple(d * (k - 1) - p for k, p, d in zip((kh, kw), padding, dilation))
+        return _run_compiled(_direct_core, *operand_t, grad_out.contiguous(), (kh, kw), (1, 1), flipped, dilation,
+                             tuple(x_shape[2:]))
+    if kernel is SparseKernel.DIRECT:
+        return _run_compiled(_direct_transposed_core, *operand_t, grad_out.contiguous(), tuple(x_shape[2:]),
+                             (kh, kw), stride, padding, dilation)
     if kernel.batch_major:
         cols = _product(kernel, operand_t, grad_out.reshape(b, cout, -1))  # [B, K, L]
     else:

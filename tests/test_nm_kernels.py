@@ -10,6 +10,7 @@ from bame.nm_compressed import NMIndex
 from bame.nm_kernels import SparseKernel, nm_sparse_conv2d, nm_sparse_linear
 
 EAGER = [SparseKernel.CSR, SparseKernel.BSR, SparseKernel.GATHER]
+COMPILED = [SparseKernel.COMPILED, SparseKernel.DIRECT]  # torch.compile: a few seconds per shape on a CPU
 # (cin, cout, kernel, stride, padding, dilation, pattern, layout): every conv option the layers take
 CONVS = [
     (8, 6, (3, 3), 1, 1, 1, "2:4", "row"),
@@ -114,25 +115,30 @@ def test_unsupported_layers_are_refused_with_the_reason():
         nm_sparse_conv2d(torch.randn(1, 2, 5, 5), w, None, mask, index, "cusparselt")
 
 
-@pytest.mark.parametrize("case", [CONVS[1], CONVS[4]])
-def test_compiled_equals_masked_dense(case):
-    """torch.compile of the gather-multiply-sum (compiles for a few seconds per shape on a CPU)."""
+@pytest.mark.parametrize("kernel", COMPILED)
+@pytest.mark.parametrize("case", [CONVS[1], CONVS[6]])  # strided; padded 1x1 (its transposed conv crops)
+def test_compiled_equals_masked_dense(kernel, case):
     x, w, b, mask, index, args = _conv_case(case, torch.float32)
-    ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, "compiled", **args), x, w, b)
+    ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, kernel, **args), x, w, b)
     ref = _grads(lambda x, w, b: F.conv2d(x, w * mask, b, **args), x, w, b)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kernel", COMPILED)
 @pytest.mark.parametrize("case", CONVS)
-def test_compiled_every_conv_option_and_gradcheck(case):
+def test_compiled_every_conv_option_and_gradcheck(kernel, case):
     x, w, b, mask, index, args = _conv_case(case, torch.float32)
-    ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, "compiled", **args), x, w, b)
+    ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, kernel, **args), x, w, b)
     ref = _grads(lambda x, w, b: F.conv2d(x, w * mask, b, **args), x, w, b)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
     x, w, b, mask, index, args = _conv_case(case, torch.float64)
     x, w, b = x[:1].clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, "compiled", **args), (x, w, b))
+        lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, kernel, **args), (x, w, b))
+    wl = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    ml = random_nm_mask(wl.shape, 2, 8)
+    assert torch.autograd.gradcheck(lambda x, w: nm_sparse_linear(x, w, None, ml, NMIndex(ml, "2:8"), kernel),
+                                    (torch.randn(3, 16, dtype=torch.float64, requires_grad=True), wl))

@@ -1,0 +1,253 @@
+"""Can sparse forward / input-gradient kernels make N:M training steps faster than dense ones?
+
+    OMP_NUM_THREADS=2 python benchmarks/nm_kernels.py [--threads 2] [--quick] [--out results.json]
+
+Part 1, per layer shape (every distinct N:M conv of CIFAR ResNet-32 at batch 128 and of torchvision
+ResNet-50 at 224, batch 8; ResNet-50's 2048->1000 linear as a linear shape) and pattern (2:4, 1:8,
+1:16, magnitude masks), all on the same tensors, interleaved round-robin in one process:
+
+- forward ``Y = op(X, W*m)``: ``masked_dense`` (``W*m`` then ``F.conv2d`` / ``F.linear``: what the layers
+  run today) and each :class:`bame.nm_kernels.SparseKernel` (``csr``, ``bsr``, ``gather``, ``compiled``),
+  the re-pack of ``A = W*m`` from the weight included;
+- input gradient ``dX``: ``conv2d_input`` / ``dY @ (W*m)`` vs each kernel (re-pack of ``A^T`` included);
+- weight gradient: ``masked_dense`` vs ``gather`` (the SDDMM of ``WeightGradKernel.GATHER``), and that
+  SDDMM fed the forward's ``[K, B*L]`` conv columns (what sharing the im2col of ``csr`` would leave);
+- the pieces: im2col ``[K, B*L]`` and ``[B, K, L]``, ``fold`` (col2im), re-pack of CSR / ELL values
+  (both operands), re-building the CSR tensors from ``W*m`` (``to_sparse_csr``), building the index.
+
+Ratios are medians over rounds of the per-round ratio kernel / masked_dense.
+
+Part 2, whole training steps (``bame.step.training_step`` on a fixed batch, ledger and recorders off):
+``dense`` and BAME outside adaptation with ``weight_grad_kernel`` ``masked_dense`` and ``auto``, per
+pattern, interleaved; then the **estimate**: per layer shape the fastest forward, input-gradient and
+weight-gradient kernel (what a per-shape ``auto`` would pick from the part-1 timings, with the SDDMM on
+shared columns where the forward made them), and ``step(bame masked_dense) - sum over layers of the
+time saved`` / ``step(dense)``. The same arithmetic for the weight gradient alone predicts the measured
+``bame auto`` step, a check of the estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.grad import conv2d_input, conv2d_weight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Variant, interleaved, machine, median, paired_ratio, write_json  # noqa: E402
+from sparse_wgrad import _shape_str, layer_shapes  # noqa: E402
+
+from bame.autograd import _gather_conv_weight_grad, _gather_linear_weight_grad, _GatherPlan, _sddmm  # noqa: E402
+from bame.nm import nm_mask  # noqa: E402
+from bame.nm_compressed import NMIndex  # noqa: E402
+from bame.nm_kernels import (SparseKernel, _fold, conv_columns, pack, sparse_conv2d,  # noqa: E402
+                             sparse_conv2d_input_grad, sparse_linear, sparse_linear_input_grad)
+
+PATTERNS = ["2:4", "1:8", "1:16"]
+KERNELS = [k.value for k in SparseKernel]
+SHARED = "gather_shared_cols"  # the weight-gradient SDDMM on the forward's [K, B*L] columns
+
+
+def _timed(fns: dict, reps: int) -> dict[str, list[float]]:
+    """Each function once untimed, then ``reps`` rounds round-robin (order rotating); all times in s."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            t0 = time.perf_counter()
+            fns[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]:
+    """The functions to time for one layer shape and pattern, named ``phase/kernel`` or ``piece/name``."""
+    n, m = (int(v) for v in pattern.split(":"))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(e["weight"], generator=gen)
+    x = torch.randn(e["input"], generator=gen)
+    mask = nm_mask(w.abs(), n, m)
+    index = NMIndex(mask, pattern)
+    w_eff = w * mask
+    plan = _GatherPlan.build(mask.reshape(w.shape[0], -1))
+    ks = [SparseKernel(k) for k in kernels]
+    fns: dict[str, callable] = {}
+    if e["kind"] == "conv":
+        args = (tuple(e["stride"]), tuple(e["padding"]), (1, 1), 1)
+        stride, padding = args[0], args[1]
+        dy = torch.randn(F.conv2d(x, w, None, stride, padding).shape, generator=gen)
+        khw = tuple(e["weight"][2:])
+        fns["forward/masked_dense"] = lambda: F.conv2d(x, w * mask, None, stride, padding)
+        fns["input_grad/masked_dense"] = lambda: conv2d_input(x.shape, w_eff, dy, stride, padding)
+        for k in ks:
+            fns[f"forward/{k.value}"] = lambda k=k: sparse_conv2d(x, pack(index, w, k), k, w.shape, args)
+            fns[f"input_grad/{k.value}"] = lambda k=k: sparse_conv2d_input_grad(
+                dy, pack(index, w, k, transpose=True), k, x.shape, w.shape, args)
+        fns["weight_grad/masked_dense"] = lambda: conv2d_weight(x, w.shape, dy, stride, padding) * mask
+        fns["weight_grad/gather"] = lambda: _gather_conv_weight_grad(x, dy, plan, w.shape, args)
+        cols_t = conv_columns(x, khw, args, batch_major=False)
+        fns[f"weight_grad/{SHARED}"] = lambda: _sddmm(dy.transpose(0, 1).reshape(w.shape[0], -1), cols_t, plan)
+        cols_b = conv_columns(x, khw, args, batch_major=True)
+        fns["piece/im2col_K_BL"] = lambda: conv_columns(x, khw, args, batch_major=False)
+        fns["piece/unfold_B_K_L"] = lambda: conv_columns(x, khw, args, batch_major=True).contiguous()
+        fns["piece/fold"] = lambda: _fold(cols_b, x.shape, khw, args)
+    else:
+        dy = torch.randn(x.shape[0], w.shape[0], generator=gen)
+        fns["forward/masked_dense"] = lambda: F.linear(x, w * mask)
+        fns["input_grad/masked_dense"] = lambda: dy @ w_eff
+        for k in ks:
+            fns[f"forward/{k.value}"] = lambda k=k: sparse_linear(x, pack(index, w, k), k)
+            fns[f"input_grad/{k.value}"] = lambda k=k: sparse_linear_input_grad(dy, pack(index, w, k, True), k)
+        fns["weight_grad/masked_dense"] = lambda: (dy.t() @ x) * mask
+        fns["weight_grad/gather"] = lambda: _gather_linear_weight_grad(x, dy, plan)
+    fns["piece/repack_csr"] = lambda: (index.csr.pack(w), index.csr_t.pack(w))
+    fns["piece/repack_ell"] = lambda: (index.ell.pack(w), index.ell_t.pack(w))
+    fns["piece/rebuild_csr"] = lambda: ((w * mask).reshape(w.shape[0], -1).to_sparse_csr(),
+                                        (w * mask).reshape(w.shape[0], -1).t().to_sparse_csr())
+    fns["piece/build_index_csr"] = lambda: (lambda i: (i.csr, i.csr_t))(NMIndex(mask, pattern))
+    fns["piece/build_index_ell"] = lambda: (lambda i: (i.ell, i.ell_t))(NMIndex(mask, pattern))
+    fns["_ell_t_padding"] = index.ell_t.padding  # not timed: a number
+    return fns
+
+
+def bench_layer(e: dict, pattern: str, kernels: list[str], reps: int) -> dict:
+    fns = layer_case(e, pattern, kernels)
+    padding = fns.pop("_ell_t_padding")
+    times = _timed(fns, reps)
+    res = {"pattern": pattern, "ell_t_padding": padding, "ms": {k: median(v) * 1e3 for k, v in times.items()},
+           "x_masked_dense": {}}
+    for name, t in times.items():
+        phase = name.split("/")[0]
+        if phase != "piece":
+            res["x_masked_dense"][name] = paired_ratio(t, times[f"{phase}/masked_dense"])["median"]
+    res["choice"] = choose(res["ms"], e)
+    return res
+
+
+def choose(ms: dict[str, float], e: dict) -> dict:
+    """What a per-shape ``auto`` would run: the fastest forward, input gradient and weight gradient, the
+    SDDMM on shared columns counted only when the chosen forward (csr/bsr) made them."""
+    def best(phase: str, allowed=None) -> tuple[str, float]:
+        opts = {k.split("/")[1]: v for k, v in ms.items() if k.startswith(phase + "/")
+                and (allowed is None or k.split("/")[1] in allowed)}
+        name = min(opts, key=opts.get)
+        return name, opts[name]
+
+    ig = best("input_grad")
+    plans = []
+    for fwd, t_fwd in ((k.split("/")[1], v) for k, v in ms.items() if k.startswith("forward/")):
+        wg_allowed = {"masked_dense", "gather"} | ({SHARED} if fwd in ("csr", "bsr") else set())
+        wg = best("weight_grad", wg_allowed)
+        plans.append((t_fwd + ig[1] + wg[1], fwd, wg))
+    total, fwd, wg = min(plans)
+    dense = ms["forward/masked_dense"] + ms["input_grad/masked_dense"] + ms["weight_grad/masked_dense"]
+    wg_only = best("weight_grad", {"masked_dense", "gather"})
+    return {"forward": fwd, "input_grad": ig[0], "weight_grad": wg[0], "ms": total, "masked_dense_ms": dense,
+            "weight_grad_only_saving_ms": ms["weight_grad/masked_dense"] - wg_only[1]}
+
+
+def _cell(r: dict, phase: str, kernels: list[str]) -> str:
+    return " ".join(f"{r['x_masked_dense'].get(f'{phase}/{k}', float('nan')):5.2f}" for k in kernels)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the issue's targets: 2)")
+    ap.add_argument("--quick", action="store_true", help="few shapes, small batches, 3 repeats, no steps")
+    ap.add_argument("--reps", type=int, default=0, help="timed rounds per layer case (default 7, --quick 3)")
+    ap.add_argument("--step-rounds", type=int, default=5, help="rounds of the whole-step timing")
+    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {KERNELS}")
+    ap.add_argument("--models", default="resnet32,resnet50")
+    ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps = args.reps or (3 if args.quick else 7)
+    kernels = [SparseKernel(k).value for k in args.kernels.split(",") if k]
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    out = {"command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
+           "machine": machine(), "reps": reps, "kernels": kernels, "layers": [], "steps": {}, "estimate": {}}
+    log(f"machine: {out['machine']}")
+    specs = {"resnet32": (32 if args.quick else 128, 32, 10), "resnet50": (2 if args.quick else 8, 224, 1000)}
+    models = args.models.split(",")
+    head = " ".join(f"{k[:5]:>5}" for k in kernels)
+    log(f"\nper layer, kernel / masked_dense (median of per-round ratios); fwd ms and pieces in ms\n"
+        f"{'model':<9} {'shape':<42} {'n':>2} {'pat':>4} {'fwd ms':>7} | fwd {head} | igrad {head} | "
+        f"wgrad gath shrd | im2col unfold fold | repack csr ell rebuild index | pad | auto choice")
+    for model_name in models:
+        batch, image, classes = specs[model_name]
+        shapes = layer_shapes(model_name, batch, image, classes)
+        if args.quick:
+            shapes = shapes[:2] + shapes[-2:]
+        for e in shapes:
+            rows = [bench_layer(e, p, kernels, reps) for p in PATTERNS]
+            out["layers"].append({"model": model_name, **e, "count": len(e["layers"]), "results": rows})
+            for r in rows:
+                ms, x = r["ms"], r["x_masked_dense"]
+                c = r["choice"]
+                log(f"{model_name:<9} {_shape_str(e):<42} {len(e['layers']):>2} {r['pattern']:>4} "
+                    f"{ms['forward/masked_dense']:7.2f} | {_cell(r, 'forward', kernels)} | "
+                    f"{_cell(r, 'input_grad', kernels)} | {x['weight_grad/gather']:5.2f} "
+                    f"{x.get(f'weight_grad/{SHARED}', float('nan')):5.2f} | "
+                    f"{ms.get('piece/im2col_K_BL', 0):6.2f} {ms.get('piece/unfold_B_K_L', 0):6.2f} "
+                    f"{ms.get('piece/fold', 0):6.2f} | {ms['piece/repack_csr']:6.2f} {ms['piece/repack_ell']:6.2f} "
+                    f"{ms['piece/rebuild_csr']:6.2f} {ms['piece/build_index_csr'] + ms['piece/build_index_ell']:6.1f} "
+                    f"| {r['ell_t_padding']:4.2f} | {c['forward']}/{c['input_grad']}/{c['weight_grad']} "
+                    f"{c['ms'] / c['masked_dense_ms']:.2f}x")
+    if not (args.skip_steps or args.quick):
+        for model_name in models:
+            whole_steps(model_name, specs[model_name], out, args.step_rounds, log)
+    if args.out:
+        write_json(args.out, out, log)
+    return 0
+
+
+def whole_steps(model_name: str, spec: tuple, out: dict, rounds: int, log) -> None:
+    """Part 2: measured dense / BAME steps and the estimate from the per-layer choices."""
+    batch, image, classes = spec
+    dev = torch.device("cpu")
+    log(f"\n{model_name} whole training steps, batch {batch}, ledger and recorders off:")
+    variants = [Variant("dense", model_name, "dense", "2:4", batch, image, classes, dev, instrument=False).build()]
+    for p in PATTERNS:
+        for kernel in ("masked_dense", "auto"):
+            variants.append(Variant(f"bame_{kernel}_{p}", model_name, "bame", p, batch, image, classes, dev,
+                                    instrument=False, weight_grad_kernel=kernel).build())
+    interleaved(variants, rounds, 1, warmup=2, log=log)
+    by = {v.label: v for v in variants}
+    dense_s = median(by["dense"].times)
+    out["steps"][model_name] = {"batch": batch, "all_s": {v.label: v.times for v in variants},
+                                "x_dense": {v.label: paired_ratio(v.times, by["dense"].times) for v in variants}}
+    layers = [lay for lay in out["layers"] if lay["model"] == model_name and not lay["layers"][0].startswith("(")]
+    for p in PATTERNS:
+        md = by[f"bame_masked_dense_{p}"]
+        md_x = paired_ratio(md.times, by["dense"].times)["median"]
+        auto_x = paired_ratio(by[f"bame_auto_{p}"].times, by["dense"].times)["median"]
+        rows = [(lay["count"], next(r for r in lay["results"] if r["pattern"] == p)) for lay in layers]
+        saved = sum(c * (r["choice"]["masked_dense_ms"] - r["choice"]["ms"]) for c, r in rows) / 1e3
+        saved_wg = sum(c * r["choice"]["weight_grad_only_saving_ms"] for c, r in rows) / 1e3
+        layer_s = sum(c * r["choice"]["masked_dense_ms"] for c, r in rows) / 1e3
+        fwd_ig_s = sum(c * (r["ms"]["forward/masked_dense"] + r["ms"]["input_grad/masked_dense"]) for c, r in rows) / 1e3
+        n, m = (int(v) for v in p.split(":"))
+        est = {"bame_masked_dense_x": md_x, "bame_auto_measured_x": auto_x,
+               "bame_auto_predicted_x": md_x - saved_wg / dense_s, "estimate_x": md_x - saved / dense_s,
+               "layers_share_of_dense_step": layer_s / dense_s,
+               "if_fwd_and_igrad_were_free_x": md_x - fwd_ig_s / dense_s,
+               "ideal_flops_x": md_x - layer_s * (1 - n / m) / dense_s,
+               "choices": [{"shape": _shape_str(lay), "count": c, **{k: r["choice"][k] for k in
+                            ("forward", "input_grad", "weight_grad")}} for lay, (c, r) in zip(layers, rows)]}
+        out["estimate"][f"{model_name} {p}"] = est
+        log(f"  {p}: bame masked_dense {md_x:.3f}x dense; bame auto measured {auto_x:.3f}x (predicted "
+            f"{est['bame_auto_predicted_x']:.3f}x); with per-shape sparse kernels estimated "
+            f"**{est['estimate_x']:.3f}x**; N:M layers are {est['layers_share_of_dense_step']:.0%} of the dense "
+            f"step; if forward+input grad cost nothing {est['if_fwd_and_igrad_were_free_x']:.3f}x; at ideal FLOPs "
+            f"{est['ideal_flops_x']:.3f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
