@@ -43,19 +43,16 @@ __all__ = ["EllIndex", "CsrIndex", "NMIndex", "group_offsets"]
 
 @dataclass(frozen=True)
 class EllIndex:
-    """``T`` entries per row of an ``[R, C]`` matrix: ``out[r] = sum_t values[t, r] * dense[cols[t, r]]``.
+    """``T`` entries per row of an ``[R, C]`` matrix: ``out[r] = sum_t values[t, r] * dense[cols[t, r]]``."""
 
-    With leading dimensions (``[..., R, C]``, e.g. one matrix per conv tap) ``cols`` is ``[..., T, R]``.
-    """
-
-    shape: tuple[int, ...]  # ([...,] R, C) of the matrices this describes
-    cols: torch.Tensor  # [..., T, R] int64: column of the t-th entry of row r
+    shape: tuple[int, int]  # (R, C) of the matrix this describes
+    cols: torch.Tensor  # [T, R] int64: column of the t-th entry of row r
     src: torch.Tensor  # [cols.numel()] int64: position of that entry in weight.reshape(-1)
     keep: Optional[torch.Tensor]  # [cols.numel()] bool, False at padding entries; None when there are none
 
     @property
     def width(self) -> int:
-        return self.cols.shape[-2]
+        return self.cols.shape[0]
 
     @property
     def padding(self) -> float:
@@ -92,23 +89,18 @@ class CsrIndex:
 
 
 def _ell_at(kept: torch.Tensor, source: torch.Tensor, cols: torch.Tensor) -> EllIndex:
-    """ELL whose row r holds the columns ``cols[..., r, :]`` (``[..., R, T]``) of ``kept`` ``[..., R, C]``;
-    ``source`` (``kept``'s shape) gives each entry's flat weight position, and a listed column that ``kept``
-    does not keep is padding (value 0)."""
-    keep = kept.gather(-1, cols).transpose(-1, -2)
-
-    def entry_major(t: torch.Tensor) -> torch.Tensor:  # [..., R, T] -> [..., T, R], contiguous
-        return t.transpose(-1, -2).contiguous()
-
-    return EllIndex(tuple(kept.shape), entry_major(cols), entry_major(source.gather(-1, cols)).reshape(-1),
-                    None if bool(keep.all()) else keep.contiguous().reshape(-1))
+    """ELL whose row r holds the columns ``cols[r]`` (``[R, T]``) of ``kept`` ``[R, C]``; ``source[R, C]`` gives
+    each entry's flat weight position, and a listed column that ``kept`` does not keep is padding (value 0)."""
+    keep = kept.gather(1, cols)
+    return EllIndex(tuple(kept.shape), cols.t().contiguous(), source.gather(1, cols).t().reshape(-1).contiguous(),
+                    None if bool(keep.all()) else keep.t().reshape(-1).contiguous())
 
 
 def _ell_of(kept: torch.Tensor, source: torch.Tensor) -> EllIndex:
-    """ELL of the True entries of ``kept`` ``[..., R, C]``: each row lists its kept columns in ascending order,
-    then padding entries (masked columns) up to the largest row count of all the matrices."""
-    width = max(1, int(kept.sum(-1).max())) if kept.numel() else 1  # one host read, at build time only
-    order = torch.sort((~kept).to(torch.uint8), dim=-1, stable=True).indices[..., :width]  # kept first
+    """ELL of the True entries of ``kept`` ``[R, C]``: each row lists its kept columns in ascending order, then
+    padding entries (masked columns) up to the largest row count."""
+    width = max(1, int(kept.sum(1).max())) if kept.numel() else 1  # one host read, at build time only
+    order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices[:, :width]  # kept first
     return _ell_at(kept, source, order)
 
 
@@ -148,7 +140,7 @@ class NMIndex:
     def ell(self) -> EllIndex:
         """ELL of ``A = W*m``: ``G*N`` entries per row, built from the in-group offsets."""
         cout, k = self._kept.shape
-        n, m = self.pattern.n, self.pattern.m
+        m = self.pattern.m
         # The PyTorch column (0..K-1) of each slot of each group, in the layer's layout: [G, M].
         slots = group_view(torch.arange(k, device=self._kept.device).view(1, *self.weight_shape[1:]), m,
                            self.layout)[0]
@@ -160,28 +152,18 @@ class NMIndex:
         """ELL of ``A^T`` (``[K, Cout]``), padded to the largest column count of ``A``."""
         return _ell_of(self._kept.t(), self._source.t())
 
-    def _taps(self, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept entries and sources as one ``[Cout, Cin]`` matrix per conv tap: ``[kh*kw, Cout, Cin]``
-        (``flip``: ``[kh*kw, Cin, Cout]`` of the transposed conv, taps in reverse order)."""
+    @cached_property
+    def conv_t(self) -> EllIndex:
+        """ELL of the transposed conv (the input gradient as a direct convolution): row ``c`` lists the kept
+        ``(o, i, j)`` of ``W[o, c, kh-1-i, kw-1-j]``, ``[Cin, Cout*kh*kw]`` (flipped taps), padded to the
+        largest row. For a 2-D weight this is :attr:`ell_t`'s matrix."""
         shape = self.weight_shape if len(self.weight_shape) == 4 else self.weight_shape + (1, 1)
-        kept, source = self._kept.view(shape), self._source.view(shape)  # [Cout, Cin, kh, kw]
-        if flip:
-            kept, source = kept.transpose(0, 1).flip(2, 3), source.transpose(0, 1).flip(2, 3)
-        taps = shape[2] * shape[3]
-        return (kept.permute(2, 3, 0, 1).reshape(taps, kept.shape[0], kept.shape[1]),
-                source.permute(2, 3, 0, 1).reshape(taps, kept.shape[0], kept.shape[1]))
+        cin = shape[1]
 
-    @cached_property
-    def taps(self) -> EllIndex:
-        """ELL per conv tap ``(i, j)`` of ``W[:, :, i, j] * m`` (``[kh*kw, Cout, Cin]``), padded to the largest row:
-        a direct convolution sums them over shifted input windows, without conv columns. In layout ``channel``
-        each tap keeps exactly ``Cin/M*N`` per row (no padding); in ``row`` the counts vary."""
-        return _ell_of(*self._taps(flip=False))
+        def flipped(t: torch.Tensor) -> torch.Tensor:  # [Cout, K] -> [Cin, Cout*kh*kw]
+            return t.view(shape).transpose(0, 1).flip(2, 3).reshape(cin, -1)
 
-    @cached_property
-    def taps_t(self) -> EllIndex:
-        """ELL per tap of the transposed conv (the input gradient): ``[kh*kw, Cin, Cout]``, taps flipped."""
-        return _ell_of(*self._taps(flip=True))
+        return _ell_of(flipped(self._kept), flipped(self._source))
 
     @cached_property
     def csr(self) -> CsrIndex:

@@ -10,22 +10,22 @@ kernel        product                                     conv columns
 ``bsr``       the same with 1x1-block BSR (MKL's BSR)     as ``csr``
 ``gather``    ELL gather-multiply-sum in torch ops        ``[B, K, L]`` (``F.unfold`` / ``F.fold``)
 ``compiled``  the same gather-multiply-sum, torch.compile  as ``gather``
-``direct``    per-tap gather-multiply-sum over shifted    none: a direct convolution (input gradient of
-              input windows, torch.compile                a strided conv: scattered into strided windows)
+``direct``    gather-multiply-sum over shifted input      none: a direct convolution (the input gradient
+              windows, torch.compile                      of a strided conv on zero-interleaved ``dY``)
 ============  ==========================================  =============================================
 
 ``L`` is the number of output positions of one image, ``K = Cin*kh*kw``. For a 1x1 conv with stride 1
 and no padding the columns are the input itself (a view for ``gather``/``compiled``). The batch-major
 ``[B, K, L]`` layout makes the ELL kernels' output ``[B, Cout, L]`` the conv's own layout (no copy);
 CSR wants one ``[K, B*L]`` matrix, so its output is permuted back (one copy). ``direct`` reads the
-(padded) input in place: per tap ``(i, j)`` one ELL product ``NMIndex.taps`` with the window of the
-input that tap sees, so inductor's loads stay contiguous along the output row (summed over an inner
-dimension, or gathered through an index tensor, they would be gathered 16 scalars per vector).
+padded input in place: each kept weight ``(c, i, j)`` selects the input window starting at its flat
+offset, so inductor's loads stay contiguous along the output row (an ELL summed over an inner dimension,
+or a window shifted by an index tensor, made it gather 16 scalars per vector instead).
 
 Work: ``csr``/``bsr`` multiply-add each kept weight once per position (``|m| x positions``, the ideal
 work); ``gather``/``compiled`` too for the forward, and ``ell_t.padding`` times that for the input
-gradient (zero-valued padding entries); ``direct`` ``taps.padding`` times it (1.0 in layout ``channel``)
-and ``taps_t.padding`` for the input gradient. ``gather`` materialises the gathered columns in chunks of at
+gradient (zero-valued padding entries); ``direct`` ``conv_t.padding`` times it for the input gradient
+(times ``stride^2`` for a strided conv: the zeros interleaved into ``dY``). ``gather`` materialises the gathered columns in chunks of at
 most :data:`GATHER_CHUNK_BYTES`.
 
 Supported: float32 and float64 (``csr``/``bsr``: MKL has no half-precision CSR product), the CPU (the
@@ -95,12 +95,11 @@ def _check(kernel: SparseKernel, dtype: torch.dtype, device: torch.device, group
 def pack(index: NMIndex, weight: torch.Tensor, kernel: SparseKernel, transpose: bool = False):
     """The operand ``A = W*m`` (``transpose``: ``A^T``) of ``kernel``, re-packed from the current ``weight``.
 
-    ``csr``/``bsr``: a sparse tensor; ``gather``/``compiled``: ``(values, cols)``, both ``[T, R]``; ``direct``:
-    the same per conv tap, ``[kh*kw, T, R]`` (one tap for a linear layer).
+    ``csr``/``bsr``: a sparse tensor; ``gather``/``compiled``/``direct``: ``(values, cols)``, both ``[T, R]``
+    (``direct`` transposed: the flipped transposed conv's, :attr:`NMIndex.conv_t`).
     """
-    if kernel is SparseKernel.DIRECT:
-        taps = index.taps_t if transpose else index.taps
-        return taps.pack(weight), taps.cols
+    if kernel is SparseKernel.DIRECT and transpose:
+        return index.conv_t.pack(weight), index.conv_t.cols
     if kernel.batch_major:
         ell = index.ell_t if transpose else index.ell
         return ell.pack(weight), ell.cols
@@ -116,35 +115,32 @@ def _ell_core(values: torch.Tensor, cols: torch.Tensor, dense: torch.Tensor) -> 
     return (values[None, :, :, None] * dense[:, cols, :]).sum(1)
 
 
-def _direct_core(values: torch.Tensor, cols: torch.Tensor, x: torch.Tensor, kernel_hw: tuple, stride: tuple,
-                 padding: tuple, dilation: tuple, out_hw: tuple) -> torch.Tensor:
-    """A conv of ``x`` ``[B, C, H, W]`` whose tap ``(i, j)`` is the ELL ``(values, cols)[i*kw + j]`` (``[T, R]``):
-    ``[B, R, Hout, Wout]``; a negative ``padding`` crops."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel_hw, stride, padding, dilation, out_hw
-    xp = F.pad(x, (pw, pw, ph, ph))
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            win = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]  # [B, C, ho, wo]
-            t = i * kw + j
-            term = (values[t][None, :, :, None, None] * win[:, cols[t]]).sum(1)
-            out = term if out is None else out + term
-    return out
+def _window_core(values: torch.Tensor, cols: torch.Tensor, table: torch.Tensor, xp: torch.Tensor, out_hw: tuple,
+                 stride: tuple, span: int) -> torch.Tensor:
+    """A direct convolution as one ELL product: ``out[b, r, h, w] = sum_t values[t, r] * xp[b].flat[table[cols[t, r]]
+    + h*sh*Wp + w*sw]`` (``xp`` ``[B, C, Hp, Wp]`` padded, contiguous; ``table[k]`` the flat offset of weight
+    column ``k``'s tap in the window, ``span`` one more than the largest): ``[B, R, Hout, Wout]``.
+
+    ``xp`` is viewed as ``[B, span, Hout, Wout]`` windows, one starting at every flat offset, so the entry
+    index selects a window and the loads stay affine (contiguous for stride 1) along the output row.
+    """
+    b, c, hp, wp = xp.shape
+    windows = xp.as_strided((b, span, out_hw[0], out_hw[1]), (c * hp * wp, 1, stride[0] * wp, stride[1]))
+    return (values[None, :, :, None, None] * windows[:, table[cols]]).sum(1)
 
 
-def _direct_transposed_core(values: torch.Tensor, cols: torch.Tensor, grad_out: torch.Tensor, x_hw: tuple,
-                            kernel_hw: tuple, stride: tuple, padding: tuple, dilation: tuple) -> torch.Tensor:
-    """The input gradient of a strided conv: tap ``(i, j)`` (``taps_t``, flipped: entry ``kh*kw-1 - (i*kw+j)``)
-    applied to ``grad_out`` and added into the strided window of the padded input it came from."""
-    (h, w), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = x_hw, kernel_hw, stride, padding, dilation
-    b, _, ho, wo = grad_out.shape
-    dxp = grad_out.new_zeros(b, values.shape[-1], h + 2 * ph, w + 2 * pw)
-    for i in range(kh):
-        for j in range(kw):
-            t = kh * kw - 1 - (i * kw + j)
-            z = (values[t][None, :, :, None, None] * grad_out[:, cols[t]]).sum(1)  # [B, Cin, ho, wo]
-            dxp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw] += z
-    return dxp[:, :, ph:ph + h, pw:pw + w]
+def _direct_conv(operand, x: torch.Tensor, kernel_hw: tuple, stride: tuple, pads: tuple, dilation: tuple,
+                 out_hw: tuple) -> torch.Tensor:
+    """Conv of ``x`` padded by ``pads`` (``(left, right, top, bottom)``; negative crops) with the ELL ``operand``
+    (columns in ``(channel, i, j)`` order of a ``[R, channels*kh*kw]`` weight), compiled."""
+    values, cols = operand
+    xp = F.pad(x, pads).contiguous()
+    _, channels, hp, wp = xp.shape
+    (kh, kw), (dh, dw) = kernel_hw, dilation
+    k = torch.arange(channels * kh * kw, device=x.device)
+    table = (k // (kh * kw)) * (hp * wp) + (k // kw % kh) * (dh * wp) + (k % kw) * dw
+    span = (channels - 1) * hp * wp + (kh - 1) * dh * wp + (kw - 1) * dw + 1
+    return _run_compiled(_window_core, values, cols, table, xp, tuple(out_hw), tuple(stride), span)
 
 
 _COMPILED: dict = {}
@@ -188,8 +184,6 @@ def _product(kernel: SparseKernel, operand, dense: torch.Tensor) -> torch.Tensor
     """``A @ dense`` by ``kernel``: ``dense`` ``[S, C, L]`` for the ELL kernels, ``[C, P]`` for CSR/BSR."""
     if kernel.batch_major:
         values, cols = operand
-        if kernel is SparseKernel.DIRECT:  # a linear layer's one tap
-            values, cols = values[0], cols[0]
         return ell_matmul(values, cols, dense, compiled=kernel is not SparseKernel.GATHER)
     return operand @ dense
 
@@ -243,7 +237,8 @@ def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, 
     hout = _out_size(h, kh, stride[0], padding[0], dilation[0])
     wout = _out_size(w, kw, stride[1], padding[1], dilation[1])
     if kernel is SparseKernel.DIRECT:
-        return _run_compiled(_direct_core, *operand, x.contiguous(), (kh, kw), stride, padding, dilation, (hout, wout))
+        pads = (padding[1], padding[1], padding[0], padding[0])
+        return _direct_conv(operand, x, (kh, kw), stride, pads, dilation, (hout, wout))
     cols = conv_columns(x, (kh, kw), conv_args, kernel.batch_major)
     y = _product(kernel, operand, cols)  # [B, Cout, L] or [Cout, B*L]
     if kernel.batch_major:
@@ -257,13 +252,17 @@ def sparse_conv2d_input_grad(grad_out: torch.Tensor, operand_t, kernel: SparseKe
     cout, _, kh, kw = weight_shape
     b = grad_out.shape[0]
     stride, padding, dilation, _ = conv_args
-    if kernel is SparseKernel.DIRECT and tuple(stride) == (1, 1):  # a direct conv of grad_out with the flipped taps
-        flipped = tuple(d * (k - 1) - p for k, p, d in zip((kh, kw), padding, dilation))
-        return _run_compiled(_direct_core, *operand_t, grad_out.contiguous(), (kh, kw), (1, 1), flipped, dilation,
-                             tuple(x_shape[2:]))
-    if kernel is SparseKernel.DIRECT:
-        return _run_compiled(_direct_transposed_core, *operand_t, grad_out.contiguous(), tuple(x_shape[2:]),
-                             (kh, kw), stride, padding, dilation)
+    if kernel is SparseKernel.DIRECT:  # a direct conv of grad_out (zero-interleaved if strided), flipped taps
+        _, _, ho, wo = grad_out.shape
+        if tuple(stride) != (1, 1):
+            spread = grad_out.new_zeros(b, cout, (ho - 1) * stride[0] + 1, (wo - 1) * stride[1] + 1)
+            spread[:, :, ::stride[0], ::stride[1]] = grad_out
+            grad_out = spread
+        pads = []
+        for size, k, s, p, d in reversed(list(zip(x_shape[2:], (kh, kw), stride, padding, dilation))):
+            rest = (size + 2 * p - d * (k - 1) - 1) % s  # input rows/cols the strided windows never reach
+            pads += [d * (k - 1) - p, d * (k - 1) - p + rest]
+        return _direct_conv(operand_t, grad_out, (kh, kw), (1, 1), tuple(pads), dilation, tuple(x_shape[2:]))
     if kernel.batch_major:
         cols = _product(kernel, operand_t, grad_out.reshape(b, cout, -1))  # [B, K, L]
     else:

@@ -49,6 +49,7 @@ from bame.nm_kernels import (SparseKernel, _fold, conv_columns, pack, sparse_con
 
 PATTERNS = ["2:4", "1:8", "1:16"]
 KERNELS = [k.value for k in SparseKernel]
+DEFAULT_KERNELS = "csr,bsr,compiled,direct"  # gather (eager) is 5-200x dense: measured with --quick only
 SHARED = "gather_shared_cols"  # the weight-gradient SDDMM on the forward's [K, B*L] columns
 
 
@@ -112,25 +113,25 @@ def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]
                                         (w * mask).reshape(w.shape[0], -1).t().to_sparse_csr())
     fns["piece/build_index_csr"] = lambda: (lambda i: (i.csr, i.csr_t))(NMIndex(mask, pattern))
     fns["piece/build_index_ell"] = lambda: (lambda i: (i.ell, i.ell_t))(NMIndex(mask, pattern))
-    fns["_ell_t_padding"] = index.ell_t.padding  # not timed: a number
+    fns["_padding"] = {"ell_t": index.ell_t.padding, "conv_t": index.conv_t.padding}
     return fns
 
 
 def bench_layer(e: dict, pattern: str, kernels: list[str], reps: int) -> dict:
     fns = layer_case(e, pattern, kernels)
-    padding = fns.pop("_ell_t_padding")
+    padding = fns.pop("_padding")
     times = _timed(fns, reps)
-    res = {"pattern": pattern, "ell_t_padding": padding, "ms": {k: median(v) * 1e3 for k, v in times.items()},
+    res = {"pattern": pattern, "padding": padding, "ms": {k: median(v) * 1e3 for k, v in times.items()},
            "x_masked_dense": {}}
     for name, t in times.items():
         phase = name.split("/")[0]
         if phase != "piece":
             res["x_masked_dense"][name] = paired_ratio(t, times[f"{phase}/masked_dense"])["median"]
-    res["choice"] = choose(res["ms"], e)
+    res["choice"] = choose(res["ms"])
     return res
 
 
-def choose(ms: dict[str, float], e: dict) -> dict:
+def choose(ms: dict[str, float]) -> dict:
     """What a per-shape ``auto`` would run: the fastest forward, input gradient and weight gradient, the
     SDDMM on shared columns counted only when the chosen forward (csr/bsr) made them."""
     def best(phase: str, allowed=None) -> tuple[str, float]:
@@ -162,14 +163,17 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="few shapes, small batches, 3 repeats, no steps")
     ap.add_argument("--reps", type=int, default=0, help="timed rounds per layer case (default 7, --quick 3)")
     ap.add_argument("--step-rounds", type=int, default=5, help="rounds of the whole-step timing")
-    ap.add_argument("--kernels", default=",".join(KERNELS), help=f"subset of {KERNELS}")
+    ap.add_argument("--kernels", default=DEFAULT_KERNELS, help=f"subset of {KERNELS}")
     ap.add_argument("--models", default="resnet32,resnet50")
     ap.add_argument("--skip-steps", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = args.reps or (3 if args.quick else 7)
-    kernels = [SparseKernel(k).value for k in args.kernels.split(",") if k]
+    kernels = [k for k in args.kernels.split(",") if k]
+    for k in kernels:
+        if k not in KERNELS:
+            ap.error(f"unknown kernel {k!r}: use some of {','.join(KERNELS)}")
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     out = {"command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else argv)),
            "machine": machine(), "reps": reps, "kernels": kernels, "layers": [], "steps": {}, "estimate": {}}
@@ -179,7 +183,7 @@ def main(argv=None) -> int:
     head = " ".join(f"{k[:5]:>5}" for k in kernels)
     log(f"\nper layer, kernel / masked_dense (median of per-round ratios); fwd ms and pieces in ms\n"
         f"{'model':<9} {'shape':<42} {'n':>2} {'pat':>4} {'fwd ms':>7} | fwd {head} | igrad {head} | "
-        f"wgrad gath shrd | im2col unfold fold | repack csr ell rebuild index | pad | auto choice")
+        f"wgrad gath shrd | im2col unfold fold | repack csr ell rebuild index | pad ell_t conv_t | auto choice")
     for model_name in models:
         batch, image, classes = specs[model_name]
         shapes = layer_shapes(model_name, batch, image, classes)
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
                     f"{ms.get('piece/im2col_K_BL', 0):6.2f} {ms.get('piece/unfold_B_K_L', 0):6.2f} "
                     f"{ms.get('piece/fold', 0):6.2f} | {ms['piece/repack_csr']:6.2f} {ms['piece/repack_ell']:6.2f} "
                     f"{ms['piece/rebuild_csr']:6.2f} {ms['piece/build_index_csr'] + ms['piece/build_index_ell']:6.1f} "
-                    f"| {r['ell_t_padding']:4.2f} | {c['forward']}/{c['input_grad']}/{c['weight_grad']} "
+                    f"| {r['padding']['ell_t']:4.2f} {r['padding']['conv_t']:4.2f} | "
+                    f"{c['forward']}/{c['input_grad']}/{c['weight_grad']} "
                     f"{c['ms'] / c['masked_dense_ms']:.2f}x")
     if not (args.skip_steps or args.quick):
         for model_name in models:
@@ -223,17 +228,17 @@ def whole_steps(model_name: str, spec: tuple, out: dict, rounds: int, log) -> No
     dense_s = median(by["dense"].times)
     out["steps"][model_name] = {"batch": batch, "all_s": {v.label: v.times for v in variants},
                                 "x_dense": {v.label: paired_ratio(v.times, by["dense"].times) for v in variants}}
+    log("  " + ", ".join(f"{v.label} {median(v.times) * 1e3:.0f} ms" for v in variants))
     layers = [lay for lay in out["layers"] if lay["model"] == model_name and not lay["layers"][0].startswith("(")]
     for p in PATTERNS:
-        md = by[f"bame_masked_dense_{p}"]
-        md_x = paired_ratio(md.times, by["dense"].times)["median"]
+        md_x = paired_ratio(by[f"bame_masked_dense_{p}"].times, by["dense"].times)["median"]
         auto_x = paired_ratio(by[f"bame_auto_{p}"].times, by["dense"].times)["median"]
         rows = [(lay["count"], next(r for r in lay["results"] if r["pattern"] == p)) for lay in layers]
-        saved = sum(c * (r["choice"]["masked_dense_ms"] - r["choice"]["ms"]) for c, r in rows) / 1e3
-        saved_wg = sum(c * r["choice"]["weight_grad_only_saving_ms"] for c, r in rows) / 1e3
+        n, m = (int(v) for v in p.split(":"))
         layer_s = sum(c * r["choice"]["masked_dense_ms"] for c, r in rows) / 1e3
         fwd_ig_s = sum(c * (r["ms"]["forward/masked_dense"] + r["ms"]["input_grad/masked_dense"]) for c, r in rows) / 1e3
-        n, m = (int(v) for v in p.split(":"))
+        saved = sum(c * (r["choice"]["masked_dense_ms"] - r["choice"]["ms"]) for c, r in rows) / 1e3
+        saved_wg = sum(c * r["choice"]["weight_grad_only_saving_ms"] for c, r in rows) / 1e3
         est = {"bame_masked_dense_x": md_x, "bame_auto_measured_x": auto_x,
                "bame_auto_predicted_x": md_x - saved_wg / dense_s, "estimate_x": md_x - saved / dense_s,
                "layers_share_of_dense_step": layer_s / dense_s,
@@ -242,11 +247,11 @@ def whole_steps(model_name: str, spec: tuple, out: dict, rounds: int, log) -> No
                "choices": [{"shape": _shape_str(lay), "count": c, **{k: r["choice"][k] for k in
                             ("forward", "input_grad", "weight_grad")}} for lay, (c, r) in zip(layers, rows)]}
         out["estimate"][f"{model_name} {p}"] = est
-        log(f"  {p}: bame masked_dense {md_x:.3f}x dense; bame auto measured {auto_x:.3f}x (predicted "
-            f"{est['bame_auto_predicted_x']:.3f}x); with per-shape sparse kernels estimated "
+        log(f"  {p}: bame masked_dense {md_x:.3f}x dense; bame auto (weight grad) measured {auto_x:.3f}x, predicted "
+            f"{est['bame_auto_predicted_x']:.3f}x; with per-shape sparse kernels estimated "
             f"**{est['estimate_x']:.3f}x**; N:M layers are {est['layers_share_of_dense_step']:.0%} of the dense "
-            f"step; if forward+input grad cost nothing {est['if_fwd_and_igrad_were_free_x']:.3f}x; at ideal FLOPs "
-            f"{est['ideal_flops_x']:.3f}x")
+            f"step; if forward + input grad cost nothing {est['if_fwd_and_igrad_were_free_x']:.3f}x; every N:M "
+            f"layer phase at N/M of its dense time {est['ideal_flops_x']:.3f}x")
 
 
 if __name__ == "__main__":
