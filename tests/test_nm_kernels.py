@@ -43,14 +43,19 @@ def _conv_case(case, dtype):
     return x, w, b, mask, NMIndex(mask, pattern, layout), dict(stride=stride, padding=padding, dilation=dilation)
 
 
-@pytest.mark.parametrize("kernel", EAGER)
-@pytest.mark.parametrize("case", CONVS)
-def test_conv_equals_masked_dense(kernel, case):
+def _assert_conv_equals_masked_dense(kernel, case):
+    """Output, input, weight and bias gradients of ``kernel`` equal plain autograd on ``W*m`` (float32)."""
     x, w, b, mask, index, args = _conv_case(case, torch.float32)
     ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, kernel, **args), x, w, b)
     ref = _grads(lambda x, w, b: F.conv2d(x, w * mask, b, **args), x, w, b)
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", EAGER)
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_equals_masked_dense(kernel, case):
+    _assert_conv_equals_masked_dense(kernel, case)
 
 
 @pytest.mark.parametrize("kernel", EAGER)
@@ -118,22 +123,14 @@ def test_unsupported_layers_are_refused_with_the_reason():
 @pytest.mark.parametrize("kernel", COMPILED)
 @pytest.mark.parametrize("case", [CONVS[1], CONVS[6]])  # strided; padded 1x1 (its transposed conv crops)
 def test_compiled_equals_masked_dense(kernel, case):
-    x, w, b, mask, index, args = _conv_case(case, torch.float32)
-    ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, kernel, **args), x, w, b)
-    ref = _grads(lambda x, w, b: F.conv2d(x, w * mask, b, **args), x, w, b)
-    for a, r in zip(ours, ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    _assert_conv_equals_masked_dense(kernel, case)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kernel", COMPILED)
 @pytest.mark.parametrize("case", CONVS)
 def test_compiled_every_conv_option_and_gradcheck(kernel, case):
-    x, w, b, mask, index, args = _conv_case(case, torch.float32)
-    ours = _grads(lambda x, w, b: nm_sparse_conv2d(x, w, b, mask, index, kernel, **args), x, w, b)
-    ref = _grads(lambda x, w, b: F.conv2d(x, w * mask, b, **args), x, w, b)
-    for a, r in zip(ours, ref):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    _assert_conv_equals_masked_dense(kernel, case)
     x, w, b, mask, index, args = _conv_case(case, torch.float64)
     x, w, b = x[:1].clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
     assert torch.autograd.gradcheck(
