@@ -21,14 +21,19 @@ Part 2, whole training steps (``bame.step.training_step`` on a fixed batch, ledg
 ``dense`` and BAME outside adaptation with ``weight_grad_kernel`` ``masked_dense`` and ``auto``, per
 pattern, interleaved; then the **estimate**: per layer shape the fastest forward, input-gradient and
 weight-gradient kernel (what a per-shape ``auto`` would pick from the part-1 timings, with the SDDMM on
-shared columns where the forward made them), and ``step(bame masked_dense) - sum over layers of the
-time saved`` / ``step(dense)``. The same arithmetic for the weight gradient alone predicts the measured
-``bame auto`` step, a check of the estimate.
+shared columns where the forward made them), and ``bame masked_dense / dense - sum over layers of
+(in-model time of the phase) x (1 - kernel / masked_dense)`` / dense step. The in-model times come from
+one profiled dense step (``aten::conv2d`` and ``aten::convolution_backward`` per input and weight shape;
+the backward split into input and weight gradient as the isolated masked-dense timings split it):
+isolated layer timings add up to more than a whole step (caches, the interleaved slow kernels), so
+only their ratios are used. The same arithmetic for the weight gradient alone predicts the measured
+``bame auto`` step, a check of the estimate. ``--layers-from`` re-uses part 1 of an earlier output.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -166,6 +171,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default=DEFAULT_KERNELS, help=f"subset of {KERNELS}")
     ap.add_argument("--models", default="resnet32,resnet50")
     ap.add_argument("--skip-steps", action="store_true")
+    ap.add_argument("--layers-from", default=None, help="part 1 from this earlier --out file (runs part 2 only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -184,6 +190,11 @@ def main(argv=None) -> int:
     log(f"\nper layer, kernel / masked_dense (median of per-round ratios); fwd ms and pieces in ms\n"
         f"{'model':<9} {'shape':<42} {'n':>2} {'pat':>4} {'fwd ms':>7} | fwd {head} | igrad {head} | "
         f"wgrad gath shrd | im2col unfold fold | repack csr ell rebuild index | pad ell_t conv_t | auto choice")
+    if args.layers_from:
+        earlier = json.loads(Path(args.layers_from).read_text())
+        out["layers"], out["layers_from"] = earlier["layers"], {"file": args.layers_from, "command": earlier["command"],
+                                                                 "machine": earlier["machine"]}
+        models = []  # part 1 is taken, not measured
     for model_name in models:
         batch, image, classes = specs[model_name]
         shapes = layer_shapes(model_name, batch, image, classes)
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
                     f"{c['forward']}/{c['input_grad']}/{c['weight_grad']} "
                     f"{c['ms'] / c['masked_dense_ms']:.2f}x")
     if not (args.skip_steps or args.quick):
-        for model_name in models:
+        for model_name in args.models.split(","):
             whole_steps(model_name, specs[model_name], out, args.step_rounds, log)
     if args.out:
         write_json(args.out, out, log)
@@ -225,33 +236,61 @@ def whole_steps(model_name: str, spec: tuple, out: dict, rounds: int, log) -> No
                                     instrument=False, weight_grad_kernel=kernel).build())
     interleaved(variants, rounds, 1, warmup=2, log=log)
     by = {v.label: v for v in variants}
-    dense_s = median(by["dense"].times)
     out["steps"][model_name] = {"batch": batch, "all_s": {v.label: v.times for v in variants},
                                 "x_dense": {v.label: paired_ratio(v.times, by["dense"].times) for v in variants}}
     log("  " + ", ".join(f"{v.label} {median(v.times) * 1e3:.0f} ms" for v in variants))
     layers = [lay for lay in out["layers"] if lay["model"] == model_name and not lay["layers"][0].startswith("(")]
+    share, step_s = in_model_times(model_name, spec)
+    out["steps"][model_name]["profiled_dense_step_s"] = step_s
     for p in PATTERNS:
         md_x = paired_ratio(by[f"bame_masked_dense_{p}"].times, by["dense"].times)["median"]
         auto_x = paired_ratio(by[f"bame_auto_{p}"].times, by["dense"].times)["median"]
-        rows = [(lay["count"], next(r for r in lay["results"] if r["pattern"] == p)) for lay in layers]
         n, m = (int(v) for v in p.split(":"))
-        layer_s = sum(c * r["choice"]["masked_dense_ms"] for c, r in rows) / 1e3
-        fwd_ig_s = sum(c * (r["ms"]["forward/masked_dense"] + r["ms"]["input_grad/masked_dense"]) for c, r in rows) / 1e3
-        saved = sum(c * (r["choice"]["masked_dense_ms"] - r["choice"]["ms"]) for c, r in rows) / 1e3
-        saved_wg = sum(c * r["choice"]["weight_grad_only_saving_ms"] for c, r in rows) / 1e3
-        est = {"bame_masked_dense_x": md_x, "bame_auto_measured_x": auto_x,
-               "bame_auto_predicted_x": md_x - saved_wg / dense_s, "estimate_x": md_x - saved / dense_s,
-               "layers_share_of_dense_step": layer_s / dense_s,
-               "if_fwd_and_igrad_were_free_x": md_x - fwd_ig_s / dense_s,
-               "ideal_flops_x": md_x - layer_s * (1 - n / m) / dense_s,
-               "choices": [{"shape": _shape_str(lay), "count": c, **{k: r["choice"][k] for k in
-                            ("forward", "input_grad", "weight_grad")}} for lay, (c, r) in zip(layers, rows)]}
+        saved = saved_wg = free = ideal = layers_frac = 0.0
+        choices = []
+        for lay in layers:
+            r = next(r for r in lay["results"] if r["pattern"] == p)
+            ms, x, c = r["ms"], r["x_masked_dense"], r["choice"]
+            fwd_s, bwd_s = share[(tuple(lay["input"]), tuple(lay["weight"]))]  # all layers of this shape, per step
+            ig = ms["input_grad/masked_dense"] / (ms["input_grad/masked_dense"] + ms["weight_grad/masked_dense"])
+            phases = {"forward": fwd_s / step_s, "input_grad": bwd_s * ig / step_s, "weight_grad": bwd_s * (1 - ig) / step_s}
+            saved += sum(f * (1 - x[f"{ph}/{c[ph]}"]) for ph, f in phases.items())
+            saved_wg += phases["weight_grad"] * max(0.0, 1 - x["weight_grad/gather"])
+            free += phases["forward"] + phases["input_grad"]
+            ideal += sum(phases.values()) * (1 - n / m)
+            layers_frac += sum(phases.values())
+            choices.append({"shape": _shape_str(lay), "count": lay["count"], "step_fraction": phases,
+                            **{ph: c[ph] for ph in phases}})
+        est = {"bame_masked_dense_x": md_x, "bame_auto_measured_x": auto_x, "bame_auto_predicted_x": md_x - saved_wg,
+               "estimate_x": md_x - saved, "layers_share_of_dense_step": layers_frac,
+               "if_fwd_and_igrad_were_free_x": md_x - free, "ideal_flops_x": md_x - ideal, "choices": choices}
         out["estimate"][f"{model_name} {p}"] = est
         log(f"  {p}: bame masked_dense {md_x:.3f}x dense; bame auto (weight grad) measured {auto_x:.3f}x, predicted "
             f"{est['bame_auto_predicted_x']:.3f}x; with per-shape sparse kernels estimated "
-            f"**{est['estimate_x']:.3f}x**; N:M layers are {est['layers_share_of_dense_step']:.0%} of the dense "
-            f"step; if forward + input grad cost nothing {est['if_fwd_and_igrad_were_free_x']:.3f}x; every N:M "
-            f"layer phase at N/M of its dense time {est['ideal_flops_x']:.3f}x")
+            f"**{est['estimate_x']:.3f}x**; N:M layers are {layers_frac:.0%} of the dense step; if forward + input "
+            f"grad cost nothing {est['if_fwd_and_igrad_were_free_x']:.3f}x; every N:M layer phase at N/M of its "
+            f"dense time {est['ideal_flops_x']:.3f}x")
+
+
+def in_model_times(model_name: str, spec: tuple, steps: int = 2) -> tuple[dict, float]:
+    """Seconds per dense step spent in each conv shape's forward and backward, from the profiler:
+    ``{(input shape, weight shape): (forward_s, backward_s)}`` (summed over the layers of that shape), and
+    the profiled step's seconds."""
+    batch, image, classes = spec
+    v = Variant("dense", model_name, "dense", "2:4", batch, image, classes, torch.device("cpu"), instrument=False).build()
+    v.step(), v.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            v.step()
+        step_s = (time.perf_counter() - t0) / steps
+    share: dict[tuple, list[float]] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key == "aten::conv2d":  # (input, weight, bias, ...)
+            share.setdefault((tuple(e.input_shapes[0]), tuple(e.input_shapes[1])), [0.0, 0.0])[0] += e.cpu_time_total
+        elif e.key == "aten::convolution_backward":  # (grad_out, input, weight, ...)
+            share.setdefault((tuple(e.input_shapes[1]), tuple(e.input_shapes[2])), [0.0, 0.0])[1] += e.cpu_time_total
+    return {k: (f / 1e6 / steps, b / 1e6 / steps) for k, (f, b) in share.items()}, step_s
 
 
 if __name__ == "__main__":
