@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from .autograd import _GatherPlan  # the CSR pattern of a bool matrix (row pointers, columns, flat positions)
+from .kernels import GatherPlan  # the CSR pattern of a bool matrix (row pointers, columns, flat positions)
 from .nm import Layout, NMPattern, group_view, is_nm
 
 __all__ = ["EllIndex", "CsrIndex", "NMIndex", "group_offsets"]
@@ -73,7 +73,7 @@ class CsrIndex:
     """The CSR structure of the kept entries of an ``[R, C]`` matrix (columns sorted in each row)."""
 
     shape: tuple[int, int]
-    crow: torch.Tensor  # [R + 1] row pointers (int32 below 2^31 entries, as _GatherPlan builds them)
+    crow: torch.Tensor  # [R + 1] row pointers (int32 below 2^31 entries, as GatherPlan builds them)
     col: torch.Tensor  # [nnz] column indices
     src: torch.Tensor  # [nnz] int64: position of each entry in weight.reshape(-1)
 
@@ -106,7 +106,7 @@ def _ell_of(kept: torch.Tensor, source: torch.Tensor) -> EllIndex:
 
 def _csr_of(kept: torch.Tensor, source: torch.Tensor) -> CsrIndex:
     """CSR of the True entries of ``kept`` ``[R, C]``; ``source`` as in :func:`_ell_of`."""
-    plan = _GatherPlan.build(kept)
+    plan = GatherPlan.build(kept)
     return CsrIndex(plan.shape, plan.crow, plan.col, source.reshape(-1)[plan.flat])
 
 

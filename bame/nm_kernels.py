@@ -46,8 +46,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_weight
+from torch.nn.modules.utils import _pair
 
-from .autograd import _im2col_t, _pair  # the [K, B*L] conv columns of the SDDMM weight gradient
+from .kernels import _im2col_t  # the [K, B*L] conv columns of the SDDMM weight gradient
 from .nm_compressed import NMIndex
 
 __all__ = ["SparseKernel", "GATHER_CHUNK_BYTES", "COMPILED_SHAPES_LIMIT", "unsupported", "pack", "ell_matmul",

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Variant, interleaved, machine, median, paired_ratio, write_json  # noqa: E402
 from sparse_wgrad import _shape_str, layer_shapes  # noqa: E402
 
-from bame.autograd import _gather_conv_weight_grad, _gather_linear_weight_grad, _GatherPlan, _sddmm  # noqa: E402
+from bame.kernels import GatherPlan, gather_conv_weight_grad, gather_linear_weight_grad, sddmm  # noqa: E402
 from bame.nm import nm_mask  # noqa: E402
 from bame.nm_compressed import NMIndex  # noqa: E402
 from bame.nm_kernels import (SparseKernel, _fold, conv_columns, pack, sparse_conv2d,  # noqa: E402
@@ -81,7 +81,7 @@ def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]
     mask = nm_mask(w.abs(), n, m)
     index = NMIndex(mask, pattern)
     w_eff = w * mask
-    plan = _GatherPlan.build(mask.reshape(w.shape[0], -1))
+    plan = GatherPlan.build(mask.reshape(w.shape[0], -1))
     ks = [SparseKernel(k) for k in kernels]
     fns: dict[str, callable] = {}
     if e["kind"] == "conv":
@@ -96,9 +96,9 @@ def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]
             fns[f"input_grad/{k.value}"] = lambda k=k: sparse_conv2d_input_grad(
                 dy, pack(index, w, k, transpose=True), k, x.shape, w.shape, args)
         fns["weight_grad/masked_dense"] = lambda: conv2d_weight(x, w.shape, dy, stride, padding) * mask
-        fns["weight_grad/gather"] = lambda: _gather_conv_weight_grad(x, dy, plan, w.shape, args)
+        fns["weight_grad/gather"] = lambda: gather_conv_weight_grad(x, dy, plan, w.shape, args)
         cols_t = conv_columns(x, khw, args, batch_major=False)
-        fns[f"weight_grad/{SHARED}"] = lambda: _sddmm(dy.transpose(0, 1).reshape(w.shape[0], -1), cols_t, plan)
+        fns[f"weight_grad/{SHARED}"] = lambda: sddmm(dy.transpose(0, 1).reshape(w.shape[0], -1), cols_t, plan)
         cols_b = conv_columns(x, khw, args, batch_major=True)
         fns["piece/im2col_K_BL"] = lambda: conv_columns(x, khw, args, batch_major=False)
         fns["piece/unfold_B_K_L"] = lambda: conv_columns(x, khw, args, batch_major=True).contiguous()
@@ -111,7 +111,7 @@ def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]
             fns[f"forward/{k.value}"] = lambda k=k: sparse_linear(x, pack(index, w, k), k)
             fns[f"input_grad/{k.value}"] = lambda k=k: sparse_linear_input_grad(dy, pack(index, w, k, True), k)
         fns["weight_grad/masked_dense"] = lambda: (dy.t() @ x) * mask
-        fns["weight_grad/gather"] = lambda: _gather_linear_weight_grad(x, dy, plan)
+        fns["weight_grad/gather"] = lambda: gather_linear_weight_grad(x, dy, plan)
     fns["piece/repack_csr"] = lambda: (index.csr.pack(w), index.csr_t.pack(w))
     fns["piece/repack_ell"] = lambda: (index.ell.pack(w), index.ell_t.pack(w))
     fns["piece/rebuild_csr"] = lambda: ((w * mask).reshape(w.shape[0], -1).to_sparse_csr(),
