@@ -192,3 +192,17 @@ def test_a_run_records_the_auto_choices_in_sparsify_csv(tmp_path, train_quick):
     flops = run.table("flops")
     ig = flops[flops.phase == INPUT_GRAD]
     assert len(ig) and (ig["executed_macs"] == ig["ideal_macs"]).all()  # csr runs the kept weights only
+
+
+@pytest.mark.slow
+def test_auto_with_compiled_kernels_times_them_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(fk, "_CHOICES", {})
+    case = (4, 6, (3, 3), 1, 1, 1, "1:4", "row")  # stride 1, output rows of 16: direct is a candidate
+    layer = _conv_layer(case, "auto", "auto", compile_kernels=True)
+    x = torch.randn(2, 4, 6, 16, generator=torch.Generator().manual_seed(2))
+    ours = _layer_grads(layer, x)
+    ref = _grads(lambda x, w, b: F.conv2d(x, w * layer.mask, b, padding=1), x, layer.weight, layer.bias)
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    for c in fk.kernel_choices():
+        assert set(c.seconds) == {"masked_dense", "csr", "bsr", "compiled", "direct"}, c.seconds
