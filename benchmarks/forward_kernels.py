@@ -22,6 +22,7 @@ where each kernel wins. Ratios, not seconds: the machine may be shared; ``machin
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def _choice_rows(before_fwd: int, before_wg: int) -> list[dict]:
 
 def run(model: str, pattern: str, args, log) -> dict:
     batch, image, classes = MODELS[model]
+    batch = args.batch or batch
     dev = torch.device("cpu")
     labels = [k for k in SETTINGS if args.compile_kernels or k != "auto_compiled"]
     before_fwd, before_wg = len(fk.kernel_choices()), len(wk.auto_kernel_choices())
@@ -74,6 +76,26 @@ def run(model: str, pattern: str, args, log) -> dict:
     return res
 
 
+def markdown(out: dict) -> str:
+    """The two tables of docs/performance.md: step / dense step per setting, and the auto decisions per layer."""
+    labels = [k for k in SETTINGS if any(k in r["x_dense"] for r in out["results"].values())]
+    lines = ["| model, pattern | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for name, r in out["results"].items():
+        cells = [f"{r['x_dense'][k]['median']:.2f}x [{r['x_dense'][k]['q1']:.2f}, {r['x_dense'][k]['q3']:.2f}]"
+                 if k in r["x_dense"] else "-" for k in labels]
+        lines.append(f"| {name} (batch {r['batch']}) | " + " | ".join(cells) + " |")
+    lines += ["", "| model, pattern | phase | layer (weight; input) | chosen | ms per candidate |", "|---|---|---|---|---|"]
+    for name, r in out["results"].items():
+        for c in r["auto_choices"]:
+            shape = c["shape"]
+            what = f"{'x'.join(map(str, shape[1]))}; {'x'.join(map(str, shape[2]))}" if len(shape) > 2 else str(shape)
+            if shape and shape[0] == "conv" and len(shape) > 3:
+                what += f" s{shape[3][0][0]}"
+            ms = ", ".join(f"{k} {v}" for k, v in c["ms"].items())
+            lines.append(f"| {name} | {c['phase']} | {what} | {c['chosen']} | {ms} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet32,resnet50")
@@ -82,8 +104,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=0, help="batch size (default: 128 for resnet32, 8 for resnet50)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="print the tables of a written JSON and exit")
     args = ap.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(), "results": {}}
@@ -94,8 +121,7 @@ def main(argv=None) -> int:
             if args.out:  # partial results survive an interrupted run
                 write_json(args.out, {**out, "machine_after": machine()}, log)
     out["machine_after"] = machine()
-    if args.out:
-        write_json(args.out, out, log)
+    log("\n" + markdown(out))
     return 0
 
 
