@@ -1,7 +1,9 @@
 """Custom autograd for N:M sparse conv2d / linear with an explicit backward mode.
 
-Every mode runs the forward and the input gradient with the masked weight ``W_eff = W * mask``.
-They differ only in the weight gradient (``g_eff = dL/dW_eff``, the gradient of the masked weight):
+Every mode runs the forward and the input gradient with the masked weight ``W_eff = W * mask``, by the
+masked dense kernels or, where ``sparse`` (:class:`~bame.forward_kernels.SparseKernels`) picks one, a sparse
+kernel on the compressed form of ``W_eff`` (:mod:`bame.forward_kernels`). The modes differ only in the
+weight gradient (``g_eff = dL/dW_eff``, the gradient of the masked weight):
 
 =========  ================================================  ====================================
 mode       weight gradient returned                           weight-gradient work (ideal MACs)
@@ -33,12 +35,14 @@ from enum import Enum
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch.nn.grad import conv2d_input, conv2d_weight
+from torch.nn.grad import conv2d_weight
 
 from . import contract
+from .forward_kernels import (FORWARD, INPUT_GRAD, SparseKernels, choose, conv_forward, conv_input_grad,
+                              executed_macs, linear_forward, linear_input_grad, nm_index)
 from .kernels import (Count, LazyMacs, WeightGradKernel, gather_conv_weight_grad, gather_linear_weight_grad,
                       gather_plan, mask_count, needed_count, needed_positions, use_gather)
+from .nm_kernels import SparseKernel
 
 __all__ = ["Backward", "Phase", "PhaseCost", "Observer", "WeightGradKernel", "nm_conv2d", "nm_linear"]
 
@@ -81,6 +85,7 @@ class PhaseCost:
 
 
 Observer = Callable[[PhaseCost], None]
+_MASK_MOVES = (Backward.STE, Backward.SRSTE)  # modes whose methods change the mask every step (auto keeps masked dense)
 
 
 def _macs(count: int | Count, positions: int, observer) -> int | LazyMacs:
@@ -133,35 +138,56 @@ def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
     return grad_w
 
 
+def _forward_cost(kernel, macs, weight, positions: int, index_fn) -> PhaseCost:
+    """The forward's cost: ``macs`` ideal; executed by ``kernel`` (masked dense: every weight)."""
+    return PhaseCost(Phase.FORWARD, macs, _executed(kernel, Phase.FORWARD, macs, weight, positions, 0, index_fn),
+                     positions)
+
+
+def _executed(kernel, phase: Phase, ideal, weight, positions: int, input_positions: int, index_fn):
+    if kernel is None:
+        return weight.numel() * positions
+    if kernel in (SparseKernel.CSR, SparseKernel.BSR):
+        return ideal  # the kept weights once per position
+    return executed_macs(kernel, phase.value, index_fn(), positions, input_positions)
+
+
 class _NMLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, mask, grad_mask, mode, srste_decay, kernel, observer):
-        w_eff = weight if mask is None else weight * mask
-        ctx.save_for_backward(x, weight, w_eff, mask, grad_mask)
-        ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer = mode, srste_decay, kernel, observer
+    def forward(ctx, x, weight, bias, mask, grad_mask, mode, srste_decay, kernel, observer, sparse):
+        shape_key = ("linear", tuple(weight.shape), tuple(x.shape), str(x.dtype), str(x.device))
+        fwd = choose(FORWARD, sparse, mode in _MASK_MOVES, shape_key, weight, mask,
+                     lambda k: linear_forward(k, x, weight, mask, bias, sparse))
+        out = linear_forward(fwd, x, weight, mask, bias, sparse)
+        ctx.save_for_backward(x, weight, mask, grad_mask)
+        ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer, ctx.sparse = mode, srste_decay, kernel, observer, sparse
         ctx.has_bias = bias is not None
-        out = F.linear(x, w_eff, bias)
         if observer is not None:
             positions = x.numel() // x.shape[-1]
-            observer(PhaseCost(Phase.FORWARD, _macs(mask_count(mask, weight), positions, observer),
-                               weight.numel() * positions, positions))
+            observer(_forward_cost(fwd, _macs(mask_count(mask, weight), positions, observer), weight, positions,
+                                   lambda: nm_index(mask, sparse)))
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, w_eff, mask, grad_mask = ctx.saved_tensors
-        observer = ctx.observer
+        x, weight, mask, grad_mask = ctx.saved_tensors
+        observer, sparse = ctx.observer, ctx.sparse
         go2 = grad_out.reshape(-1, grad_out.shape[-1])  # [positions, Cout]
         x2 = x.reshape(-1, x.shape[-1])  # [positions, K]
         positions = go2.shape[0]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (go2 @ w_eff.to(go2.dtype)).reshape(x.shape)
+            w_eff = weight if mask is None else weight * mask
+            shape_key = ("linear", tuple(weight.shape), tuple(grad_out.shape), str(grad_out.dtype), str(x.device))
+            ig = choose(INPUT_GRAD, sparse, ctx.mode in _MASK_MOVES, shape_key, weight, mask,
+                        lambda k: linear_input_grad(k, grad_out, weight, mask, w_eff, sparse))
+            grad_x = linear_input_grad(ig, grad_out, weight, mask, w_eff, sparse).reshape(x.shape)
             if observer is not None:
-                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(mask, weight), positions, observer),
-                                   weight.numel() * positions, positions))
+                ideal = _macs(mask_count(mask, weight), positions, observer)
+                observer(PhaseCost(Phase.INPUT_GRAD, ideal, _executed(ig, Phase.INPUT_GRAD, ideal, weight, positions,
+                                                                      0, lambda: nm_index(mask, sparse)), positions))
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(
                 ctx, weight, mask, grad_mask, positions,
@@ -170,40 +196,52 @@ class _NMLinear(torch.autograd.Function):
                 lambda: go2.t() @ x2.to(go2.dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = go2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _NMConv2d(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, mask, grad_mask, conv_args, mode, srste_decay, kernel, observer):
+    def forward(ctx, x, weight, bias, mask, grad_mask, conv_args, mode, srste_decay, kernel, observer, sparse):
         stride, padding, dilation, groups = conv_args
-        w_eff = weight if mask is None else weight * mask
-        out = F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, w_eff, mask, grad_mask)
-        ctx.conv_args, ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer = (
-            conv_args, mode, srste_decay, kernel, observer)
+        hout, wout = _conv_out_hw(x.shape, weight.shape, conv_args)
+        shape_key = ("conv", tuple(weight.shape), tuple(x.shape), conv_args, str(x.dtype), str(x.device))
+        fwd = choose(FORWARD, sparse, mode in _MASK_MOVES, shape_key, weight, mask,
+                     lambda k: conv_forward(k, x, weight, mask, bias, conv_args, sparse), conv_args, wout)
+        out = conv_forward(fwd, x, weight, mask, bias, conv_args, sparse)
+        ctx.save_for_backward(x, weight, mask, grad_mask)
+        ctx.conv_args, ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer, ctx.sparse = (
+            conv_args, mode, srste_decay, kernel, observer, sparse)
         ctx.has_bias = bias is not None
         if observer is not None:
             # Each output position of each output channel uses Cin/groups*kh*kw weights of its row.
             positions = out.shape[0] * out.shape[2] * out.shape[3]
-            observer(PhaseCost(Phase.FORWARD, _macs(mask_count(mask, weight), positions, observer),
-                               weight.numel() * positions, positions))
+            observer(_forward_cost(fwd, _macs(mask_count(mask, weight), positions, observer), weight, positions,
+                                   lambda: nm_index(mask, sparse)))
         return out
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, w_eff, mask, grad_mask = ctx.saved_tensors
+        x, weight, mask, grad_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
-        observer = ctx.observer
+        observer, sparse = ctx.observer, ctx.sparse
         positions = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input(x.shape, w_eff.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
+            w_eff = weight if mask is None else weight * mask
+            shape_key = ("conv", tuple(weight.shape), tuple(x.shape), ctx.conv_args, str(grad_out.dtype),
+                         str(x.device))
+            ig = choose(INPUT_GRAD, sparse, ctx.mode in _MASK_MOVES, shape_key, weight, mask,
+                        lambda k: conv_input_grad(k, grad_out, x.shape, weight, mask, w_eff, ctx.conv_args, sparse),
+                        ctx.conv_args, x.shape[3])
+            grad_x = conv_input_grad(ig, grad_out, x.shape, weight, mask, w_eff, ctx.conv_args, sparse)
             if observer is not None:
-                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(mask, weight), positions, observer),
-                                   weight.numel() * positions, positions))
+                ideal = _macs(mask_count(mask, weight), positions, observer)
+                input_positions = x.shape[0] * x.shape[2] * x.shape[3]
+                observer(PhaseCost(Phase.INPUT_GRAD, ideal, _executed(
+                    ig, Phase.INPUT_GRAD, ideal, weight, positions, input_positions, lambda: nm_index(mask, sparse)),
+                    positions))
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(
                 ctx, weight, mask, grad_mask, positions,
@@ -214,27 +252,35 @@ class _NMConv2d(torch.autograd.Function):
                 lambda: conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _conv_out_hw(x_shape, weight_shape, conv_args) -> tuple[int, int]:
+    stride, padding, dilation, _ = conv_args
+    return tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                 for size, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation))
 
 
 def nm_linear(x, weight, bias=None, mask=None, grad_mask=None, mode: Backward = Backward.SPARSE,
               srste_decay: float = 0.0, kernel: WeightGradKernel = WeightGradKernel.MASKED_DENSE,
-              observer: Optional[Observer] = None) -> torch.Tensor:
-    """``F.linear(x, weight * mask, bias)`` whose weight gradient follows ``mode``."""
+              observer: Optional[Observer] = None, sparse: Optional[SparseKernels] = None) -> torch.Tensor:
+    """``F.linear(x, weight * mask, bias)`` whose weight gradient follows ``mode``; ``sparse`` picks the forward and
+    input-gradient kernels (``None``: masked dense)."""
     return _NMLinear.apply(x, weight, bias, mask, grad_mask, Backward.parse(mode), float(srste_decay),
-                           WeightGradKernel(kernel), observer)
+                           WeightGradKernel(kernel), observer, sparse)
 
 
 def nm_conv2d(x, weight, bias=None, mask=None, grad_mask=None, stride=1, padding=0, dilation=1, groups=1,
               mode: Backward = Backward.SPARSE, srste_decay: float = 0.0,
               kernel: WeightGradKernel = WeightGradKernel.MASKED_DENSE,
-              observer: Optional[Observer] = None) -> torch.Tensor:
-    """``F.conv2d(x, weight * mask, bias, ...)`` whose weight gradient follows ``mode``."""
+              observer: Optional[Observer] = None, sparse: Optional[SparseKernels] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight * mask, bias, ...)`` whose weight gradient follows ``mode``; ``sparse`` as in
+    :func:`nm_linear`."""
     if isinstance(padding, str):
         raise ValueError(f"nm_conv2d needs numeric padding, got {padding!r}: pass the padding as integers")
     conv_args = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     return _NMConv2d.apply(x, weight, bias, mask, grad_mask, conv_args, Backward.parse(mode), float(srste_decay),
-                           WeightGradKernel(kernel), observer)
+                           WeightGradKernel(kernel), observer, sparse)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -59,7 +59,8 @@ MASKS_COLUMNS = ("step", "layer", "flips", "flip_fraction")
 ADAPTATION_COLUMNS = ("step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
                       "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
                       "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks")
-SPARSIFY_COLUMNS = ("name", "kind", "shape", "sparse", "reason")
+# forward_kernel / input_grad_kernel: what ran those phases of an N:M layer (method.forward_kernel, ...)
+SPARSIFY_COLUMNS = ("name", "kind", "shape", "sparse", "reason", "forward_kernel", "input_grad_kernel")
 TABLE_COLUMNS = {METRICS_TABLE: METRICS_COLUMNS, FLOPS_TABLE: FLOPS_COLUMNS, MASKS_TABLE: MASKS_COLUMNS,
                  ADAPTATION_TABLE: ADAPTATION_COLUMNS, SPARSIFY_TABLE: SPARSIFY_COLUMNS}
 # blocks/step_*.npz: arrays <layer>.<field> (and <layer>.designated under BAME's 'window' reading)

@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WeightGradKernel", "MaskCache", "Count", "LazyMacs", "mask_count", "needed_positions", "needed_count",
+__all__ = ["WeightGradKernel", "MaskCache", "cached", "Count", "LazyMacs", "mask_count", "needed_positions", "needed_count",
            "AutoChoice", "AUTO_TIMING_REPEATS", "auto_kernel_choices", "use_gather", "GatherPlan", "gather_plan",
            "sddmm", "gather_linear_weight_grad", "gather_conv_weight_grad"]
 
@@ -90,6 +90,11 @@ class MaskCache:
 
 
 _CACHE = MaskCache()  # the process's one cache
+
+
+def cached(kind: str, tensors: tuple, compute: Callable[..., Any]) -> Any:
+    """``compute(*tensors)``, computed once per version of ``tensors`` in the process's :class:`MaskCache`."""
+    return _CACHE.get(kind, tensors, compute)
 
 
 class Count:

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .autograd import Backward, Observer, nm_conv2d, nm_linear
+from .forward_kernels import FORWARD, INPUT_GRAD, ForwardKernel, SparseKernels
 from .kernels import WeightGradKernel
 from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
 
@@ -39,13 +40,18 @@ class NMLayer:
     grad_mask: torch.Tensor
 
     def _init_nm(self, pattern: NMPattern | str, layout: Layout | str, backward_mode: Backward | str,
-                 srste_decay: float, mask_init: str, weight_grad_kernel: WeightGradKernel | str) -> None:
+                 srste_decay: float, mask_init: str, weight_grad_kernel: WeightGradKernel | str,
+                 forward_kernel: ForwardKernel | str, input_grad_kernel: ForwardKernel | str,
+                 compile_kernels: bool) -> None:
         self.pattern = NMPattern.parse(pattern)
         self.layout = Layout.parse(layout)
         block_grid(self.weight.shape, self.pattern.m, layout=self.layout, n=self.pattern.n)  # raises if not groupable
         self.backward_mode = Backward.parse(backward_mode)
         self.srste_decay = float(srste_decay)
         self.weight_grad_kernel = WeightGradKernel(weight_grad_kernel)
+        # forward / input-gradient kernels, and what ran them (sparsify.csv)
+        self.sparse_kernels = SparseKernels(forward_kernel, input_grad_kernel, self.pattern, self.layout,
+                                            compile_kernels)
         self.observer: Optional[Observer] = None
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("grad_mask", torch.zeros_like(self.weight, dtype=torch.bool))
@@ -82,6 +88,12 @@ class NMLayer:
         if dense.bias is not None:
             self.bias.copy_(dense.bias)
         self.init_mask(mask_init, generator)
+
+    def _sparse_kernels_in_use(self) -> Optional[SparseKernels]:
+        """The kernel settings, or ``None`` when both phases run masked dense (the plain path)."""
+        k = self.sparse_kernels
+        both_dense = k.forward is ForwardKernel.MASKED_DENSE and k.input_grad is ForwardKernel.MASKED_DENSE
+        return None if both_dense else k
 
     def masked_weight(self) -> torch.Tensor:
         """``W * mask``: the weight the forward pass uses."""
@@ -141,13 +153,16 @@ class NMConv2d(nn.Conv2d, NMLayer):
                  backward_mode: Backward | str = Backward.SPARSE, srste_decay: float = 2e-4,
                  mask_init: str = "magnitude",
                  weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
-                 device=None, dtype=None) -> None:
+                 forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+                 input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+                 compile_kernels: bool = False, device=None, dtype=None) -> None:
         if padding_mode != "zeros":
             raise ValueError(f"NMConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         padding = _numeric_padding(padding, kernel_size, stride, dilation)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
-        self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel)
+        self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel, forward_kernel,
+                      input_grad_kernel, compile_kernels)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, **nm_kwargs) -> NMConv2d:
@@ -162,7 +177,7 @@ class NMConv2d(nn.Conv2d, NMLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nm_conv2d(x, self.weight, self.bias, self.mask, self.grad_mask, self.stride, self.padding,
                          self.dilation, self.groups, self.backward_mode, self.srste_decay,
-                         self.weight_grad_kernel, self.observer)
+                         self.weight_grad_kernel, self.observer, self._sparse_kernels_in_use())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.nm_extra_repr()
@@ -176,9 +191,12 @@ class NMLinear(nn.Linear, NMLayer):
                  backward_mode: Backward | str = Backward.SPARSE, srste_decay: float = 2e-4,
                  mask_init: str = "magnitude",
                  weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
-                 device=None, dtype=None) -> None:
+                 forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+                 input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+                 compile_kernels: bool = False, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel)
+        self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel, forward_kernel,
+                      input_grad_kernel, compile_kernels)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, **nm_kwargs) -> NMLinear:
@@ -191,7 +209,7 @@ class NMLinear(nn.Linear, NMLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nm_linear(x, self.weight, self.bias, self.mask, self.grad_mask, self.backward_mode,
-                         self.srste_decay, self.weight_grad_kernel, self.observer)
+                         self.srste_decay, self.weight_grad_kernel, self.observer, self._sparse_kernels_in_use())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.nm_extra_repr()
@@ -235,9 +253,13 @@ class SparsifyReport:
     def dense_names(self) -> list[str]:
         return [d.name for d in self.layers if not d.sparse]
 
-    def to_rows(self) -> list[dict]:
+    def to_rows(self, model: Optional[nn.Module] = None) -> list[dict]:
+        """One row per decision; with ``model``, what ran the forward and input gradient of its N:M layers."""
+        kernels = {n: layer.sparse_kernels for n, layer in nm_layers(model)} if model is not None else {}
         return [dict(name=d.name, kind=d.kind, shape="x".join(map(str, d.shape)), sparse=d.sparse,
-                     reason=d.reason) for d in self.layers]
+                     reason=d.reason, forward_kernel=kernels[d.name].describe(FORWARD) if d.name in kernels else "",
+                     input_grad_kernel=kernels[d.name].describe(INPUT_GRAD) if d.name in kernels else "")
+                for d in self.layers]
 
     def __str__(self) -> str:
         lines = [f"sparsify {self.pattern}: {len(self.sparse_names)} sparse, {len(self.dense_names)} dense"]
@@ -263,6 +285,8 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
              layout: Layout | str = Layout.ROW, backward_mode: Backward | str = Backward.SPARSE,
              srste_decay: float = 2e-4, mask_init: str = "magnitude",
              weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
+             forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+             input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE, compile_kernels: bool = False,
              generator: Optional[torch.Generator] = None) -> SparsifyReport:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for NM layers.
 
@@ -278,7 +302,8 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
     first_conv = convs[0] if convs else None
     classifier = linears[-1] if linears else None
     nm_kwargs = dict(pattern=pattern, layout=layout, backward_mode=backward_mode, srste_decay=srste_decay,
-                     mask_init=mask_init, weight_grad_kernel=weight_grad_kernel, generator=generator)
+                     mask_init=mask_init, weight_grad_kernel=weight_grad_kernel, forward_kernel=forward_kernel,
+                     input_grad_kernel=input_grad_kernel, compile_kernels=compile_kernels, generator=generator)
     for name, module in candidates:
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         shape = tuple(module.weight.shape)

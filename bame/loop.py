@@ -43,6 +43,7 @@ from .contract import FLOPS_TABLE, METRICS_TABLE, SPARSIFY_TABLE
 from .distributed import DistContext, average_float_buffers, check_masks_agree
 from .divergence import DivergedError, DivergenceGuard
 from .experiment import build
+from .layers import nm_layers
 from .flops import RunFlops, StepCost, run_flops, sum_rows_over_ranks
 from .resume import ResumeError
 from .runs import NullWriter
@@ -95,6 +96,7 @@ class Trainer:
         self.signals: Optional[StopSignals] = None  # set while the loop runs under StopSignals
         self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint written (or loaded)
         self.scale = None  # the fp16 GradScaler's scale before the step (a drop means it skipped the step)
+        self.sparsify_due = False  # sparsify.csv waits for the first step's auto kernel choices
 
     # -- set-up ------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -135,14 +137,21 @@ class Trainer:
         self.writer = writer
         self.recorders.sink = writer
 
-    def write_sparsify(self) -> None:
+    def write_sparsify(self, now: bool = False) -> None:
+        """Write sparsify.csv; while an ``auto`` forward / input-gradient kernel is still undecided, after the
+        first step instead (``now``: the loop's call then), so that its rows say which kernel ``auto`` chose."""
+        if not now and any(layer.sparse_kernels.pending for _, layer in nm_layers(self.model)):
+            self.sparsify_due = True
+            return
+        self.sparsify_due = False
         report = self.method.report
         if report is not None:
-            rows = report.to_rows()
+            rows = report.to_rows(self.model)
         else:
             rows = [dict(name=n, kind="conv" if isinstance(m, nn.Conv2d) else "linear",
                          shape="x".join(map(str, m.weight.shape)), sparse=False,
-                         reason=f"method {self.cfg.method.name!r} keeps every layer dense")
+                         reason=f"method {self.cfg.method.name!r} keeps every layer dense", forward_kernel="",
+                         input_grad_kernel="")
                     for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.writer.append_rows(SPARSIFY_TABLE, rows)
 
@@ -335,6 +344,9 @@ class Trainer:
                     loss, out, cost = outcome.loss, outcome.output, outcome.cost
                     self.guard.observe(step + 1, loss, skipped=self._scaler_skipped())
                     self.last_cost = cost
+                    if self.sparsify_due:
+                        self.sparsify_due = False
+                        self.write_sparsify(now=True)
                     scalars = self.recorders.on_step_end(step)
                     if scalars:
                         self.scalars.update(scalars)

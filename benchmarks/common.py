@@ -48,16 +48,17 @@ class FileSink:
         np.savez(self.dir / f"{name}.npz", **arrays)
 
 
-def method_config(kind: str, pattern: str, weight_grad_kernel: str = "masked_dense") -> MethodConfig:
+def method_config(kind: str, pattern: str, weight_grad_kernel: str = "masked_dense", **kernels) -> MethodConfig:
     """``kind``: a registered method name, or ``bame_adapt`` (BAME adapting on every step, every block a
-    candidate: no freezing) or ``bame`` (BAME outside its adaptation window: a normal step)."""
+    candidate: no freezing) or ``bame`` (BAME outside its adaptation window: a normal step). ``kernels``:
+    ``forward_kernel``, ``input_grad_kernel``, ``compile_kernels`` of the method config."""
     if kind == "bame_adapt":
         b = BameConfig(t_i_steps=0, t_f_steps=NEVER, interval_steps=1, obf=False)
-        return MethodConfig(name="bame", pattern=pattern, weight_grad_kernel=weight_grad_kernel, bame=b)
+        return MethodConfig(name="bame", pattern=pattern, weight_grad_kernel=weight_grad_kernel, bame=b, **kernels)
     if kind == "bame":
         b = BameConfig(t_i_steps=NEVER, t_f_steps=NEVER + 1)
-        return MethodConfig(name="bame", pattern=pattern, weight_grad_kernel=weight_grad_kernel, bame=b)
-    return MethodConfig(name=kind, pattern=pattern, weight_grad_kernel=weight_grad_kernel)
+        return MethodConfig(name="bame", pattern=pattern, weight_grad_kernel=weight_grad_kernel, bame=b, **kernels)
+    return MethodConfig(name=kind, pattern=pattern, weight_grad_kernel=weight_grad_kernel, **kernels)
 
 
 @dataclass
@@ -74,6 +75,9 @@ class Variant:
     device: torch.device
     instrument: bool = True
     weight_grad_kernel: str = "masked_dense"
+    forward_kernel: str = "masked_dense"
+    input_grad_kernel: str = "masked_dense"
+    compile_kernels: bool = False
     amp: Optional[torch.dtype] = None
     channels_last: bool = False
     seed: int = 0
@@ -89,7 +93,9 @@ class Variant:
         instrument = InstrumentConfig(flops=self.instrument, mask_flips=self.instrument,
                                       block_state_every_adaptations=1 if self.instrument else 0)
         return Config(data=data, model=ModelConfig(self.model_name),
-                      method=method_config(self.method_kind, self.pattern, self.weight_grad_kernel), train=train,
+                      method=method_config(self.method_kind, self.pattern, self.weight_grad_kernel,
+                                           forward_kernel=self.forward_kernel, input_grad_kernel=self.input_grad_kernel,
+                                           compile_kernels=self.compile_kernels), train=train,
                       instrument=instrument)
 
     def build(self) -> Variant:

@@ -80,7 +80,7 @@ def probe(args) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     v = Variant(kind, model, method, args.pattern, batch, spec["image"], spec["classes"], device,
                 instrument=instrument, amp=_amp(args.amp), channels_last=args.channels_last,
-                weight_grad_kernel=args.weight_grad_kernel).build()
+                **_kernels(args)).build()
     sync(device)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     cuda_before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -94,6 +94,12 @@ def probe(args) -> None:
     print(json.dumps(out))
 
 
+def _kernels(args) -> dict:
+    """The kernel settings of the N:M variants (``Variant`` fields)."""
+    return dict(weight_grad_kernel=args.weight_grad_kernel, forward_kernel=args.forward_kernel,
+                input_grad_kernel=args.input_grad_kernel, compile_kernels=args.compile_kernels)
+
+
 def _amp(name: str):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -102,9 +108,10 @@ def measure_memory(model: str, kinds: list[str], batch: int, args) -> dict:
     out = {}
     for kind in kinds:
         cmd = [sys.executable, __file__, "--probe", model, kind, str(batch), args.device, "--pattern", args.pattern,
-               "--weight-grad-kernel", args.weight_grad_kernel,
+               "--weight-grad-kernel", args.weight_grad_kernel, "--forward-kernel", args.forward_kernel,
+               "--input-grad-kernel", args.input_grad_kernel,
                "--amp", args.amp, "--threads", str(torch.get_num_threads())] + \
-            (["--channels-last"] if args.channels_last else [])
+            (["--channels-last"] if args.channels_last else []) + (["--compile-kernels"] if args.compile_kernels else [])
         # Linux keeps a process's peak RSS across exec, and a child started straight from this (large)
         # process would start with its peak: a small launcher in between forks the probe afresh.
         res = subprocess.run(LAUNCHER + cmd, capture_output=True, text=True, timeout=1800)
@@ -132,11 +139,12 @@ def run_model(model: str, args, log) -> dict:
     rounds = args.rounds or (3 if args.quick else 7)
     kinds = METHODS + [f"{k}_bare" for k in BARE]
     log(f"\n== {model}: batch {batch} at {spec['image']}x{spec['image']}, pattern {args.pattern}, "
-        f"weight_grad_kernel {args.weight_grad_kernel}, "
+        f"weight_grad_kernel {args.weight_grad_kernel}, forward_kernel {args.forward_kernel}, "
+        f"input_grad_kernel {args.input_grad_kernel}{' (compiled kernels too)' if args.compile_kernels else ''}, "
         f"{rounds} rounds x {steps} step(s), device {dev}")
     variants = [Variant(k, model, k.removesuffix("_bare"), args.pattern, batch, spec["image"], spec["classes"], dev,
                         instrument=not k.endswith("_bare"), amp=_amp(args.amp), channels_last=args.channels_last,
-                        weight_grad_kernel=args.weight_grad_kernel).build() for k in kinds]
+                        **_kernels(args)).build() for k in kinds]
     t0 = time.perf_counter()
     interleaved(variants, rounds, steps, warmup=args.warmup, log=log)
     med = {v.label: median(v.times) for v in variants}
@@ -207,6 +215,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pattern", default="2:4")
     ap.add_argument("--weight-grad-kernel", default="masked_dense", choices=["masked_dense", "gather", "auto"],
                     help="method.weight_grad_kernel of the SPARSE-backward variants (static, bame)")
+    ap.add_argument("--forward-kernel", default="masked_dense", choices=["masked_dense", "sparse", "auto"],
+                    help="method.forward_kernel of the N:M variants")
+    ap.add_argument("--input-grad-kernel", default="masked_dense", choices=["masked_dense", "sparse", "auto"],
+                    help="method.input_grad_kernel of the N:M variants")
+    ap.add_argument("--compile-kernels", action="store_true",
+                    help="method.compile_kernels: auto also times the torch.compile'd ELL and direct kernels")
     ap.add_argument("--rounds", type=int, default=0, help="rounds of the round-robin (default 7, --quick 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     ap.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype (cuda)")
@@ -230,6 +244,8 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "machine": machine(),
            "device": args.device, "pattern": args.pattern, "weight_grad_kernel": args.weight_grad_kernel,
+           "forward_kernel": args.forward_kernel, "input_grad_kernel": args.input_grad_kernel,
+           "compile_kernels": args.compile_kernels,
            "amp": args.amp, "channels_last": args.channels_last,
            "quick": args.quick, "targets": {"bame_step_x_dense": TARGET_STEP, "adaptation_amortised": TARGET_ADAPT,
                                             "recorders_overhead": TARGET_RECORDERS}, "models": {}}

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..autograd import Backward
+from ..forward_kernels import ForwardKernel
 from ..kernels import WeightGradKernel
 from ..layers import MASK_INITS, ON_INDIVISIBLE, LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 from ..pattern import Layout, NMPattern
@@ -53,6 +54,11 @@ class MethodCommon:
     # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
     # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
     weight_grad_kernel: str = choice(*(k.value for k in WeightGradKernel), default="masked_dense")
+    # forward / input gradient: masked dense, the sparse CSR product on the compressed W*m, or per layer shape
+    # the fastest of those (and, with compile_kernels, the torch.compile'd ELL and direct kernels), timed once
+    forward_kernel: str = choice(*(k.value for k in ForwardKernel), default="masked_dense")
+    input_grad_kernel: str = choice(*(k.value for k in ForwardKernel), default="masked_dense")
+    compile_kernels: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, NMPattern):  # MethodConfig(pattern="1:16") in code
@@ -158,7 +164,9 @@ class Method:
         generator = torch.Generator().manual_seed(self.ctx.seed)
         self.report = sparsify(model, c.pattern, policy=policy, layout=c.layout, backward_mode=backward_mode,
                                srste_decay=c.srste_decay, mask_init=c.mask_init,
-                               weight_grad_kernel=c.weight_grad_kernel, generator=generator)
+                               weight_grad_kernel=c.weight_grad_kernel, forward_kernel=c.forward_kernel,
+                               input_grad_kernel=c.input_grad_kernel, compile_kernels=c.compile_kernels,
+                               generator=generator)
         return self.report
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
