@@ -261,7 +261,7 @@ def _readme(title: str, command: str, result: BundleResult, sources: dict[str, P
              f"- **Written by**: `{command}`",
              f"- **Runs**: {len(result.runs)}"
              + (f"; {len(result.skipped)} unfinished run(s) left out" if result.skipped else "")
-             + f". Sources: " + ", ".join(f"`{n}/` from `{d}`" for n, d in sources.items()) + ".",
+             + ". Sources: " + ", ".join(f"`{n}/` from `{d}`" for n, d in sources.items()) + ".",
              f"- **Per run**: {', '.join(_COPIED)} byte for byte; every table as `<table>.csv.gz` (gzip; the readers "
              "take it for `<table>.csv`); no checkpoint.",
              f"- **Block snapshots** (`blocks/step_*.npz`, BAME's per-block state): at most {snapshots} per run, "
