@@ -73,6 +73,24 @@ def test_first_cell_holds_the_parameters(stem):
     assert {"check-table", "check-figure"} <= tags, f"{stem}: no cell is checked for a table and a figure"
 
 
+def test_every_quick_ablation_varies_the_current_default(monkeypatch):
+    """Notebook 05's quick ablations: each variant must change the config its reference trains (this version's
+    defaults under the quick config); one that does not compares the default with itself (lma=gradient did,
+    after the default moved to gradient)."""
+    from bame.config import load_config, to_dict
+
+    monkeypatch.setenv("BAME_NOTEBOOK_MODE", "quick")
+    nb = nbformat.read(NOTEBOOK_DIR / "05_ablations.ipynb", as_version=4)
+    params: dict = {}
+    exec(next(c for c in nb.cells if c.cell_type == "code").source, params)  # the parameters cell
+    config = ROOT / "configs" / "notebooks" / "quick.yaml"
+    reference = to_dict(load_config(config, params["STUDY_SETS"]))
+    for name, variants in params["ABLATIONS"].items():
+        for variant in variants:
+            changed = to_dict(load_config(config, [*params["STUDY_SETS"], *variant.split()]))
+            assert changed != reference, f"ablation {name}: {variant!r} is the reference (the current default)"
+
+
 # --------------------------------------------------------------------------------------------------
 # execution
 
