@@ -151,6 +151,23 @@ def test_notebook_runs_in_quick_mode(stem, tmp_path, jupyter_path, monkeypatch):
     assert all((m.parent / "DONE").is_file() for m in manifests), f"{stem}: a run did not complete"
 
 
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_opens_on_the_results_bundle(stem, tmp_path, jupyter_path, monkeypatch):
+    """The default mode reads the committed bundle, trains nothing and writes nothing into it."""
+    bundle = ROOT / BUILDER.RESULTS
+    assert (bundle / "bundle.json").is_file(), f"{bundle}: the committed results bundle is missing"
+    before = _tree(bundle)
+    runs = tmp_path / "runs"
+    cells = _execute(stem, "results", runs, tmp_path, jupyter_path, monkeypatch)
+    assert BUILDER.RESULTS in _text_of(cells[0].outputs[0]), f"{stem}: the first cell must name the bundle"
+    assert not list(runs.rglob("manifest.json")), f"{stem}: results mode trained something"
+    assert _tree(bundle) == before, f"{stem}: results mode changed the bundle"
+
+
 # --------------------------------------------------------------------------------------------------
 # quick mode shows the phenomena
 
