@@ -132,6 +132,8 @@ def _execute(stem: str, mode: str, runs: Path, tmp_path: Path, jupyter_path: Pat
         errors = [o for o in cell.outputs if o.get("output_type") == "error"]
         assert not errors, f"{stem} cell {cell.id}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
         tags = cell.metadata.get("tags", [])
+        if mode == "results" and "measure" in tags:  # measures with torch: skipped where the notebook only reads
+            continue
         if "check-table" in tags:
             assert any(_is_table(_text_of(o)) for o in cell.outputs), f"{stem} cell {cell.id}: no table printed"
         if "check-figure" in tags:
