@@ -2,22 +2,27 @@
 static mask as the control (no adaptation); top-1 as mean ± std over seeds, training FLOPs (ideal, 2 x MACs).
 
 An ablation's runs come in three parts, each a :func:`analysis.load_runs` table: ``reference``, ``variant``
-(the runs of its variants) and ``control``. A variant is written as overrides, ``"method.bame.tau=0.3"``.
+(the runs of its variants) and ``control``. A variant is written as overrides, ``"method.bame.tau=0.3"``. A
+study that was not swept as ablations yields them too (:func:`study_ablation_runs`): the runs of one family that
+differ in a few keys, the group at the current defaults of those keys being the reference. A variant that
+equals its reference is refused: an ablation compares the default with alternatives, never with itself.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .groups import matching
 from .style import empty, legend_inside_or_below, method_color, new_figure, style
 from .tables import paper_table, pm
 
-__all__ = ["CONTROL", "ablation_keys", "ablation_runs", "ablation_table", "format_ablation_table",
-           "ablation_figure", "ablation_deltas", "ablations_figure"]
+__all__ = ["CONTROL", "ablation_keys", "ablation_runs", "study_ablation_runs", "ablation_table",
+           "format_ablation_table", "ablation_figure", "ablation_deltas", "ablations_figure"]
 
 CONTROL = "static (control)"
 REFERENCE = " (reference)"
@@ -39,7 +44,31 @@ def ablation_runs(parts: Mapping[str, pd.DataFrame], keys: Sequence[str]) -> pd.
     runs = runs[runs["status"] == "completed"].copy()
     runs["setting"] = [CONTROL if role == "control" else _setting(row, keys) + (REFERENCE if role == "reference" else "")
                        for role, (_, row) in zip(runs["role"], runs.iterrows())]
+    reference = {s.removesuffix(REFERENCE) for s in runs.loc[runs["role"] == "reference", "setting"]}
+    same = sorted(set(runs.loc[runs["role"] == "variant", "setting"]) & reference)
+    if same:
+        raise ValueError(f"the variant {same[0]} is the reference itself: an ablation compares the current default "
+                         f"with alternatives (was the default changed to it? then vary the old value instead)")
     return runs
+
+
+def study_ablation_runs(runs: pd.DataFrame, family: Mapping[str, Any], keys: Sequence[str],
+                        defaults: Mapping[str, Any], control: str = "static") -> pd.DataFrame:
+    """An ablation read from a study's runs (:func:`ablation_runs`' table): the completed runs of ``family``
+    (config values they share, see :func:`analysis.matching`) differing in ``keys``; the reference is the group
+    at ``defaults`` of ``keys`` (the current defaults), the variants are the others, the control is every run
+    of method ``control``. Raises LookupError without a run at the defaults or without a variant (the study
+    lacks them), ValueError where a variant equals the reference."""
+    done = runs[runs["status"] == "completed"]
+    members = matching(done, family)
+    reference = matching(members, {k: defaults[k] for k in keys})
+    variants = members.drop(reference.index)
+    if reference.empty or variants.empty:
+        what = "at the defaults" if reference.empty else "besides the one at the defaults"
+        raise LookupError(f"no run of the family {dict(family)} {what} of {', '.join(keys)} "
+                         f"({', '.join(f'{k}={defaults[k]}' for k in keys)}): nothing to compare")
+    return ablation_runs({"reference": reference, "variant": variants,
+                          "control": done[done["method.name"] == control]}, keys)
 
 
 def ablation_table(runs: pd.DataFrame) -> pd.DataFrame:

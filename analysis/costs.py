@@ -28,19 +28,22 @@ VIEWS = ("ideal", "executed")
 
 def phase_table(runs: pd.DataFrame, group: str = "group", dense: str = "dense") -> pd.DataFrame:
     """Whole-run training FLOPs per phase, mean over the seeds of each group (rows ``(group, view)``, view
-    ``ideal`` and ``executed``; groups in method order), with ``total`` and ``x dense (ideal)`` (the total over
-    the ideal total of the ``dense`` group; NaN without one)."""
+    ``ideal`` and ``executed``; groups in method order), with ``total`` and ``x dense (ideal)``: the total over
+    the ideal total of the ``dense`` group, or, without one, over the ledger's count of dense training for the
+    same steps (``dense_macs`` of load_runs; NaN where a run lacks it)."""
     order = sorted(range(len(runs)), key=lambda i: _method_rank(runs["method.name"].iloc[i]))
     rows = []
     for i in order:
         run = runs.iloc[i]
+        dense_flops = FLOPS_PER_MAC * float(run.get("dense_macs", np.nan))
         for view in VIEWS:
             totals = phase_totals(run, view)
-            rows.append({"group": run[group], "view": view, **totals.to_dict(), "total": totals.sum()})
+            rows.append({"group": run[group], "view": view, **totals.to_dict(), "total": totals.sum(),
+                         "_dense": dense_flops})
     table = pd.DataFrame(rows).groupby(["group", "view"], sort=False).mean()
     dense_total = table["total"].get((dense, "ideal"), np.nan)
-    table["x dense (ideal)"] = table["total"] / dense_total
-    return table
+    table["x dense (ideal)"] = table["total"] / (dense_total if np.isfinite(dense_total) else table["_dense"])
+    return table.drop(columns="_dense")
 
 
 def executed_over_ideal(phases: pd.DataFrame) -> pd.Series:

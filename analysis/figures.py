@@ -2,7 +2,8 @@
 
 Conventions shared by these figures:
 - a *group* is a set of seeds of one experiment (:mod:`analysis.groups`); its label reads ``bame 2:4``
-  (dense: ``dense``); its colour is its method's, its marker its pattern's (:mod:`analysis.style`);
+  (dense: ``dense``), or is the runs' own ``group`` column when they carry one; its colour is its method's,
+  its marker its pattern's (:mod:`analysis.style`);
 - thin lines are single runs (``Line2D.get_gid()`` is the run id), thick lines are group means
   (gid ``mean:<label>``) with a ±1 std band over seeds;
 - FLOPs on an axis are training FLOPs = 2 x MACs, ideal view, in SI units.
@@ -30,7 +31,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from bame.contract import DENSE_PATTERN, pattern_label
 
-from .groups import _method_rank, _pattern_rank, run_groups
+from .groups import _method_rank, _pattern_rank, group_labels
 from .readers import accuracy_percent, load_adaptation, load_masks, load_metrics, load_runs, load_sparsify
 from .style import empty, flops_axis, group_styles, legend_beside, legend_inside_or_below, new_figure, style
 
@@ -96,7 +97,7 @@ def _mean_band(ax: Axes, curves: list[pd.DataFrame], x: str, y: str, label: str,
 def _plot_runs_with_means(ax: Axes, df: pd.DataFrame, curve_fn: Curve, xcol: str, ycol: str, align: str,
                           thin: bool = True) -> None:
     """Per group, a mean line with a ±1 std band and (``thin``) one thin line per run (gid = run id)."""
-    labels = run_groups(df)
+    labels = group_labels(df)
     groups = _group_order(df, labels)
     styles = group_styles(groups)
     per_group: dict[str, list[pd.DataFrame]] = {g[0]: [] for g in groups}
@@ -237,7 +238,8 @@ def _frozen_curve(run: pd.Series) -> pd.DataFrame:
 
 
 def _per_step_plot(df: pd.DataFrame, curve_fn: Curve, ycol: str, ylabel: str, title: str,
-                   empty_text: str, logy: bool = False, ylim_fraction: bool = False) -> Figure:
+                   empty_text: str, logy: bool = False, ylim_fraction: bool = False,
+                   nonnegative: bool = False) -> Figure:
     with style():
         fig, ax = new_figure(6.4, 4.0)
         if df.empty:
@@ -248,7 +250,9 @@ def _per_step_plot(df: pd.DataFrame, curve_fn: Curve, ycol: str, ylabel: str, ti
             empty(ax, empty_text)
             return fig
         if logy:
-            ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_yscale("log")  # steps without flips (zeros) are left out of a log axis
+        elif nonnegative:
+            ax.set_ylim(bottom=0.0)  # counts: no negative ticks, even where a ±1 std band dips below 0
         if ylim_fraction:
             top = max((float(np.nanmax(line.get_ydata())) for line in ax.lines if len(line.get_ydata())),
                       default=0.0)
@@ -310,23 +314,22 @@ def _flips_curve(run: pd.Series, value: str) -> pd.DataFrame:
 
 
 def mask_flips(runs: RunsLike, value: str = "flips", completed_only: bool = True,
-               logy: bool | None = None) -> Figure:
+               logy: bool = False) -> Figure:
     """Mask flips (SAD: mask entries changed by a step), all N:M layers together, at every step.
 
     ``value``: ``'flips'`` (count per step, from masks.csv; steps without rows changed nothing and
     are drawn as 0), ``'flip_fraction'`` (the count over the run's N:M weights) or ``'cumulative'``
     (flips since the start). Runs without N:M layers (dense) are left out; a run with N:M layers
-    whose masks never changed (static) is a line at 0. ``logy`` defaults to a symlog axis for
-    counts.
+    whose masks never changed (static) is a line at 0. The y axis is linear from 0 (counts and fractions are
+    never negative); ``logy`` makes it logarithmic (steps without flips then drop out).
     """
     labels = {"flips": "mask flips per step (SAD)", "flip_fraction": "fraction of N:M weights flipped",
               "cumulative": "cumulative mask flips"}
     if value not in labels:
         raise ValueError(f"value must be one of {list(labels)}, got {value!r}")
-    if logy is None:
-        logy = value != "flip_fraction"
     return _per_step_plot(_runs(runs, completed_only), lambda r: _flips_curve(r, value), value, labels[value],
-                          "Mask flips", "no mask flips recorded in these runs (no N:M layers?)", logy=logy)
+                          "Mask flips", "no mask flips recorded in these runs (no N:M layers?)", logy=bool(logy),
+                          nonnegative=True)
 
 
 def _layer_flips(run: pd.Series) -> pd.DataFrame:
@@ -351,7 +354,7 @@ def layer_flips(runs: RunsLike, completed_only: bool = True) -> Figure:
     df = _runs(runs, completed_only)
     curves: dict[str, list[pd.DataFrame]] = {}
     if not df.empty:
-        labels = run_groups(df)
+        labels = group_labels(df)
         for label, _, _ in _group_order(df, labels):
             tables = [_layer_flips(run) for _, run in df[labels == label].iterrows()]
             tables = [t for t in tables if not t.empty and t.to_numpy().any()]

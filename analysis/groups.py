@@ -19,8 +19,8 @@ import pandas as pd
 from bame.contract import DENSE_PATTERN
 from bame.pattern import NMPattern
 
-__all__ = ["DENSE_PATTERN", "METHOD_ORDER", "POINT_COLUMNS", "comparable_keys", "fill_defaults",
-           "group_settings", "prepare_groups", "reference_reading", "run_groups", "run_points"]
+__all__ = ["DENSE_PATTERN", "METHOD_ORDER", "POINT_COLUMNS", "comparable_keys", "fill_defaults", "group_labels",
+           "group_settings", "matching", "prepare_groups", "reference_reading", "run_groups", "run_points"]
 
 # The columns of run_points, in order (the group keys follow them).
 POINT_COLUMNS = ["run_id", "group", "method", "pattern", "settings", "family", "experiment", "seed", "top1",
@@ -206,6 +206,24 @@ def run_groups(runs: pd.DataFrame, dense: str = "dense", by: Sequence[str] | Non
     keys = list(by) if by is not None else comparable_keys(runs, dense=dense)
     settings = group_settings(runs, keys, reference_reading(runs, keys, reference, dense), dense)
     return _labels(runs, settings, dense)
+
+
+def group_labels(runs: pd.DataFrame) -> pd.Series:
+    """The group of each run: the runs' own ``group`` column when they carry one (labels a caller chose, e.g.
+    :func:`analysis.reading_label`), else :func:`run_groups`."""
+    return runs["group"] if "group" in runs else run_groups(runs)
+
+
+def matching(runs: pd.DataFrame, settings: Mapping[str, Any]) -> pd.DataFrame:
+    """The runs whose config holds every ``settings`` value (dotted keys, e.g. ``{"method.name": "bame",
+    "method.bame.interval_steps": 1}``); a key no run has raises KeyError."""
+    keep = pd.Series(True, index=runs.index)
+    for key, value in settings.items():
+        if key not in runs:
+            raise KeyError(f"no config key {key!r} in these runs (a dotted config key, e.g. method.bame.rho)")
+        want = _hashable(value)
+        keep &= runs[key].map(lambda v, want=want: _hashable(v) == want)
+    return runs[keep]
 
 
 def _experiment(runs: pd.DataFrame, keys: Sequence[str]) -> pd.Series:

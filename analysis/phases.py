@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 from bame.contract import ADAPTATION, FORWARD, INPUT_GRAD, PHASES, WEIGHT_GRAD
 
 from .figures import RunsLike, _group_order, _runs
-from .groups import run_groups
+from .groups import group_labels
 from .readers import RunLike, load_flops
 from .style import empty, flops_axis, new_figure, style
 
@@ -41,7 +41,7 @@ def phase_breakdown(runs: RunsLike, view: str = "ideal", completed_only: bool = 
     if view not in ("ideal", "executed"):
         raise ValueError(f"view must be 'ideal' or 'executed', got {view!r}")
     df = _runs(runs, completed_only)
-    labels = run_groups(df)
+    labels = group_labels(df)
     groups = [g[0] for g in _group_order(df, labels)] if not df.empty else []
     totals: dict[str, list[pd.Series]] = {g: [] for g in groups}
     for idx, run in df.iterrows():

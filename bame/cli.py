@@ -11,6 +11,7 @@
     bame export RUN_DIR            (bame.export)
     bame demo                      (bame.demo)
     bame report DIR [--out FILE]   (bame.report: tables, figures and commands of a folder of runs)
+    bame bundle RUNS_DIR... OUT    (bame.bundle: the compact files of finished runs, to commit)
 
 User mistakes (a missing file, a bad key or pattern, a data set not on disk, a missing, locked or
 damaged run folder, an unsafe checkpoint) print one line per problem and exit with status 2, without a
@@ -26,7 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from . import data, demo, export, flops_report, inspect_runs, report, sweep
+from . import bundle, data, demo, export, flops_report, inspect_runs, report, sweep
 from .config import ConfigError, load_config
 from .console import EXIT_BROKEN_PIPE, EXIT_DIVERGED, EXIT_INTERRUPTED, EXIT_USAGE, error
 from .contract import DIVERGED
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_export_parser(sub)
     demo.add_demo_parser(sub)
     report.add_report_parser(sub)
+    bundle.add_bundle_parser(sub)
     return parser
 
 

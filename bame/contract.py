@@ -19,7 +19,7 @@ __all__ = [
     "MANIFEST", "CONFIG", "SUMMARY", "DONE", "LOCK", "CHECKPOINT", "BLOCKS_DIR", "block_name", "block_step",
     "METRICS_TABLE", "FLOPS_TABLE", "MASKS_TABLE", "ADAPTATION_TABLE", "SPARSIFY_TABLE", "TABLE_COLUMNS",
     "METRICS_COLUMNS", "FLOPS_COLUMNS", "MASKS_COLUMNS", "ADAPTATION_COLUMNS", "SPARSIFY_COLUMNS",
-    "BLOCK_FIELDS", "table_file",
+    "BLOCK_FIELDS", "table_file", "compressed_table_file",
     "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED", "DIVERGED", "STATUSES",
     "FLOPS_CONVENTION", "FLOPS_PER_MAC", "FORWARD", "INPUT_GRAD", "WEIGHT_GRAD", "ADAPTATION",
     "LAYER_PHASES", "PHASES", "ADAPTATION_LAYER",
@@ -69,6 +69,11 @@ BLOCK_FIELDS = ("frequency", "frozen", "last_score", "changes")
 
 def table_file(table: str) -> str:
     return f"{table}.csv"
+
+
+def compressed_table_file(table: str) -> str:
+    """A table stored gzip-compressed (a results bundle's, ``bame bundle``); readers take it for ``<table>.csv``."""
+    return f"{table}.csv.gz"
 
 
 # -- statuses (manifest.json "status", and each resume entry's) ---------------------------------------

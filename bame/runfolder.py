@@ -11,12 +11,13 @@ at all), a path that is no run folder :class:`RunNotFoundError`.
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 from typing import Any, Optional
 
 from .contract import (BLOCKS_DIR, CHECKPOINT, CONFIG, DONE, MANIFEST, RUNNING, SUMMARY, TABLE_COLUMNS,
-                       block_step, table_file)
+                       block_step, compressed_table_file, table_file)
 from .pattern import Layout, NMPattern
 from .runlock import lock_holder
 
@@ -143,14 +144,24 @@ class RunFolder:
 
     # -- tables and arrays -----------------------------------------------------------------------------
     def tables(self) -> list[str]:
-        return sorted(p.stem for p in self.path.glob("*.csv"))
+        """The names of the tables the folder holds (``<name>.csv``, or ``<name>.csv.gz`` in a results bundle)."""
+        found = [p.name for p in self.path.iterdir() if p.is_file()] if self.path.is_dir() else []
+        return sorted({n.removesuffix(".gz").removesuffix(".csv") for n in found if n.endswith((".csv", ".csv.gz"))})
+
+    def table_path(self, name: str) -> Optional[Path]:
+        """The file of table ``name``: ``<name>.csv``, else its compressed copy ``<name>.csv.gz`` (bame bundle
+        stores tables so); None when the folder has neither."""
+        for file in (table_file(name), compressed_table_file(name)):
+            if (self.path / file).is_file():
+                return self.path / file
+        return None
 
     def rows(self, name: str) -> list[dict[str, str]]:
         """``<name>.csv`` as a list of dicts of strings (no pandas needed); [] when absent."""
-        path = self.path / table_file(name)
-        if not path.exists():
+        path = self.table_path(name)
+        if path is None:
             return []
-        with open(path, newline="") as f:
+        with (gzip.open(path, "rt", newline="") if path.suffix == ".gz" else open(path, newline="")) as f:
             return list(csv.DictReader(f))
 
     def table(self, name: str):
@@ -158,8 +169,8 @@ class RunFolder:
         columns (``bame.contract.TABLE_COLUMNS``), so that callers can filter and group without special cases."""
         import pandas as pd
 
-        path = self.path / table_file(name)
-        if path.is_file() and path.stat().st_size:
+        path = self.table_path(name)
+        if path is not None and path.stat().st_size:
             try:
                 return pd.read_csv(path)
             except pd.errors.EmptyDataError:

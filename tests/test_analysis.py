@@ -338,6 +338,23 @@ def test_mask_flips_plots_every_step_of_each_sparse_run(runs):
         analysis.mask_flips(runs, value="nope")
 
 
+@pytest.mark.parametrize("value", ["flips", "cumulative", "flip_fraction"])
+def test_mask_flip_counts_are_drawn_on_a_linear_axis_from_zero(runs, value):
+    ax = analysis.mask_flips(runs, value=value).axes[0]
+    assert ax.get_yscale() == "linear" and ax.get_ylim()[0] == 0.0
+    assert min(ax.get_yticks()) >= 0  # no negative tick (a symlog axis showed -10^0 for counts)
+    assert analysis.mask_flips(runs, value=value, logy=True).axes[0].get_yscale() == "log"
+
+
+def test_figures_name_groups_by_the_runs_own_group_column(runs):
+    done = runs[runs["status"] == "completed"].copy()
+    done["group"] = [f"{m} as I call it" for m in done["method.name"]]
+    means = {line.get_gid() for line in analysis.mask_flips(done).axes[0].lines}
+    assert "mean:srste as I call it" in means and "mean:bame as I call it" in means
+    bars = {p.get_gid().split("|")[0] for p in analysis.phase_breakdown(done).axes[0].patches}
+    assert bars == set(done["group"])
+
+
 def test_frozen_fraction_is_frozen_over_all_blocks(runs):
     fig = analysis.frozen_fraction(runs)
     lines = _lines_by_gid(fig)

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("contract", ("bame$", "bame.contract", "bame.pattern", "bame.console")),
     ("files", ("bame.files", "bame.runlock", "bame.runfolder", "bame.schema", "bame.schedule", "bame.macs",
-               "bame.progress", "bame.signals", "bame.data.specs")),
+               "bame.progress", "bame.signals", "bame.data.specs", "bame.bundle")),
     ("analysis", ("analysis",)),
     ("core", ("bame.nm", "bame.bame_core", "bame.kernels", "bame.seed", "bame.divergence", "bame.checkpoint",
               "bame.transposable", "bame.bimask_core", "bame.lbc_core", "bame.layer_patterns",

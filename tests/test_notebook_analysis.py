@@ -171,3 +171,61 @@ def test_an_ablation_against_its_reference_and_control():
     deltas = analysis.ablation_deltas({"tau": table}, {"tau": "tau"})
     assert deltas.to_dict("records") == [{"ablation": "tau", "variant": "tau=0.3", "delta top-1 vs reference": 3.0,
                                           "delta FLOPs vs reference (%)": 0.0}]
+
+
+def test_an_ablation_whose_variant_is_its_reference_is_refused():
+    # the stale ablation: the default moved to tau=0.3 and the variant still sweeps tau=0.3
+    runs = _paper_rows(**{"method.bame.tau": 0.3})
+    runs = runs[runs["method.pattern"] == "2:4"]
+    bame_runs = runs[runs["method.name"] == "bame"]
+    parts = {"reference": bame_runs, "variant": bame_runs.assign(run_id=["v0", "v1"]),
+             "control": runs[runs["method.name"] == "static"]}
+    with pytest.raises(ValueError, match="tau=0.3 is the reference itself"):
+        analysis.ablation_runs(parts, ["method.bame.tau"])
+
+
+def test_a_study_ablation_takes_the_group_at_the_defaults_as_its_reference():
+    runs = _paper_rows(**{"method.bame.tau": 0.5, "method.bame.rho": 0.0125})
+    runs = runs[runs["method.pattern"] == "1:16"]
+    others = runs[runs["method.name"] == "bame"].assign(**{"method.bame.tau": 0.2, "run_id": ["t0", "t1"]})
+    study = pd.concat([runs, others], ignore_index=True)
+    defaults = {"method.bame.tau": 0.5}
+    both = analysis.study_ablation_runs(study, {"method.name": "bame"}, ["method.bame.tau"], defaults)
+    assert both.groupby("setting")["run_id"].apply(sorted).to_dict() == {
+        "static (control)": ["static-1:16-0", "static-1:16-1"], "tau=0.2": ["t0", "t1"],
+        "tau=0.5 (reference)": ["bame-1:16-0", "bame-1:16-1"]}
+    with pytest.raises(LookupError, match="at the defaults"):  # the study has no run at the default
+        analysis.study_ablation_runs(study, {"method.name": "bame"}, ["method.bame.tau"], {"method.bame.tau": 0.1})
+    with pytest.raises(LookupError, match="besides the one at the defaults"):
+        analysis.study_ablation_runs(study, {"method.name": "bame", "method.bame.tau": 0.5}, ["method.bame.tau"],
+                                     defaults)
+    with pytest.raises(KeyError, match="no config key 'method.bame.nope'"):
+        analysis.matching(study, {"method.bame.nope": 1})
+
+
+def test_readings_are_named_in_the_words_of_the_method_page():
+    defaults = {"method.bame.tau": 0.5, "method.bame.rho": 0.0125, "method.bame.lma": "gradient",
+                "method.phased.switch_fraction": 0.25}
+    learning = {"method.name": "bame", "method.pattern": "1:16", "method.bame.designated_grad": "window",
+                "method.bame.pruned_update": "train", "method.bame.designation": "progressive",
+                "method.bame.regrow_rule": "magnitude", "method.bame.interval_steps": 1,
+                "method.bame.t_f_fraction": 0.27, "method.bame.rho": 0.0125, "method.bame.rho_decay": "cosine",
+                "method.bame.tau": 0.2, "method.bame.lma": "gradient"}
+    assert analysis.reading_label(learning, defaults) == "learning blocks 1:16 (progressive, magnitude, T=1, t_f=0.27, tau=0.2)"
+    at_defaults = {"method.name": "bame", "method.pattern": "1:16", "method.bame.designated_grad": "adaptation",
+                   "method.bame.tau": 0.5, "method.bame.lma": "gradient"}
+    assert analysis.reading_label(at_defaults, defaults) == "BAME 1:16"
+    assert analysis.reading_label({**at_defaults, "method.bame.lma": "taylor"}, defaults) == "BAME 1:16 (lma=taylor)"
+    phased = {"method.name": "phased", "method.pattern": "1:4", "method.phased.switch_fraction": 0.27}
+    assert analysis.reading_label(phased, defaults) == "phased 1:4 (switch 0.27)"
+    assert analysis.reading_label({"method.name": "srste", "method.pattern": "1:16"}, defaults) == "SR-STE 1:16"
+
+
+def test_phase_table_without_a_dense_run_divides_by_the_ledgers_dense_count(runs):
+    runs = _completed(runs)
+    sparse = runs[runs["method.name"] != "dense"]
+    phases = analysis.phase_table(sparse)
+    for group, members in sparse.groupby("group"):
+        expected = phases.loc[(group, "ideal"), "total"] / (2 * members["dense_macs"].mean())
+        assert phases.loc[(group, "ideal"), "x dense (ideal)"] == pytest.approx(expected)
+    assert (phases["x dense (ideal)"].xs("ideal", level="view") < 1.0).all()
