@@ -22,13 +22,14 @@ from .data.specs import DataConfig
 from .instrument import InstrumentConfig
 from .layer_patterns import load_scheme, parse_rules
 from .methods import METHOD_SECTIONS, METHODS, MethodCommon
+from .methods.base import PatternRule
 from .methods.bame import BameConfig
 from .methods.phased import PhasedConfig
 from .schedule import LR_SCHEDULES
 from .schema import ConfigError, at_least, choice, from_plain, to_plain
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "PhasedConfig", "MethodConfig", "TrainConfig",
+    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "PhasedConfig", "MethodConfig", "PatternRule", "TrainConfig",
     "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
     "configs_dir", "available_configs", "resolve_config_path", "experiment_identity", "with_value",
 ]

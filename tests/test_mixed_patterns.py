@@ -3,6 +3,7 @@ bame flops, resume, and the one-line errors of the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 import analysis
 import bame
 from bame.cli import main
+from bame.config import PatternRule
 from bame.contract import run_id
 from bame.export import load_export
 from bame.flops_report import flops_report
@@ -189,3 +191,15 @@ def test_resume_is_exact_with_mixed_transposable_masks(tmp_path, method):
     bame.train(resume=part.run_dir, overrides=["train.max_steps=12"], verbose=False, progress=False)
     _assert_same_run(full.run_dir, part.run_dir)
     assert full.run_id.endswith(f"-{method}-mixedT-s0")
+
+
+def test_the_api_takes_rules_and_the_structure_as_config_values(tmp_path):
+    cfg = quick("method.name=bame", "method.bame.block_rows=8")
+    method = dataclasses.replace(cfg.method, layer_patterns=(PatternRule("fc1", "1:8"), PatternRule("fc2", "dense")),
+                                 mask_structure="transposable")
+    res = bame.train(dataclasses.replace(cfg, method=method, train=dataclasses.replace(cfg.train, max_steps=4)),
+                     out_dir=tmp_path, verbose=False, progress=False)
+    assert {name: str(layer.pattern) for name, layer in nm_layers(res.model)} == {"fc1": "1:8"}
+    (_, fc1), = nm_layers(res.model)
+    assert fc1.transposable and fc1.mask.float().mean() == 1 / 8
+    assert res.run_dir.name.endswith("-bame-mixedT-s0")
