@@ -182,7 +182,7 @@ def test_a_scheme_of_another_model_is_refused_naming_the_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["bame", "srste"])
-def test_resume_is_exact_with_mixed_transposable_masks(tmp_path, method):
+def test_resume_is_exact_with_mixed_transposable_masks(tmp_path, capsys, method):
     sets = [f"method.name={method}", *MIXED_T]
     full = run(quick(*sets, "train.max_steps=12"), tmp_path / "full")
     part = run(quick(*sets, "train.max_steps=5"), tmp_path / "part")
@@ -191,6 +191,8 @@ def test_resume_is_exact_with_mixed_transposable_masks(tmp_path, method):
     bame.train(resume=part.run_dir, overrides=["train.max_steps=12"], verbose=False, progress=False)
     _assert_same_run(full.run_dir, part.run_dir)
     assert full.run_id.endswith(f"-{method}-mixedT-s0")
+    assert main(["inspect", str(full.run_dir)]) == 0
+    assert f"/ {method} mixed transposable / seed 0" in capsys.readouterr().out
 
 
 def test_the_api_takes_rules_and_the_structure_as_config_values(tmp_path):
