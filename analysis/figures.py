@@ -29,9 +29,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from bame.contract import DENSE_PATTERN, pattern_label
+from bame.contract import DENSE_PATTERN
 
-from .groups import _method_rank, _pattern_rank, group_labels
+from .groups import _method_rank, _pattern_rank, group_labels, pattern_labels, run_groups
 from .readers import accuracy_percent, load_adaptation, load_masks, load_metrics, load_runs, load_sparsify
 from .style import empty, flops_axis, group_styles, legend_beside, legend_inside_or_below, new_figure, style
 
@@ -55,12 +55,10 @@ def _runs(runs: RunsLike, completed_only: bool) -> pd.DataFrame:
 def _group_order(runs: pd.DataFrame, labels: pd.Series) -> list[tuple[str, str, str]]:
     """(label, method, pattern) of each group, in table order (method, then density of the pattern)."""
     first = {}
+    patterns = pattern_labels(runs)
     for idx, lab in labels.items():
         if lab not in first:
-            row = runs.loc[idx]
-            method = str(row["method.name"])
-            pattern = pattern_label(method, row["method.pattern"])
-            first[lab] = (method, pattern)
+            first[lab] = (str(runs.loc[idx, "method.name"]), patterns[idx])
     return sorted(((lab, *mp) for lab, mp in first.items()),
                   key=lambda g: (_method_rank(g[1]), _pattern_rank(g[2]), g[0]))
 
@@ -200,8 +198,8 @@ def training_loss(runs: RunsLike, completed_only: bool = True) -> Figure:
     a mask change (e.g. BAME's adaptation window) costs progress.
     """
     df = _runs(runs, completed_only)
-    patterns = sorted({str(p) for p, m in zip(df.get("method.pattern", []), df.get("method.name", []))
-                       if m != "dense"}, key=_pattern_rank) or [DENSE_PATTERN]
+    shown = pattern_labels(df) if "method.pattern" in df else pd.Series([], dtype=object)
+    patterns = sorted(set(shown[shown != DENSE_PATTERN]), key=_pattern_rank) or [DENSE_PATTERN]
     with style():
         fig, axes = new_figure(7.2, 2.4 * len(patterns) + 0.6, nrows=len(patterns), sharex=True,
                                squeeze=False)
@@ -210,7 +208,7 @@ def training_loss(runs: RunsLike, completed_only: bool = True) -> Figure:
             return fig
         dense = df["method.name"] == "dense"
         for ax, pattern in zip(axes[:, 0], patterns):
-            sub = df[dense | (df["method.pattern"].astype(str) == pattern)]
+            sub = df[dense | (shown == pattern)]
             _plot_runs_with_means(ax, sub, _train_loss, "step", "loss", "x", thin=False)
             if not ax.lines:
                 empty(ax, "no training loss in metrics.csv")

@@ -13,14 +13,14 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from bame.contract import DENSE_PATTERN
+from bame.contract import DENSE_PATTERN, LAYER_RULE_KEYS, MIXED_PATTERN, is_mixed
 from bame.pattern import NMPattern
 
-__all__ = ["DENSE_PATTERN", "METHOD_ORDER", "POINT_COLUMNS", "comparable_keys", "fill_defaults", "group_labels",
-           "group_settings", "matching", "prepare_groups", "reference_reading", "run_groups", "run_points"]
+__all__ = ["DENSE_PATTERN", "MIXED_PATTERN", "METHOD_ORDER", "POINT_COLUMNS", "comparable_keys", "fill_defaults",
+           "group_labels", "group_settings", "matching", "pattern_labels", "prepare_groups", "reference_reading",
+           "run_groups", "run_points"]
 
 # The columns of run_points, in order (the group keys follow them).
 POINT_COLUMNS = ["run_id", "group", "method", "pattern", "settings", "family", "experiment", "seed", "top1",
@@ -48,6 +48,20 @@ def _pattern_rank(p: Any) -> float:
         return -NMPattern.parse(str(p)).density
     except ValueError:
         return math.inf
+
+
+def pattern_labels(runs: pd.DataFrame, dense: str = "dense") -> pd.Series:
+    """The pattern each run shows (index aligned): its ``method.pattern``, ``mixed`` where its config sets
+    patterns per layer (:func:`bame.contract.is_mixed`), ``dense`` for the dense method."""
+    def label(row: pd.Series) -> str:
+        if str(row["method.name"]) == dense:
+            return DENSE_PATTERN
+        rules = {key: row.get(f"method.{key}") for key in LAYER_RULE_KEYS}
+        return MIXED_PATTERN if is_mixed(rules) else str(row["method.pattern"])
+
+    if runs.empty:
+        return pd.Series([], dtype=object, index=runs.index)
+    return runs.apply(label, axis=1).astype(object)
 
 
 def _config_columns(df: pd.DataFrame) -> list[str]:
@@ -107,7 +121,7 @@ def prepare_groups(runs: pd.DataFrame, by: Sequence[str] | None = None,
     runs = _completed(runs).copy()
     keys = list(by) if by is not None else comparable_keys(runs, dense=dense)
     runs["method"] = runs["method.name"].astype(str)
-    runs["pattern"] = np.where(runs["method"] == dense, DENSE_PATTERN, runs["method.pattern"].astype(str))
+    runs["pattern"] = pattern_labels(runs, dense)
     for key in keys:
         if key not in runs:
             raise KeyError(f"no config key {key!r} in these runs (group keys are dotted config keys, "
@@ -184,10 +198,11 @@ def _multi(runs: pd.DataFrame) -> list[str]:
 
 def _labels(runs: pd.DataFrame, settings: pd.Series, dense: str) -> pd.Series:
     multi = _multi(runs)
+    patterns = pattern_labels(runs, dense)
 
     def label(row: pd.Series) -> str:
         method = str(row["method.name"])
-        text = method if method == dense else f"{method} {row['method.pattern']}"
+        text = method if method == dense else f"{method} {patterns[row.name]}"
         parts = [str(row[k]) for k in multi] + ([settings[row.name]] if settings[row.name] else [])
         return text + (f" ({', '.join(parts)})" if parts else "")
 

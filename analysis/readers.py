@@ -105,17 +105,22 @@ def load_config(run: RunLike) -> dict:
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; lists become tuples (hashable, groupable)."""
+    """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``; lists become tuples (hashable, groupable), a mapping inside a list
+    its text (``method.layer_patterns``: ``('{match: conv2, pattern: 2:4}',)``)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             out.update(flatten(value, name + "."))
         elif isinstance(value, list):
-            out[name] = tuple(value)
+            out[name] = tuple(_item_text(v) if isinstance(v, Mapping) else v for v in value)
         else:
             out[name] = value
     return out
+
+
+def _item_text(item: Mapping[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in item.items()) + "}"
 
 
 # --------------------------------------------------------------------------------------------------

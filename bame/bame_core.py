@@ -62,8 +62,8 @@ __all__ = [
     "LMA_SCORES", "SELECTIONS", "OBF_UPDATES", "ROUNDINGS",
     "BlockSwaps", "pairs_per_group", "gradient_grow_scale", "swap_values", "block_swaps",
     "apply_swaps", "magnitude_blocks", "block_equal", "OBFState", "oscillation_events", "obf_step", "effective_frequency",
-    "selection_budget", "selection_key", "select_blocks", "adaptation_elementwise_ops",
-    "magnitude_elementwise_ops", "obf_elementwise_ops", "DESIGNATED_GRADS", "PRUNED_UPDATES", "REGROW_RULES", "REGROW_VALUES", "DESIGNATIONS",
+    "selection_budget", "selection_key", "select_blocks", "adaptation_elementwise_ops", "top_k_elementwise_ops",
+    "selection_elementwise_ops", "magnitude_elementwise_ops", "obf_elementwise_ops", "DESIGNATED_GRADS", "PRUNED_UPDATES", "REGROW_RULES", "REGROW_VALUES", "DESIGNATIONS",
 ]
 
 LMA_SCORES = ("taylor", "gradient")
@@ -374,11 +374,23 @@ def adaptation_elementwise_ops(num_candidates: int, groups_per_block: int, m: in
     per_weight = 1 if lma == "taylor" else 4
     scale = 0 if lma == "taylor" else 2 * int(layer_numel)
     order_per_group = m if pairs == 1 and k == 1 else m * _log2(m)
-    block_pairs = groups_per_block * pairs
-    best_k = block_pairs if k == 1 else block_pairs * _log2(block_pairs) + k
+    best_k = top_k_elementwise_ops(groups_per_block * pairs, k)
     per_block = e * per_weight + groups_per_block * (order_per_group + pairs) + best_k
-    select = c * (2 + (3 if selection == "joint" else 0)) + c * _log2(c)
+    select = selection_elementwise_ops(c, selection)
     return int(c * per_block + scale + select + obf_elementwise_ops(num_changed, num_updated, e))
+
+
+def top_k_elementwise_ops(count: int, k: int) -> int:
+    """A block's ``k`` best of ``count`` scores: ``count`` comparisons for ``k = 1``, else a sort
+    (``count * ceil(log2 count)``) and ``k`` additions for the block score."""
+    return count if k == 1 else count * _log2(count) + k
+
+
+def selection_elementwise_ops(num_candidates: int, selection: str) -> int:
+    """Selection among ``C`` candidate blocks: eligibility (2 ops) and, for ``joint``, the key (3) per
+    candidate, and a sort of the candidates (``C * ceil(log2 C)`` comparisons)."""
+    c = int(num_candidates)
+    return c * (2 + (3 if selection == "joint" else 0)) + c * _log2(c)
 
 
 def magnitude_elementwise_ops(num_blocks: int, groups_per_block: int, m: int) -> int:

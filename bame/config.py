@@ -20,14 +20,16 @@ import yaml
 
 from .data.specs import DataConfig
 from .instrument import InstrumentConfig
+from .layer_patterns import load_scheme, parse_rules
 from .methods import METHOD_SECTIONS, METHODS, MethodCommon
+from .methods.base import PatternRule
 from .methods.bame import BameConfig
 from .methods.phased import PhasedConfig
 from .schedule import LR_SCHEDULES
 from .schema import ConfigError, at_least, choice, from_plain, to_plain
 
 __all__ = [
-    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "PhasedConfig", "MethodConfig", "TrainConfig",
+    "ConfigError", "DataConfig", "ModelConfig", "BameConfig", "PhasedConfig", "MethodConfig", "PatternRule", "TrainConfig",
     "InstrumentConfig", "Config", "load_config", "from_dict", "to_dict", "apply_overrides", "dump_yaml",
     "configs_dir", "available_configs", "resolve_config_path", "experiment_identity", "with_value",
 ]
@@ -125,6 +127,11 @@ def _check_values(cfg: Config, source: str) -> list[str]:
         bad("method.asp_prune_fraction", f"must lie in [0, 1], got {cfg.method.asp_prune_fraction}")
     if cfg.method.srste_decay < 0:
         bad("method.srste_decay", f"must be >= 0 (SR-STE's lambda_w, e.g. 2e-4), got {cfg.method.srste_decay}")
+    if cfg.method.layer_pattern_file is not None:
+        try:
+            load_scheme(cfg.method.layer_pattern_file)
+        except ValueError as err:
+            bad("method.layer_pattern_file", str(err))
 
     t = cfg.train
     if t.epochs <= 0 and t.max_steps is None:
@@ -169,12 +176,27 @@ def from_dict(data: dict, source: str = "<dict>") -> Config:
     errors: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of sections, got {type(data).__name__}"])
+    data, errors = _check_layer_rules(data, source)
     cfg = from_plain(Config, data, "", errors, source)
     if not errors:
         errors = _check_values(cfg, source)
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def _check_layer_rules(data: dict, source: str) -> tuple[dict, list[str]]:
+    """``method.layer_patterns`` checked as written, before conversion (an unquoted ``2:4`` is still the
+    integer YAML made of it); a bad list becomes one error naming the rule and is left out of ``data``."""
+    method = data.get("method")
+    if not isinstance(method, dict) or "layer_patterns" not in method:
+        return data, []
+    try:
+        parse_rules(method["layer_patterns"], "method.layer_patterns")
+    except ValueError as err:
+        rest = {k: v for k, v in method.items() if k != "layer_patterns"}
+        return {**data, "method": rest}, [f"{source}: {err}"]
+    return data, []
 
 
 def to_dict(cfg: Any) -> dict:

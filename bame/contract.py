@@ -10,8 +10,10 @@ on a machine without it. docs/contracts.md says what each file and column holds.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
-from typing import Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 from .pattern import NMPattern
 
@@ -23,7 +25,8 @@ __all__ = [
     "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED", "DIVERGED", "STATUSES",
     "FLOPS_CONVENTION", "FLOPS_PER_MAC", "FORWARD", "INPUT_GRAD", "WEIGHT_GRAD", "ADAPTATION",
     "LAYER_PHASES", "PHASES", "ADAPTATION_LAYER",
-    "PATTERNLESS_METHODS", "DENSE_PATTERN", "pattern_label", "run_id",
+    "PATTERNLESS_METHODS", "DENSE_PATTERN", "MIXED_PATTERN", "LAYER_RULE_KEYS", "MASK_STRUCTURES", "ROW_MASKS",
+    "TRANSPOSABLE", "TRANSPOSABLE_TAG", "is_mixed", "pattern_label", "run_id",
 ]
 
 # -- the files of a run folder (docs/run_folders.md) ------------------------------------------------
@@ -59,8 +62,11 @@ MASKS_COLUMNS = ("step", "layer", "flips", "flip_fraction")
 ADAPTATION_COLUMNS = ("step", "layer", "rho", "num_blocks", "candidate_blocks", "frozen_blocks",
                       "selected_blocks", "swaps", "oscillation_events", "score_mean", "score_max",
                       "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks")
+# sparsify.csv: 'pattern' the layer's own ("dense" for a dense layer), 'rule' the per-layer rule that decided
+# it (e.g. "method.layer_patterns[1]"; empty where the global pattern and the layer policy did);
 # forward_kernel / input_grad_kernel: what ran those phases of an N:M layer (method.forward_kernel, ...)
-SPARSIFY_COLUMNS = ("name", "kind", "shape", "sparse", "reason", "forward_kernel", "input_grad_kernel")
+SPARSIFY_COLUMNS = ("name", "kind", "shape", "sparse", "reason", "pattern", "rule", "forward_kernel",
+                    "input_grad_kernel")
 TABLE_COLUMNS = {METRICS_TABLE: METRICS_COLUMNS, FLOPS_TABLE: FLOPS_COLUMNS, MASKS_TABLE: MASKS_COLUMNS,
                  ADAPTATION_TABLE: ADAPTATION_COLUMNS, SPARSIFY_TABLE: SPARSIFY_COLUMNS}
 # blocks/step_*.npz: arrays <layer>.<field> (and <layer>.designated under BAME's 'window' reading)
@@ -93,21 +99,48 @@ ADAPTATION_LAYER = "(adaptation)"  # flops.csv's 'layer' of the adaptation line
 # and readers show their pattern as DENSE_PATTERN.
 PATTERNLESS_METHODS = ("dense",)
 DENSE_PATTERN = "dense"
+# A run whose config sets patterns per layer (method.layer_patterns, method.layer_pattern_file) is "mixed":
+# its run id and readers show MIXED_PATTERN; sparsify.csv holds each layer's own pattern.
+MIXED_PATTERN = "mixed"
+LAYER_RULE_KEYS = ("layer_patterns", "layer_pattern_file")  # keys of the config's method section
+# method.mask_structure: N:M along K only ('row'), or along K and Cout in every MxM tile ('transposable');
+# a transposable run's id carries TRANSPOSABLE_TAG after its pattern (2of4T)
+ROW_MASKS, TRANSPOSABLE = "row", "transposable"
+MASK_STRUCTURES = (ROW_MASKS, TRANSPOSABLE)
+TRANSPOSABLE_TAG = "T"
 
 
-def pattern_label(method: str, pattern: object) -> str:
-    """The pattern a reader shows for a run: ``"1:16"``, or ``"dense"`` for a method that has none."""
-    return DENSE_PATTERN if str(method) in PATTERNLESS_METHODS else str(pattern)
+def _given(value: Any) -> bool:
+    """A config value that is set: not None, NaN (a column a run lacks), empty text or an empty list."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return not (isinstance(value, (str, list, tuple)) and len(value) == 0)
+
+
+def is_mixed(method: Mapping[str, Any]) -> bool:
+    """Whether a config's ``method`` section (a mapping, as ``config.yaml`` writes it) sets patterns per layer."""
+    return any(_given(method.get(key)) for key in LAYER_RULE_KEYS)
+
+
+def pattern_label(method: str, pattern: object, mixed: bool = False) -> str:
+    """The pattern a reader shows for a run: ``"1:16"``, ``"mixed"`` for per-layer patterns, or ``"dense"`` for
+    a method that has none."""
+    if str(method) in PATTERNLESS_METHODS:
+        return DENSE_PATTERN
+    return MIXED_PATTERN if mixed else str(pattern)
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", str(text)).strip("_") or "run"
 
 
-def run_id(when: _dt.datetime, config_name: str, method: str, pattern: NMPattern | str, seed: int) -> str:
+def run_id(when: _dt.datetime, config_name: str, method: str, pattern: NMPattern | str, seed: int, *,
+           mixed: bool = False, transposable: bool = False) -> str:
     """``<YYYYmmdd-HHMMSS>-<config name>-<method>-<NofM>-s<seed>``, e.g. ``20250101-120000-quick-bame-2of4-s0``;
-    a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
+    a dense run has no pattern: ``20250101-120000-quick-dense-s0``; per-layer patterns write ``mixed`` in place
+    of ``<NofM>``, and transposable masks add ``T`` to it (``bame-2of4T``, ``bame-mixedT``)."""
     parts = [when.strftime("%Y%m%d-%H%M%S"), _slug(config_name), _slug(method)]
     if method not in PATTERNLESS_METHODS:
-        parts.append(_slug(NMPattern.parse(pattern).slug))
+        slug = MIXED_PATTERN if mixed else NMPattern.parse(pattern).slug
+        parts.append(_slug(slug + (TRANSPOSABLE_TAG if transposable else "")))
     return "-".join([*parts, f"s{seed}"])

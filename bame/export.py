@@ -125,11 +125,18 @@ def _build_export(state: Mapping[str, torch.Tensor],
                 keys=keys, nm_layers=layers, dense=dense)
 
 
-def export_state_dict(state: Mapping[str, torch.Tensor], pattern: NMPattern | str,
+def export_state_dict(state: Mapping[str, torch.Tensor], pattern: NMPattern | str | Mapping[str, NMPattern | str],
                       layout: Layout | str = Layout.ROW) -> dict:
-    """Export a state dict holding N:M layers (found by their ``<name>.mask`` entries), all of ``pattern``."""
-    pattern, layout = NMPattern.parse(pattern), Layout.parse(layout)
-    return _build_export(state, {p: (pattern, layout) for p in _nm_prefixes(state)})
+    """Export a state dict holding N:M layers (found by their ``<name>.mask`` entries), all of ``pattern``, or
+    each of its own when ``pattern`` maps layer names to patterns (a run with per-layer patterns)."""
+    layout = Layout.parse(layout)
+    prefixes = _nm_prefixes(state)
+    if not isinstance(pattern, Mapping):
+        return _build_export(state, {p: (NMPattern.parse(pattern), layout) for p in prefixes})
+    missing = [p[:-1] for p in prefixes if p[:-1] not in pattern]
+    if missing:
+        raise ValueError(f"no pattern for the N:M layer {missing[0]!r} (patterns given for {sorted(pattern)})")
+    return _build_export(state, {p: (NMPattern.parse(pattern[p[:-1]]), layout) for p in prefixes})
 
 
 def export_model(model: nn.Module) -> dict:
@@ -308,6 +315,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
     if out_path.exists():
         raise FileExistsError(f"{out_path} already exists; not overwriting it: remove it or pass --out FILE")
     pattern, layout = folder.nm_pattern()
+    per_layer = folder.layer_patterns()  # each layer's own (per-layer patterns); {} for an older folder
     ckpt = load_checkpoint_file(ckpt_path)  # weights_only: nothing in the file runs
     if isinstance(ckpt, Mapping) and isinstance(ckpt.get("model"), Mapping):
         state = ckpt["model"]
@@ -321,7 +329,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> ExportSumm
                          f"{', ...' if len(bad) > 3 else ''}): the run diverged before this checkpoint")
     manifest, step = _manifest(folder), ckpt.get("step") if isinstance(ckpt.get("step"), int) else None
     source = {"run_id": run_dir.resolve().name, "status": manifest.get("status", "unknown"), "step": step}
-    exported = {**export_state_dict(state, pattern, layout), "source": source}
+    exported = {**export_state_dict(state, per_layer or pattern, layout), "source": source}
     try:
         _write_new(out_path, exported)
     except FileExistsError:

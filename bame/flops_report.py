@@ -27,12 +27,13 @@ from torch import nn
 from . import models
 from .attention_flops import MATMUL_SUFFIX, attention_modules
 from .config import Config, ConfigError, MethodConfig, with_value
-from .contract import FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, WEIGHT_GRAD
+from .contract import FLOPS_CONVENTION, FORWARD, INPUT_GRAD, LAYER_PHASES, ROW_MASKS, TRANSPOSABLE_TAG, WEIGHT_GRAD
 from .data.specs import DataShape, data_shape
 from .experiment import build, method_context
 from .flops import StepCosts, model_step_costs
 from .layers import NMLayer
 from .methods import METHODS, FlopsBudget, Method, create_method
+from .runs import config_pattern_label
 from .schedule import Schedule
 
 __all__ = ["DataShape", "data_shape", "flops_report", "format_report", "TargetBudget", "solve_target_ratio",
@@ -137,6 +138,7 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
             entry = dict(layer=name, kind="conv" if isinstance(mod, nn.Conv2d) else "linear",
                          shape=list(mod.weight.shape), sparse=name in nm_names,
                          pattern=str(mod.pattern) if name in nm_names else None,
+                         transposable=name in nm_names and mod.transposable,
                          backward=mod.backward_mode.value if name in nm_names else "dense")
         else:
             continue
@@ -166,7 +168,7 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
     rep = dict(
         convention=FLOPS_CONVENTION, config=cfg.name, model=cfg.model.name, data=cfg.data.name,
         input_shape=[batch, shape.in_channels, shape.image_size, shape.image_size], measured_batch=m.b,
-        method=cfg.method.name, pattern=str(cfg.method.pattern),
+        method=cfg.method.name, pattern=config_pattern_label(cfg), mask_structure=cfg.method.mask_structure,
         dense_step_macs=dense_i, step_macs=step_i, step_executed_macs=step_e,
         adapt_step_macs=scale(sparse.adapt.ideal_macs), adapt_step_executed_macs=scale(sparse.adapt.executed_macs),
         step_by_phase={ph: scale(sparse.step.by_phase[ph][0]) for ph in LAYER_PHASES},
@@ -287,19 +289,21 @@ def _fmt(macs: float) -> str:
 def format_report(rep: dict) -> str:
     """The human-readable table of :func:`flops_report`."""
     lines = [f"bame flops: {rep['model']} on {rep['data']} (input {'x'.join(map(str, rep['input_shape']))}), "
-             f"method {rep['method']} {rep['pattern']}",
+             f"method {rep['method']} {rep['pattern']}"
+             + (f", {rep['mask_structure']} masks" if rep.get("mask_structure", ROW_MASKS) != ROW_MASKS else ""),
              f"counts: {rep['convention']}"]
     lines += [f"note: {n}" for n in rep["notes"]]
     lines.append("")
-    head = (f"{'layer':<34} {'shape':<16} {'kind':<9} {'forward':>10} {'input_grad':>10} {'weight_grad':>11} "
+    head = (f"{'layer':<34} {'shape':<16} {'pattern':<9} {'forward':>10} {'input_grad':>10} {'weight_grad':>11} "
             f"{'w_grad@adapt':>12} {'executed':>10}  nm_on_reduction(f/i/w)")
-    lines += ["per layer, one step (ideal MACs unless 'executed'):", head, "-" * len(head)]
+    lines += [f"per layer, one step (ideal MACs unless 'executed'; pattern: the layer's own, {TRANSPOSABLE_TAG} a "
+              f"transposable mask):", head, "-" * len(head)]
     for e in rep["layers"]:
         st, ad = e["step"], e["adapt"]
         get = lambda d, ph, k="ideal": d.get(ph, {}).get(k, 0)  # noqa: E731
         executed = sum(get(st, ph, "executed") for ph in LAYER_PHASES)
         flags = "/".join("y" if st.get(ph, {}).get("nm_on_reduction") else "-" for ph in LAYER_PHASES)
-        kind = e["pattern"] if e["sparse"] else "dense"
+        kind = (e["pattern"] + (TRANSPOSABLE_TAG if e.get("transposable") else "")) if e["sparse"] else "dense"
         lines.append(f"{e['layer'][:34]:<34} {'x'.join(map(str, e['shape'])):<16} {kind:<9} "
                      f"{_fmt(get(st, FORWARD)):>10} {_fmt(get(st, INPUT_GRAD)):>10} {_fmt(get(st, WEIGHT_GRAD)):>11} "
                      f"{_fmt(get(ad, WEIGHT_GRAD)):>12} {_fmt(executed):>10}  {flags}")

@@ -10,8 +10,8 @@ from typing import Any, Optional
 
 from .config import ConfigError
 from .console import warning
-from .contract import CHECKPOINT, COMPLETED, FAILED, INTERRUPTED, MANIFEST, RUNNING, pattern_label
-from .runs import RunFolderError, RunReader, find_runs, load_run
+from .contract import CHECKPOINT, COMPLETED, FAILED, INTERRUPTED, MANIFEST, ROW_MASKS, RUNNING, pattern_label
+from .runs import RunFolderError, RunReader, config_pattern_label, find_runs, load_run
 
 __all__ = ["add_inspect_parser", "cmd_inspect", "describe_run", "describe_runs", "run_state"]
 
@@ -82,7 +82,9 @@ def describe_run(run: RunReader) -> str:
         c = run.config
         t = c.train
         length = f"{t.epochs:g} epochs" + (f", max_steps {t.max_steps}" if t.max_steps is not None else "")
-        lines.append(f"config    {c.name}: {c.data.name} / {c.model.name} / {c.method.name} {c.method.pattern} "
+        structure = f" {c.method.mask_structure}" if c.method.mask_structure != ROW_MASKS else ""
+        lines.append(f"config    {c.name}: {c.data.name} / {c.model.name} / {c.method.name} {config_pattern_label(c)}"
+                     f"{structure} "
                      f"/ seed {t.seed} / {length}, batch {t.batch_size}, lr {t.lr:g} ({t.lr_schedule}"
                      f"{f', warm-up {t.warmup_epochs:g} ep' if t.warmup_epochs else ''}), wd {t.weight_decay:g}, "
                      f"label smoothing {t.label_smoothing:g}")

@@ -41,7 +41,8 @@ from torch import nn
 from .nm import NMPattern
 
 __all__ = ["DENSE", "REGEX_PREFIX", "LayerRule", "PatternDecision", "parse_pattern_value", "parse_rules",
-           "decide", "resolve", "unused_rules", "LayerInfo", "load_scheme", "scheme_rules"]
+           "decide", "resolve", "unused_rules", "LayerInfo", "load_scheme", "scheme_rules", "model_layers",
+           "rules_for_model"]
 
 DENSE = "dense"
 REGEX_PREFIX = "re:"
@@ -233,3 +234,26 @@ def scheme_rules(scheme: dict[str, Optional[NMPattern]], layers: Sequence[LayerI
             raise ValueError(f"{where}: {key!r} and {rules[target].source.split(': ', 1)[1]} both set layer {target!r}")
         rules[target] = LayerRule(target, pattern, "exact", source)
     return tuple(rules.values())
+
+
+def model_layers(model: nn.Module) -> list[LayerInfo]:
+    """The convs and linears of ``model`` in module order, as schemes see them."""
+    return [LayerInfo.from_module(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Conv2d, nn.Linear))]
+
+
+def rules_for_model(model: nn.Module, rules: Sequence[LayerRule], scheme: Optional[str | Path] = None,
+                    where: str = "method.layer_pattern_file") -> tuple[LayerRule, ...]:
+    """``rules``, then the rules of the scheme file ``scheme`` (if any) mapped onto ``model`` (explicit rules
+    come first, so they override the scheme). Raises ``ValueError`` (one line, naming the rule or the key)
+    for a scheme that does not fit ``model`` and for an explicit rule that decides no conv/linear of
+    ``model``: it matches none (often a typo) or earlier rules take every layer it matches."""
+    layers = model_layers(model)
+    extra = () if scheme is None else scheme_rules(load_scheme(scheme), layers, f"{where} {Path(scheme).name!r}")
+    combined = tuple(rules) + extra
+    unused = unused_rules(resolve([layer.name for layer in layers], combined, None), rules)
+    if unused:
+        shown = ", ".join(layer.name for layer in layers[:6]) + (", ..." if len(layers) > 6 else "")
+        raise ValueError(f"{unused[0].describe()} decides no layer: it matches no conv/linear module ({shown}) "
+                         f"or an earlier rule takes every layer it matches; fix or remove it")
+    return combined

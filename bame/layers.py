@@ -7,14 +7,16 @@ keep working. Each carries two boolean buffers that ride along in ``state_dict``
 - ``grad_mask``: extra positions whose weight gradient is computed in ``SPARSE`` mode (BAME's
   candidate blocks on an adaptation step; all False otherwise).
 
-``backward_mode`` (a :class:`bame.autograd.Backward`) decides what the weight gradient is.
+``backward_mode`` (a :class:`bame.autograd.Backward`) decides what the weight gradient is. Each layer has
+its own pattern (``method.layer_patterns`` may give layers different ones) and a mask structure: ``row``
+(N:M along K) or ``transposable`` (N:M along K and along Cout in every M x M tile, :mod:`bame.transposable`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,30 +24,41 @@ from torch.nn.modules.utils import _pair
 
 from .autograd import Backward, Observer, nm_conv2d, nm_linear
 from .forward_kernels import FORWARD, INPUT_GRAD, ForwardKernel, SparseKernels
+from .contract import DENSE_PATTERN, MASK_STRUCTURES, ROW_MASKS, TRANSPOSABLE
 from .kernels import WeightGradKernel
-from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask, random_nm_mask
+from .layer_patterns import LayerRule, decide
+from .nm import Layout, NMPattern, block_grid, is_nm, nm_mask
+from .transposable import check_transposable, is_transposable_nm, transposable_mask
 
-__all__ = ["MASK_INITS", "ON_INDIVISIBLE", "NMLayer", "NMConv2d", "NMLinear", "LayerPolicy", "SparsifyReport", "sparsify", "nm_layers", "mask_table"]
+__all__ = ["MASK_INITS", "ON_INDIVISIBLE", "MASK_STRUCTURES", "NMLayer", "NMConv2d", "NMLinear", "LayerPolicy",
+           "SparsifyReport", "sparsify", "nm_layers", "mask_table"]
 
 
-MASK_INITS = ("magnitude", "random")  # top-N |W| of each group, or a random N:M mask
-ON_INDIVISIBLE = ("dense", "error")  # a layer whose K is no multiple of M: keep it dense (and say why), or refuse
+MASK_INITS = ("magnitude", "random")  # the mask that keeps the most |W|, or a random one (of the layer's structure)
+# a layer whose K (or, for transposable masks, Cout) is no multiple of M: keep it dense (and say why), or refuse
+ON_INDIVISIBLE = ("dense", "error")
 
 
 class NMLayer:
-    """What NMConv2d and NMLinear share: pattern, layout, mask buffers, backward mode."""
+    """What NMConv2d and NMLinear share: pattern, layout, mask structure, mask buffers, backward mode."""
 
     weight: torch.Tensor
     mask: torch.Tensor
     grad_mask: torch.Tensor
 
     def _init_nm(self, pattern: NMPattern | str, layout: Layout | str, backward_mode: Backward | str,
-                 srste_decay: float, mask_init: str, weight_grad_kernel: WeightGradKernel | str,
-                 forward_kernel: ForwardKernel | str, input_grad_kernel: ForwardKernel | str,
-                 compile_kernels: bool) -> None:
+                 srste_decay: float, mask_init: Optional[str], weight_grad_kernel: WeightGradKernel | str,
+                 forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+                 input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
+                 compile_kernels: bool = False, mask_structure: str = ROW_MASKS) -> None:
         self.pattern = NMPattern.parse(pattern)
         self.layout = Layout.parse(layout)
         block_grid(self.weight.shape, self.pattern.m, layout=self.layout, n=self.pattern.n)  # raises if not groupable
+        if mask_structure not in MASK_STRUCTURES:
+            raise ValueError(f"unknown mask structure {mask_structure!r}: use one of {list(MASK_STRUCTURES)}")
+        self.mask_structure = mask_structure
+        if self.transposable:  # raises naming shape and pattern unless Cout (per conv group) tiles by M
+            check_transposable(self.weight.shape, self.pattern.n, self.pattern.m, self.layout, getattr(self, "groups", 1))
         self.backward_mode = Backward.parse(backward_mode)
         self.srste_decay = float(srste_decay)
         self.weight_grad_kernel = WeightGradKernel(weight_grad_kernel)
@@ -55,29 +68,53 @@ class NMLayer:
         self.observer: Optional[Observer] = None
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("grad_mask", torch.zeros_like(self.weight, dtype=torch.bool))
-        self.init_mask(mask_init)
+        if mask_init is not None:  # None: from_dense sets the mask once the weights are copied
+            self.init_mask(mask_init)
+
+    @property
+    def transposable(self) -> bool:
+        """Whether the mask is N:M along Cout too, in every M x M tile (``mask_structure: transposable``)."""
+        return self.mask_structure == TRANSPOSABLE
+
+    @torch.no_grad()
+    def structured_mask(self, scores: torch.Tensor) -> torch.Tensor:
+        """The mask of this layer's pattern and structure keeping the most ``sum scores * mask``: the top N
+        of every group (``row``), or the best transposable mask of every tile (an exact search,
+        :func:`bame.transposable.transposable_mask`). ``scores``: the weight's shape, e.g. ``|W|``."""
+        n, m = self.pattern.n, self.pattern.m
+        if self.transposable:
+            return transposable_mask(scores, n, m, self.layout)
+        return nm_mask(scores, n, m, self.layout)
 
     @torch.no_grad()
     def init_mask(self, how: str = "magnitude", generator: Optional[torch.Generator] = None) -> None:
-        """Set the mask to top-N magnitude of the current weights (``magnitude``) or random N:M."""
-        n, m = self.pattern.n, self.pattern.m
+        """Set the mask from the magnitudes of the current weights (``magnitude``: :meth:`structured_mask` of
+        ``|W|``) or from random scores (``random``: :meth:`structured_mask` of uniform scores drawn on the CPU
+        from ``generator``; for ``row`` a uniformly random N:M mask, for ``transposable`` a random valid one,
+        not uniform over them)."""
         if how == "magnitude":
-            new = nm_mask(self.weight.abs(), n, m, self.layout)
+            new = self.structured_mask(self.weight.abs())
         elif how == "random":
-            new = random_nm_mask(self.weight.shape, n, m, generator, self.layout).to(self.weight.device)
+            new = self.structured_mask(torch.rand(tuple(self.weight.shape), generator=generator)).to(self.weight.device)
         else:
             raise ValueError(f"unknown mask init {how!r}: use 'magnitude' or 'random'")
         self.mask.copy_(new)
 
+    def obeys(self, mask: torch.Tensor) -> bool:
+        """``mask`` keeps at most N of every group, and under ``transposable`` of every tile's column too."""
+        n, m = self.pattern.n, self.pattern.m
+        return is_nm(mask, n, m, self.layout) and (not self.transposable or is_transposable_nm(mask, n, m, self.layout))
+
     @torch.no_grad()
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Replace the forward mask; it must have the weight's shape and obey the layer's pattern."""
+        """Replace the forward mask; it must have the weight's shape and obey the layer's pattern and structure."""
         if mask.shape != self.weight.shape:
             raise ValueError(f"{type(self).__name__}: mask shape {tuple(mask.shape)} != weight shape "
                              f"{tuple(self.weight.shape)}")
-        if not is_nm(mask, self.pattern.n, self.pattern.m, self.layout):
+        if not self.obeys(mask):
+            what = "transposable " if self.transposable else ""
             raise ValueError(f"{type(self).__name__} of shape {tuple(self.weight.shape)}: mask is not "
-                             f"{self.pattern} in layout {self.layout.value}")
+                             f"{what}{self.pattern} in layout {self.layout.value}")
         self.mask.copy_(mask.to(torch.bool))
 
     @torch.no_grad()
@@ -100,7 +137,8 @@ class NMLayer:
         return self.weight * self.mask
 
     def nm_extra_repr(self) -> str:
-        return f"pattern={self.pattern}, layout={self.layout.value}, backward={self.backward_mode.value}"
+        structure = f", mask_structure={self.mask_structure}" if self.transposable else ""
+        return f"pattern={self.pattern}, layout={self.layout.value}{structure}, backward={self.backward_mode.value}"
 
 
 def _constructor_kwargs(nm_kwargs: dict) -> dict:
@@ -151,25 +189,25 @@ class NMConv2d(nn.Conv2d, NMLayer):
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", *,
                  pattern: NMPattern | str = "2:4", layout: Layout | str = Layout.ROW,
                  backward_mode: Backward | str = Backward.SPARSE, srste_decay: float = 2e-4,
-                 mask_init: str = "magnitude",
+                 mask_init: Optional[str] = "magnitude",
                  weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
                  forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
                  input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
-                 compile_kernels: bool = False, device=None, dtype=None) -> None:
+                 compile_kernels: bool = False, mask_structure: str = ROW_MASKS, device=None, dtype=None) -> None:
         if padding_mode != "zeros":
             raise ValueError(f"NMConv2d supports padding_mode='zeros' only, got {padding_mode!r}")
         padding = _numeric_padding(padding, kernel_size, stride, dilation)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device=device, dtype=dtype)
         self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel, forward_kernel,
-                      input_grad_kernel, compile_kernels)
+                      input_grad_kernel, compile_kernels, mask_structure)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, **nm_kwargs) -> NMConv2d:
         """An NMConv2d with ``conv``'s hyper-parameters and a copy of its weights."""
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
-                    device=conv.weight.device, dtype=conv.weight.dtype, mask_init="magnitude",
+                    device=conv.weight.device, dtype=conv.weight.dtype, mask_init=None,
                     **_constructor_kwargs(nm_kwargs))
         layer.adopt(conv, nm_kwargs.get("mask_init", "magnitude"), nm_kwargs.get("generator"))
         return layer
@@ -189,20 +227,20 @@ class NMLinear(nn.Linear, NMLayer):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  pattern: NMPattern | str = "2:4", layout: Layout | str = Layout.ROW,
                  backward_mode: Backward | str = Backward.SPARSE, srste_decay: float = 2e-4,
-                 mask_init: str = "magnitude",
+                 mask_init: Optional[str] = "magnitude",
                  weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
                  forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
                  input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
-                 compile_kernels: bool = False, device=None, dtype=None) -> None:
+                 compile_kernels: bool = False, mask_structure: str = ROW_MASKS, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_nm(pattern, layout, backward_mode, srste_decay, mask_init, weight_grad_kernel, forward_kernel,
-                      input_grad_kernel, compile_kernels)
+                      input_grad_kernel, compile_kernels, mask_structure)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, **nm_kwargs) -> NMLinear:
         """An NMLinear with ``linear``'s shape and a copy of its weights."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, dtype=linear.weight.dtype, mask_init="magnitude",
+                    device=linear.weight.device, dtype=linear.weight.dtype, mask_init=None,
                     **_constructor_kwargs(nm_kwargs))
         layer.adopt(linear, nm_kwargs.get("mask_init", "magnitude"), nm_kwargs.get("generator"))
         return layer
@@ -236,14 +274,17 @@ class LayerDecision:
     shape: tuple[int, ...]
     sparse: bool
     reason: str
+    pattern: str = DENSE_PATTERN  # the layer's own pattern, "2:4"; "dense" for a dense layer
+    rule: str = ""  # the per-layer rule that decided it (LayerRule.source); "" for the global pattern
 
 
 @dataclass
 class SparsifyReport:
     """What ``sparsify`` changed and why it left the rest dense."""
 
-    pattern: NMPattern
+    pattern: NMPattern  # the global pattern (layers that no per-layer rule matches)
     layers: list[LayerDecision] = field(default_factory=list)
+    mask_structure: str = ROW_MASKS
 
     @property
     def sparse_names(self) -> list[str]:
@@ -257,14 +298,16 @@ class SparsifyReport:
         """One row per decision; with ``model``, what ran the forward and input gradient of its N:M layers."""
         kernels = {n: layer.sparse_kernels for n, layer in nm_layers(model)} if model is not None else {}
         return [dict(name=d.name, kind=d.kind, shape="x".join(map(str, d.shape)), sparse=d.sparse,
-                     reason=d.reason, forward_kernel=kernels[d.name].describe(FORWARD) if d.name in kernels else "",
+                     reason=d.reason, pattern=d.pattern, rule=d.rule,
+                     forward_kernel=kernels[d.name].describe(FORWARD) if d.name in kernels else "",
                      input_grad_kernel=kernels[d.name].describe(INPUT_GRAD) if d.name in kernels else "")
                 for d in self.layers]
 
     def __str__(self) -> str:
-        lines = [f"sparsify {self.pattern}: {len(self.sparse_names)} sparse, {len(self.dense_names)} dense"]
+        structure = f", {self.mask_structure} masks" if self.mask_structure != ROW_MASKS else ""
+        lines = [f"sparsify {self.pattern}{structure}: {len(self.sparse_names)} sparse, {len(self.dense_names)} dense"]
         for d in self.layers:
-            lines.append(f"  {'N:M ' if d.sparse else 'dense'}  {d.name:<40} {str(d.shape):<22} {d.reason}")
+            lines.append(f"  {d.pattern:<5}  {d.name:<40} {str(d.shape):<22} {d.reason}")
         return "\n".join(lines)
 
 
@@ -281,61 +324,98 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _policy_reason(name: str, module: nn.Module, policy: LayerPolicy, first_conv: Optional[str],
+                   classifier: Optional[str]) -> Optional[str]:
+    """Why the layer policy keeps a layer that no per-layer rule names dense (None: it does not)."""
+    if policy.first_conv_dense and name == first_conv:
+        return f"first conv, the {_first_conv_role(module)} (policy first_conv_dense)"
+    if policy.classifier_dense and name == classifier:
+        return "classifier, the last linear (policy classifier_dense)"
+    if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels and policy.depthwise_dense:
+        return "depthwise conv (policy depthwise_dense)"
+    return None
+
+
+def _shape_reason(name: str, module: nn.Module, pattern: NMPattern, layout: Layout, mask_structure: str,
+                  policy: LayerPolicy) -> Optional[str]:
+    """Why ``module`` cannot be N:M ``pattern`` (None: it can); raises under ``on_indivisible: error``."""
+    if isinstance(module, nn.Conv2d):
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} not supported"
+        if (problem := _padding_problem(module)) is not None:
+            return f"padding={module.padding!r} not supported ({problem})"
+    try:
+        block_grid(module.weight.shape, pattern.m, layout=layout, n=pattern.n)
+    except ValueError as err:
+        if policy.on_indivisible == "error":
+            raise ValueError(f"layer {name!r}: {err}") from None
+        what = "Cin/groups" if layout is Layout.CHANNEL else "K"
+        return f"{what} not divisible by M={pattern.m} ({err})"
+    if mask_structure == TRANSPOSABLE:
+        try:
+            check_transposable(module.weight.shape, pattern.n, pattern.m, layout, getattr(module, "groups", 1))
+        except ValueError as err:
+            if policy.on_indivisible == "error":
+                raise ValueError(f"layer {name!r}: {err}") from None
+            return f"Cout={module.weight.shape[0]} does not tile by M={pattern.m} for transposable masks ({err})"
+    return None
+
+
 def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy = LayerPolicy(),
              layout: Layout | str = Layout.ROW, backward_mode: Backward | str = Backward.SPARSE,
              srste_decay: float = 2e-4, mask_init: str = "magnitude",
              weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
              forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
              input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE, compile_kernels: bool = False,
-             generator: Optional[torch.Generator] = None) -> SparsifyReport:
+             generator: Optional[torch.Generator] = None, rules: Sequence[LayerRule] = (),
+             mask_structure: str = ROW_MASKS) -> SparsifyReport:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for NM layers.
 
-    The first conv and the last linear (the classifier) stay dense by default, so do depthwise convs
-    and layers whose reduction size K is not a multiple of M. Returns a report of every decision.
+    Each layer's pattern: the first of ``rules`` (:mod:`bame.layer_patterns`) that matches its name, else
+    ``pattern``. A rule decides even for the layers the policy keeps dense (a researcher who names a layer
+    means it); a layer no rule matches follows the policy: the first conv and the last linear (the
+    classifier) stay dense by default, so do depthwise convs. Any layer stays dense where its pattern is
+    dense, or its K is not a multiple of M (or, with ``mask_structure='transposable'``, its Cout per conv
+    group), unless ``policy.on_indivisible='error'`` (then ``ValueError``). Returns a report of every decision.
     """
     pattern = NMPattern.parse(pattern)
     layout = Layout.parse(layout)
-    report = SparsifyReport(pattern)
+    if mask_structure not in MASK_STRUCTURES:
+        raise ValueError(f"unknown mask structure {mask_structure!r}: use one of {list(MASK_STRUCTURES)}")
+    report = SparsifyReport(pattern, mask_structure=mask_structure)
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     convs = [n for n, m in candidates if isinstance(m, nn.Conv2d)]
     linears = [n for n, m in candidates if isinstance(m, nn.Linear)]
     first_conv = convs[0] if convs else None
     classifier = linears[-1] if linears else None
-    nm_kwargs = dict(pattern=pattern, layout=layout, backward_mode=backward_mode, srste_decay=srste_decay,
-                     mask_init=mask_init, weight_grad_kernel=weight_grad_kernel, forward_kernel=forward_kernel,
-                     input_grad_kernel=input_grad_kernel, compile_kernels=compile_kernels, generator=generator)
+    nm_kwargs = dict(layout=layout, backward_mode=backward_mode, srste_decay=srste_decay, mask_init=mask_init,
+                     weight_grad_kernel=weight_grad_kernel, forward_kernel=forward_kernel,
+                     input_grad_kernel=input_grad_kernel, compile_kernels=compile_kernels, generator=generator,
+                     mask_structure=mask_structure)
     for name, module in candidates:
         kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
         shape = tuple(module.weight.shape)
-        reason = None
+        decision = decide(name, rules, None if pattern.is_dense else pattern)
+        rule = rules[decision.rule] if decision.rule is not None else None
+        own = decision.pattern  # None: dense
         if isinstance(module, NMLayer):
-            reason = "already N:M"
-        elif pattern.is_dense:
-            reason = f"pattern {pattern} is dense"
-        elif policy.first_conv_dense and name == first_conv:
-            reason = f"first conv, the {_first_conv_role(module)} (policy first_conv_dense)"
-        elif policy.classifier_dense and name == classifier:
-            reason = "classifier, the last linear (policy classifier_dense)"
-        elif kind == "conv" and module.groups > 1 and module.groups == module.in_channels and policy.depthwise_dense:
-            reason = "depthwise conv (policy depthwise_dense)"
-        elif kind == "conv" and module.padding_mode != "zeros":
-            reason = f"padding_mode={module.padding_mode!r} not supported"
-        elif kind == "conv" and (problem := _padding_problem(module)) is not None:
-            reason = f"padding={module.padding!r} not supported ({problem})"
+            report.layers.append(LayerDecision(name, kind, shape, True, "already N:M", str(module.pattern)))
+            continue
+        if rule is None:
+            reason = (f"pattern {pattern} is dense" if own is None
+                      else _policy_reason(name, module, policy, first_conv, classifier))
         else:
-            try:
-                block_grid(module.weight.shape, pattern.m, layout=layout, n=pattern.n)
-            except ValueError as err:
-                if policy.on_indivisible == "error":
-                    raise ValueError(f"layer {name!r}: {err}") from None
-                what = "Cin/groups" if layout is Layout.CHANNEL else "K"
-                reason = f"{what} not divisible by M={pattern.m} ({err})"
+            reason = decision.reason if own is None else None
+        if reason is None:
+            reason = _shape_reason(name, module, own, layout, mask_structure, policy)
+        source = rule.source if rule is not None else ""
         if reason is None:
             cls = NMConv2d if kind == "conv" else NMLinear
-            _set_submodule(model, name, cls.from_dense(module, **nm_kwargs))
-            report.layers.append(LayerDecision(name, kind, shape, True, f"N:M {pattern}"))
+            _set_submodule(model, name, cls.from_dense(module, pattern=own, **nm_kwargs))
+            why = f"N:M {own}" + (f", {rule.describe()}" if rule is not None else "")
+            report.layers.append(LayerDecision(name, kind, shape, True, why, str(own), source))
         else:
-            report.layers.append(LayerDecision(name, kind, shape, isinstance(module, NMLayer), reason))
+            report.layers.append(LayerDecision(name, kind, shape, False, reason, DENSE_PATTERN, source))
     return report
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import data, preflight
 from .config import Config, ConfigError, to_dict
-from .contract import FLOPS_TABLE, METRICS_TABLE, SPARSIFY_TABLE
+from .contract import DENSE_PATTERN, FLOPS_TABLE, METRICS_TABLE, SPARSIFY_TABLE
 from .distributed import DistContext, average_float_buffers, check_masks_agree
 from .divergence import DivergedError, DivergenceGuard
 from .experiment import build
@@ -150,8 +150,8 @@ class Trainer:
         else:
             rows = [dict(name=n, kind="conv" if isinstance(m, nn.Conv2d) else "linear",
                          shape="x".join(map(str, m.weight.shape)), sparse=False,
-                         reason=f"method {self.cfg.method.name!r} keeps every layer dense", forward_kernel="",
-                         input_grad_kernel="")
+                         reason=f"method {self.cfg.method.name!r} keeps every layer dense", pattern=DENSE_PATTERN,
+                         rule="", forward_kernel="", input_grad_kernel="")
                     for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.writer.append_rows(SPARSIFY_TABLE, rows)
 

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from .contract import (BLOCKS_DIR, CHECKPOINT, CONFIG, DONE, MANIFEST, RUNNING, SUMMARY, TABLE_COLUMNS,
-                       block_step, compressed_table_file, table_file)
+from .contract import (BLOCKS_DIR, CHECKPOINT, CONFIG, DONE, MANIFEST, RUNNING, SPARSIFY_TABLE, SUMMARY,
+                       TABLE_COLUMNS, block_step, compressed_table_file, table_file)
 from .pattern import Layout, NMPattern
 from .runlock import lock_holder
 
@@ -120,6 +120,18 @@ class RunFolder:
             return NMPattern.parse(method["pattern"]), Layout.parse(method.get("layout", Layout.ROW.value))
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+
+    def layer_patterns(self) -> dict[str, NMPattern]:
+        """Each N:M layer's own pattern, from ``sparsify.csv`` (``{}`` for a folder written before the table
+        had a ``pattern`` column: its layers all follow :meth:`nm_pattern`)."""
+        out = {}
+        for row in self.rows(SPARSIFY_TABLE):
+            if row.get("sparse") == "True" and row.get("pattern"):
+                try:
+                    out[row["name"]] = NMPattern.parse(row["pattern"])
+                except ValueError as err:
+                    raise self._damaged(table_file(SPARSIFY_TABLE), f"layer {row['name']!r}: {err}") from None
+        return out
 
     # -- who writes it -------------------------------------------------------------------------------
     def writing_pid(self) -> Optional[int]:

@@ -46,8 +46,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .config import Config, dump_yaml, from_dict
-from .contract import (BLOCKS_DIR, COMPLETED, CONFIG, DIVERGED, DONE, FAILED, INTERRUPTED, MANIFEST,
-                       RUNNING, STATUSES, SUMMARY, run_id)
+from .contract import (BLOCKS_DIR, COMPLETED, CONFIG, DIVERGED, DONE, FAILED, INTERRUPTED, LAYER_RULE_KEYS,
+                       MANIFEST, MIXED_PATTERN, RUNNING, STATUSES, SUMMARY, TRANSPOSABLE, is_mixed, run_id)
 from .contract import CHECKPOINT as CHECKPOINT_FILE
 from .files import (CsvTable, atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text,
                     remove_leftover_temp_files, strict_json)
@@ -55,9 +55,9 @@ from .runfolder import RunFolder, RunFolderError, RunNotFoundError
 from .runfolder import find_runs as _find_runs
 from .runlock import RunLock
 
-__all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "RunNotFoundError",
-           "atomic_write_text", "atomic_write_bytes", "atomic_torch_save", "git_info", "STATUSES", "RunFolderError",
-           "strict_json", "remove_leftover_temp_files"]
+__all__ = ["RunWriter", "NullWriter", "RunReader", "load_run", "find_runs", "make_run_id", "config_is_mixed",
+           "config_pattern_label", "RunNotFoundError", "atomic_write_text", "atomic_write_bytes", "atomic_torch_save",
+           "git_info", "STATUSES", "RunFolderError", "strict_json", "remove_leftover_temp_files"]
 
 CHECKPOINT = Path(CHECKPOINT_FILE)
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -114,8 +114,21 @@ def _versions() -> dict[str, Optional[str]]:
 
 def make_run_id(cfg: Config, when: Optional[_dt.datetime] = None) -> str:
     """The run id of ``cfg`` started at ``when`` (now): :func:`bame.contract.run_id`, e.g.
-    ``20250101-120000-quick-bame-2of4-s0``; a dense run has no pattern: ``20250101-120000-quick-dense-s0``."""
-    return run_id(when or _dt.datetime.now(), cfg.name, cfg.method.name, cfg.method.pattern, cfg.train.seed)
+    ``20250101-120000-quick-bame-2of4-s0``; a dense run has no pattern: ``20250101-120000-quick-dense-s0``;
+    per-layer patterns: ``...-bame-mixed-s0``; transposable masks: ``...-bame-2of4T-s0``."""
+    return run_id(when or _dt.datetime.now(), cfg.name, cfg.method.name, cfg.method.pattern, cfg.train.seed,
+                  mixed=config_is_mixed(cfg), transposable=cfg.method.mask_structure == TRANSPOSABLE)
+
+
+def config_is_mixed(cfg: Config) -> bool:
+    """Whether ``cfg`` sets patterns per layer (:func:`bame.contract.is_mixed`)."""
+    return is_mixed({key: getattr(cfg.method, key) for key in LAYER_RULE_KEYS})
+
+
+def config_pattern_label(cfg: Config) -> str:
+    """The pattern the manifest and the summary record: ``"1:16"``, or ``"mixed"`` for per-layer patterns
+    (sparsify.csv holds each layer's); a dense run records its unused ``method.pattern``."""
+    return MIXED_PATTERN if config_is_mixed(cfg) else str(cfg.method.pattern)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +185,7 @@ class RunWriter:
             "seeds": {"train.seed": cfg.train.seed},
             "config_name": cfg.name,
             "method": cfg.method.name,
-            "pattern": str(cfg.method.pattern),
+            "pattern": config_pattern_label(cfg),
             "resumes": [],
             "error": None,
         }

@@ -30,7 +30,7 @@ from .experiment import dense_step_macs, describe_device, resolve_device
 from .loop import Trainer, fmt_metric
 from .resume import RESUMABLE_CHANGES, ResumeError, check_resume_point, load_for_resume, reopen_writer, resume_config
 from .runlock import RunLock
-from .runs import NullWriter, RunReader, RunWriter, load_run
+from .runs import NullWriter, RunReader, RunWriter, config_pattern_label, load_run
 from .seed import deterministic_mode, seed_everything
 from .signals import StopRequested, StopSignals
 
@@ -236,7 +236,7 @@ def run_summary(trainer: Trainer, status: str = COMPLETED, divergence: Optional[
         "status": status,
         "config_name": trainer.cfg.name,
         "method": trainer.cfg.method.name,
-        "pattern": str(trainer.cfg.method.pattern),
+        "pattern": config_pattern_label(trainer.cfg),
         "seed": trainer.cfg.train.seed,
         "steps": trainer.step,
         "epochs": trainer.step / trainer.sched.steps_per_epoch,

@@ -63,12 +63,14 @@ from typing import Optional
 
 import torch
 
-from .bame_core import Scalar, swap_values
+from .bame_core import (BlockSwaps, Scalar, obf_elementwise_ops, selection_elementwise_ops, swap_values,
+                        top_k_elementwise_ops)
 from .nm import Layout, NMPattern, block_grid, from_blocks, to_blocks
 
 __all__ = ["ALGORITHMS", "check_transposable", "to_tiles", "from_tiles", "transposable_patterns",
-           "transposable_tiles", "transposable_mask", "is_transposable_nm", "TileExchanges", "best_exchanges",
-           "exchange_elementwise_ops"]
+           "search_tiles", "transposable_tiles", "transposable_mask", "is_transposable_nm", "TileExchanges",
+           "best_exchanges", "exchange_elementwise_ops", "check_block_shape", "blocks_to_tiles", "tiles_to_blocks",
+           "block_exchanges", "transposable_blocks", "block_exchange_elementwise_ops"]
 
 ALGORITHMS = ("auto", "enumerate", "flow")
 ENUMERATE_MAX_M = 4  # 'auto' enumerates up to here: 2:4 has 90 patterns, 2:6 already 67,950
@@ -152,10 +154,11 @@ def _enumerate_tiles(scores: torch.Tensor, n: int) -> torch.Tensor:
     return pats[best]
 
 
-def _flow_tiles(scores: torch.Tensor, n: int) -> torch.Tensor:
+def _flow_tiles(scores: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     """Exact max-weight degree-``n`` subgraph of every tile by successive shortest paths (module docstring).
 
-    ``scores`` ``[T, m, m]`` -> bool ``[T, m, m]``. Node ``r`` (a row) sends flow to node ``c`` (a column)
+    ``scores`` ``[T, m, m]`` -> bool ``[T, m, m]`` and the Bellman-Ford rounds run (summed over the
+    augmentations, each round on every tile at once). Node ``r`` (a row) sends flow to node ``c`` (a column)
     through a kept entry. Residual edges: ``r -> c`` for a pruned entry at cost ``-s`` (keeping it gains
     ``s``), ``c -> r`` for a kept entry at cost ``+s`` (pruning it). Sources: rows with fewer than ``n``;
     sinks: columns with fewer than ``n``.
@@ -166,6 +169,7 @@ def _flow_tiles(scores: torch.Tensor, n: int) -> torch.Tensor:
     inf = torch.tensor(float("inf"), dtype=s.dtype, device=s.device)
     keep = torch.zeros(t, m, m, dtype=torch.bool, device=s.device)
     tiles = torch.arange(t, device=s.device)
+    rounds = 0
     for _ in range(n * m):  # every augmentation adds one kept entry to every tile
         add_cost = torch.where(keep, inf, -s)  # [T, r, c]: edge r -> c
         drop_cost = torch.where(keep, s, inf)  # [T, r, c]: edge c -> r
@@ -174,6 +178,7 @@ def _flow_tiles(scores: torch.Tensor, n: int) -> torch.Tensor:
         pred_col = torch.zeros(t, m, dtype=torch.long, device=s.device)  # row that reached column c
         pred_row = torch.full((t, m), -1, dtype=torch.long, device=s.device)  # column that reached row r; -1: source
         for _ in range(2 * m):  # a shortest path visits each of the 2m nodes at most once
+            rounds += 1
             via_r, arg_r = (d_row[:, :, None] + add_cost).min(dim=1)  # [T, c]
             better_c = via_r < d_col - _FLOW_TOL
             d_col = torch.where(better_c, via_r, d_col)
@@ -199,15 +204,15 @@ def _flow_tiles(scores: torch.Tensor, n: int) -> torch.Tensor:
             col = torch.where(at_source, col, prev)
     if not bool(((keep.sum(1) == n) & (keep.sum(2) == n)).all()):
         raise RuntimeError(f"transposable flow search did not reach {n} per row and column (non-finite scores?)")
-    return keep
+    return keep, rounds
 
 
-def transposable_tiles(scores: torch.Tensor, n: int, algorithm: str = "auto") -> torch.Tensor:
-    """Per tile, the mask with exactly ``n`` per row and per column that maximises ``sum scores * mask``.
+def search_tiles(scores: torch.Tensor, n: int, algorithm: str = "auto") -> tuple[torch.Tensor, int]:
+    """:func:`transposable_tiles` and its element-wise work (an operation count, for the FLOPs ledger).
 
-    ``scores``: ``[T, m, m]`` (e.g. ``|W|`` from :func:`to_tiles`); returns bool ``[T, m, m]``.
-    ``algorithm``: ``enumerate``, ``flow`` or ``auto`` (``enumerate`` for ``m <= 4``); see the module
-    docstring. Raises ``ValueError`` for non-finite scores.
+    Per tile: ``enumerate`` ``P m^2`` multiply-adds (scoring every pattern) and ``P`` comparisons (the
+    best); ``flow`` ``3 m^2`` (scaling), per augmentation ``2 m^2`` (the residual costs) and ``m`` (the
+    path), and per Bellman-Ford round it ran ``4 m^2 + 4 m`` (two relaxations: additions, minima, updates).
     """
     if scores.dim() != 3 or scores.shape[1] != scores.shape[2]:
         raise ValueError(f"transposable_tiles takes tiles [T, m, m], got shape {tuple(scores.shape)}")
@@ -218,11 +223,27 @@ def transposable_tiles(scores: torch.Tensor, n: int, algorithm: str = "auto") ->
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("transposable_tiles: scores must be finite (got inf or nan)")
     scores = scores.detach()
-    if n == m or scores.shape[0] == 0:
-        return torch.full(scores.shape, n == m, dtype=torch.bool, device=scores.device)
+    t = scores.shape[0]
+    if n == m or t == 0:
+        return torch.full(scores.shape, n == m, dtype=torch.bool, device=scores.device), 0
     if algorithm == "auto":
         algorithm = "enumerate" if m <= ENUMERATE_MAX_M else "flow"
-    return _enumerate_tiles(scores, n) if algorithm == "enumerate" else _flow_tiles(scores, n)
+    if algorithm == "enumerate":
+        keep = _enumerate_tiles(scores, n)  # refuses m > 6 before the patterns are listed
+        p = len(_patterns_cpu(n, m))
+        return keep, t * (p * m * m + p)
+    keep, rounds = _flow_tiles(scores, n)
+    return keep, t * (3 * m * m + n * m * (2 * m * m + m) + rounds * (4 * m * m + 4 * m))
+
+
+def transposable_tiles(scores: torch.Tensor, n: int, algorithm: str = "auto") -> torch.Tensor:
+    """Per tile, the mask with exactly ``n`` per row and per column that maximises ``sum scores * mask``.
+
+    ``scores``: ``[T, m, m]`` (e.g. ``|W|`` from :func:`to_tiles`); returns bool ``[T, m, m]``.
+    ``algorithm``: ``enumerate``, ``flow`` or ``auto`` (``enumerate`` for ``m <= 4``); see the module
+    docstring. Raises ``ValueError`` for non-finite scores.
+    """
+    return search_tiles(scores, n, algorithm)[0]
 
 
 def transposable_mask(scores: torch.Tensor, n: int, m: int, layout: Layout | str = Layout.ROW,
@@ -312,3 +333,94 @@ def exchange_elementwise_ops(num_tiles: int, m: int, lma: str = "taylor", layer_
     per_weight = 1 if lma == "taylor" else 4
     scale = 0 if lma == "taylor" else 2 * int(layer_numel)
     return int(num_tiles) * (per_weight * m * m + 2 * m ** 3 + 2 * m * m) + scale
+
+
+# -- BAME's blocks made of whole tiles --------------------------------------------------------------------
+# A block of ``block_rows x block_groups`` groups (bame.nm) holds whole tiles when ``block_rows`` is a multiple
+# of m: ``q = block_rows / m`` tiles down times ``block_groups`` across. In block form ``[B, G, m]`` a block's
+# groups run row-major (group ``r * block_groups + c``: row ``r``, group column ``c``), so its tile ``(i, c)``
+# is rows ``i*m .. i*m + m - 1`` of column ``c``; tiles are numbered ``i * block_groups + c`` in their block.
+
+
+def check_block_shape(block_rows: int, m: int) -> None:
+    """``ValueError`` unless a block of ``block_rows`` rows is made of whole ``m x m`` tiles."""
+    if block_rows < 1 or block_rows % m:
+        raise ValueError(f"block_rows={block_rows} is not a multiple of M={m}: under mask_structure "
+                         f"'transposable' a block is made of whole {m}x{m} tiles (block_rows = {m}, {2 * m}, ...; "
+                         f"any block_groups)")
+
+
+def blocks_to_tiles(blocks: torch.Tensor, block_rows: int, block_groups: int) -> torch.Tensor:
+    """``[B, block_rows * block_groups, m]`` block form -> ``[B * tiles_per_block, m, m]`` tiles, block by block."""
+    nb, _, m = blocks.shape
+    check_block_shape(block_rows, m)
+    q = block_rows // m
+    t = blocks.reshape(nb, q, m, block_groups, m).permute(0, 1, 3, 2, 4)  # [B, q, bg, row, position]
+    return t.reshape(nb * q * block_groups, m, m)
+
+
+def tiles_to_blocks(tiles: torch.Tensor, block_rows: int, block_groups: int) -> torch.Tensor:
+    """Inverse of :func:`blocks_to_tiles`."""
+    m = tiles.shape[-1]
+    q = block_rows // m
+    b = tiles.reshape(-1, q, block_groups, m, m).permute(0, 1, 3, 2, 4)  # [B, q, row, bg, position]
+    return b.reshape(-1, block_rows * block_groups, m)
+
+
+def block_exchanges(w: torch.Tensor, g: torch.Tensor, mask: torch.Tensor, block_rows: int, block_groups: int,
+                    lma: str = "taylor", swaps_per_block: int = 1, grow_scale: Optional[Scalar] = None) -> BlockSwaps:
+    """Each block's plan of rectangle exchanges, as :func:`bame.bame_core.block_swaps` plans swaps.
+
+    ``w``, ``g``, ``mask``: ``[B, G, m]`` block form of blocks of whole tiles, the mask transposable. Every
+    tile's best exchange (:func:`best_exchanges`); a block takes its best tile's exchange, and with
+    ``swaps_per_block = k > 1`` up to ``k`` tiles' (one exchange per tile: distinct tiles never conflict),
+    the best always, the others where their ``R > 0`` (ties: the lower tile). ``R_b = R_(1) + sum_{r>=2}
+    max(R_(r), 0)``. ``num_swaps`` counts the swaps the plan makes: two per exchange. Apply the plan with
+    :func:`bame.bame_core.apply_swaps`; row and column counts of every tile stay as they were.
+    """
+    nb = w.shape[0]
+    ex = best_exchanges(*(blocks_to_tiles(t, block_rows, block_groups) for t in (w, g, mask)), lma, grow_scale)
+    per_block = ex.score.reshape(nb, -1)  # [B, tiles per block]
+    k = min(int(swaps_per_block), per_block.shape[1])
+    if k < 1:
+        raise ValueError(f"swaps_per_block must be >= 1, got {swaps_per_block}")
+    if k == 1:
+        top, idx = per_block.max(dim=1, keepdim=True)  # the first best tile
+    else:
+        top, idx = torch.sort(per_block, dim=1, descending=True, stable=True)
+        top, idx = top[:, :k], idx[:, :k]
+    take = top > 0
+    take[:, 0] = True  # the best exchange is always the plan's first
+    chosen = torch.zeros_like(per_block, dtype=torch.bool).scatter_(1, idx, take)  # [B, tiles per block]
+    chosen_tiles = chosen.reshape(-1, 1, 1)
+    drop = tiles_to_blocks(ex.drop & chosen_tiles, block_rows, block_groups)
+    grow = tiles_to_blocks(ex.grow & chosen_tiles, block_rows, block_groups)
+    score = top[:, 0] + top[:, 1:].clamp(min=0).sum(dim=1)
+    return BlockSwaps(score, drop, grow, 2 * (chosen & torch.isfinite(per_block)).sum(dim=1), top)
+
+
+def transposable_blocks(w: torch.Tensor, n: int, block_rows: int, block_groups: int,
+                        algorithm: str = "auto") -> tuple[torch.Tensor, int]:
+    """``[B, G, m]`` bool: in every tile of every block, the transposable mask keeping the most ``|w|`` (BAME's
+    magnitude re-choice of a block, tile by tile), and the search's element-wise work (:func:`search_tiles`,
+    plus ``m^2`` per tile for ``|w|``)."""
+    tiles = blocks_to_tiles(w.detach().abs(), block_rows, block_groups)
+    keep, ops = search_tiles(tiles, n, algorithm)
+    m = w.shape[-1]
+    return tiles_to_blocks(keep, block_rows, block_groups), ops + tiles.shape[0] * m * m
+
+
+def block_exchange_elementwise_ops(num_candidates: int, tiles_per_block: int, m: int, swaps_per_block: int,
+                                   lma: str, selection: str, num_changed: int, num_updated: int,
+                                   layer_numel: int = 0) -> int:
+    """Element-wise work of one layer's scoring + selection on one adaptation step of transposable BAME: the
+    exchanges of every tile of the candidate blocks (:func:`exchange_elementwise_ops`), each block's best
+    ``k`` tiles (``bame_core.top_k_elementwise_ops``), the selection and OBF, as
+    :func:`bame.bame_core.adaptation_elementwise_ops` counts them."""
+    c = int(num_candidates)
+    if c <= 0:
+        return 0
+    k = min(swaps_per_block, tiles_per_block)
+    return int(exchange_elementwise_ops(c * tiles_per_block, m, lma, layer_numel)
+               + c * top_k_elementwise_ops(tiles_per_block, k) + selection_elementwise_ops(c, selection)
+               + obf_elementwise_ops(num_changed, num_updated, tiles_per_block * m * m))

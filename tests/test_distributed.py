@@ -24,6 +24,7 @@ from bame.config import load_config
 from bame.distributed import MaskDisagreement, average_float_buffers, check_masks_agree, mask_fingerprint
 from bame.layers import LayerPolicy, nm_layers, sparsify
 from bame.runs import load_run
+from bame.transposable import is_transposable_nm
 
 QUICK = Path(__file__).resolve().parents[1] / "configs" / "quick.yaml"
 WORLD = 2
@@ -38,6 +39,12 @@ OTHER_READINGS = {
     "window": ["method.bame.designated_grad=window", "method.bame.pruned_update=train",
                "method.bame.regrow_rule=magnitude", "method.bame.designation=progressive"],
     "phased": ["method.name=phased", "method.phased.switch_fraction=0.3"],
+    # transposable masks with per-layer patterns: fc1's 1:8 tiles are searched by min-cost flow, the others'
+    # 2:4 by enumeration; BAME's rectangle exchanges with the magnitude re-choice, SR-STE's refresh every step
+    "transposable-bame": ["method.mask_structure=transposable", "method.bame.block_rows=8",
+                          'method.layer_patterns=[{match: fc1, pattern: "1:8"}]', "method.bame.regrow_rule=magnitude"],
+    "transposable-srste": ["method.name=srste", "method.mask_structure=transposable",
+                           'method.layer_patterns=[{match: fc1, pattern: "1:8"}]'],
 }
 
 
@@ -58,7 +65,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         model = res.model
         out = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "summary": res.summary,
                "test_acc": res.test_acc, "ideal": res.ideal_macs, "run_dir": res.run_dir}
-        # the readings whose masks follow the weights: blocks that learn (magnitude re-choice) and phased
+        # the readings whose masks follow the weights: blocks that learn (magnitude re-choice), phased, and
+        # transposable masks with mixed patterns
         for label, extra in OTHER_READINGS.items():
             other = bame.train(load_config(QUICK, SETS + [f"train.batch_size={PER_RANK}", "train.device=cpu", *extra]),
                                out_dir=Path(tmp) / label, verbose=False, progress=False)
@@ -174,3 +182,13 @@ def test_fingerprint_sees_a_swap_inside_a_group():
         layer.mask[0, :4] = row.roll(1)  # same count, other positions
     _, after = mask_fingerprint(net)
     assert before[1, 0] == after[1, 0] and before[1, 1] != after[1, 1] and torch.equal(before[0], after[0])
+
+
+@pytest.mark.parametrize("reading", ["transposable-bame", "transposable-srste"])
+def test_transposable_masks_with_mixed_patterns_agree_and_hold(two_ranks, reading):
+    state = two_ranks[0][reading]
+    patterns = {"conv2": (2, 4), "fc1": (1, 8), "fc2": (2, 4)}
+    for name, (n, m) in patterns.items():
+        mask = state[f"{name}.mask"]
+        assert is_transposable_nm(mask, n, m, exact=True), (reading, name)
+        assert mask.float().mean() == n / m, (reading, name)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from bame.bame_core import apply_swaps, gradient_grow_scale
-from bame.nm import is_nm
-from bame.transposable import (best_exchanges, check_transposable, exchange_elementwise_ops, from_tiles,
-                               is_transposable_nm, to_tiles, transposable_mask, transposable_patterns,
-                               transposable_tiles)
+from bame.nm import block_grid, from_blocks, is_nm, to_blocks
+from bame.transposable import (block_exchange_elementwise_ops, block_exchanges, blocks_to_tiles, best_exchanges,
+                               check_block_shape, check_transposable, exchange_elementwise_ops, from_tiles,
+                               is_transposable_nm, search_tiles, tiles_to_blocks, to_tiles, transposable_blocks,
+                               transposable_mask, transposable_patterns, transposable_tiles)
 
 
 def _all_4x4(n: int) -> torch.Tensor:
@@ -253,3 +254,76 @@ def test_exchange_ops_count():
     assert exchange_elementwise_ops(3, 4) == 3 * (16 + 64 + 64 + 16 + 16)
     assert exchange_elementwise_ops(3, 4, "gradient", layer_numel=100) == 3 * (64 + 64 + 64 + 16 + 16) + 200
     assert exchange_elementwise_ops(0, 16) == 0
+
+
+# -- BAME's blocks of whole tiles ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_rows,block_groups", [(4, 1), (8, 1), (4, 3), (8, 2)])
+def test_blocks_hold_the_tiles_of_the_weight(block_rows, block_groups):
+    """A block's tiles are exactly the weight's tiles (to_tiles) that lie in the block, and back."""
+    w = torch.arange(16 * 24, dtype=torch.float32).reshape(16, 24)  # 16 rows x 6 groups of 4
+    grid = block_grid(w.shape, 4, block_rows, block_groups)
+    tiles = blocks_to_tiles(to_blocks(w, grid), block_rows, block_groups)
+    assert sorted(map(tuple, tiles.reshape(len(tiles), -1).tolist())) == \
+        sorted(map(tuple, to_tiles(w, 4).reshape(-1, 16).tolist()))
+    assert torch.equal(from_blocks(tiles_to_blocks(tiles, block_rows, block_groups), grid, w.shape), w)
+    first = tiles[0]  # block 0, tile 0: rows 0..3 of group 0
+    assert torch.equal(first, w[:4, :4])
+    with pytest.raises(ValueError, match=r"block_rows=6 is not a multiple of M=4: .* whole 4x4 tiles"):
+        check_block_shape(6, 4)
+
+
+def _brute_block_plan(score: torch.Tensor, k: int) -> tuple[float, list[int]]:
+    """The best total of at most k tiles' exchanges, the best one always taken, others only when > 0."""
+    order = sorted(range(len(score)), key=lambda t: (-float(score[t]), t))
+    taken = [order[0]] + [t for t in order[1:k] if float(score[t]) > 0]
+    return float(score[order[0]]) + sum(max(float(score[t]), 0.0) for t in order[1:k]), taken
+
+
+@pytest.mark.parametrize("n,m,k", [(2, 4, 1), (2, 4, 3), (1, 8, 2)])
+def test_block_plan_takes_its_best_tiles_exchanges(n, m, k):
+    gen = torch.Generator().manual_seed(3 * k + m)
+    block_rows, block_groups = 2 * m, 2  # 4 tiles per block
+    w = torch.randn(4 * m, 6 * m, generator=gen, dtype=torch.float64)
+    g = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    mask = transposable_mask(torch.rand(w.shape, generator=gen), n, m)
+    grid = block_grid(w.shape, m, block_rows, block_groups)
+    wb, gb, mb = (to_blocks(t, grid) for t in (w, g, mask))
+    plan = block_exchanges(wb, gb, mb, block_rows, block_groups, "taylor", k)
+    tile_scores = best_exchanges(*(blocks_to_tiles(t, block_rows, block_groups) for t in (wb, gb, mb))).score
+    for b, per_tile in enumerate(tile_scores.reshape(grid.num_blocks, -1)):
+        best, taken = _brute_block_plan(per_tile, k)
+        assert float(plan.score[b]) == pytest.approx(best)
+        changed_tiles = (blocks_to_tiles((plan.drop | plan.grow)[b:b + 1], block_rows, block_groups)
+                         .reshape(len(per_tile), -1).any(1))
+        assert changed_tiles.nonzero().flatten().tolist() == sorted(taken)
+        assert int(plan.num_swaps[b]) == 2 * len(taken) == int(plan.drop[b].sum())
+    new = from_blocks(apply_swaps(mb, plan.drop, plan.grow), grid, w.shape)
+    assert is_transposable_nm(new, n, m, exact=True)
+    delta = ((g * w) * (mask.double() - new.double())).sum()  # taylor: R_b is the plan's first-order gain
+    assert float(delta) == pytest.approx(float(plan.score.sum()))
+
+
+@pytest.mark.parametrize("n,m,algorithm", [(2, 4, "enumerate"), (1, 16, "flow")])
+def test_magnitude_re_choice_of_blocks_is_the_search_per_tile(n, m, algorithm):
+    gen = torch.Generator().manual_seed(m)
+    w = torch.randn(2 * m, 3 * m, generator=gen)
+    grid = block_grid(w.shape, m, m, 3)  # blocks of 3 tiles
+    got, ops = transposable_blocks(to_blocks(w, grid), n, m, 3, algorithm)
+    assert torch.equal(from_blocks(got, grid, w.shape), transposable_mask(w.abs(), n, m, algorithm=algorithm))
+    keep, search_ops = search_tiles(to_tiles(w.abs(), m), n, algorithm)
+    assert ops == search_ops + 6 * m * m  # 6 tiles, |w| of each
+    if algorithm == "enumerate":  # 90 patterns: 16 multiply-adds and one comparison each, per tile
+        assert search_ops == 6 * (90 * 16 + 90)
+    else:  # 3m^2 scaling, per augmentation 2m^2 + m, per round run 4m^2 + 4m; at least 1 round each
+        fixed = 6 * (3 * m * m + n * m * (2 * m * m + m))
+        assert search_ops > fixed and (search_ops - fixed) % (6 * (4 * m * m + 4 * m)) == 0
+
+
+def test_block_exchange_ops_count():
+    # 2 candidate blocks of 3 tiles 4x4 (taylor): the exchanges of 6 tiles, the best of 3 tiles per block,
+    # selection (2 each + a sort of 2), OBF: one changed block (2 x 48 comparisons) and its EMA update (5)
+    want = exchange_elementwise_ops(6, 4) + 2 * 3 + (2 * 2 + 2 * 1) + (2 * 48 + 5)
+    assert block_exchange_elementwise_ops(2, 3, 4, 1, "taylor", "freeze_then_topk", 1, 1) == want
+    assert block_exchange_elementwise_ops(0, 3, 4, 1, "taylor", "freeze_then_topk", 0, 0) == 0

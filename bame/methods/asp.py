@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..autograd import Backward
-from ..nm import nm_mask
 from ..schedule import asp_prune_step
 from .base import register
 from .static import Static
@@ -57,9 +56,10 @@ class ASP(Static):
 
     @torch.no_grad()
     def prune(self) -> None:
-        """One-shot magnitude N:M prune of every N:M layer; momentum of the pruned weights restarts at 0."""
+        """One-shot magnitude N:M prune of every N:M layer (the layer's structure: row or transposable);
+        momentum of the pruned weights restarts at 0."""
         for _, layer in self.layers():
-            layer.set_mask(nm_mask(layer.weight.abs(), layer.pattern.n, layer.pattern.m, layer.layout))
+            layer.set_mask(layer.structured_mask(layer.weight.abs()))
             self.reset_optimizer_state(layer.weight, ~layer.mask)
             layer.backward_mode = Backward.SPARSE
         self.pruned = True

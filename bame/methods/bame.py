@@ -60,12 +60,15 @@ from ..bame_core import (DESIGNATED_GRADS, DESIGNATIONS, LMA_SCORES, OBF_UPDATES
                          apply_swaps, block_equal, block_swaps, effective_frequency, gradient_grow_scale,
                          magnitude_blocks, magnitude_elementwise_ops, obf_elementwise_ops, obf_step, select_blocks,
                          selection_budget)
+from ..contract import TRANSPOSABLE
 from ..layers import NMLayer
 from ..nm import BlockGrid, block_grid, from_blocks, is_nm, to_blocks
 from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, coalesce_segments, is_adaptation_step,
                         overlay_segments,
                         resolve_interval, resolve_window, rho_at)
 from ..schema import ConfigError, Section, at_least, choice
+from ..transposable import (block_exchange_elementwise_ops, block_exchanges, check_block_shape, is_transposable_nm,
+                             transposable_blocks)
 from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, register
 from .static import Static
 
@@ -150,7 +153,14 @@ class BameConfig(Section):
             out.append(("interval_fraction", f"must lie in (0, 1] (T as a fraction of training steps), "
                         f"got {self.interval_fraction}"))
         p = method.pattern
-        if self.swaps_per_block > min(p.n, p.m - p.n) * self.block_rows * self.block_groups:
+        if method.mask_structure == TRANSPOSABLE:
+            for q in dict.fromkeys(q for q in method.rule_patterns if not q.is_dense):  # each pattern once
+                try:
+                    check_block_shape(self.block_rows, q.m)
+                except ValueError as err:
+                    out.append(("block_rows", f"{err} (pattern {q})"))
+                    break
+        elif self.swaps_per_block > min(p.n, p.m - p.n) * self.block_rows * self.block_groups:
             out.append(("swaps_per_block", f"{self.swaps_per_block} swaps cannot fit in a block of "
                         f"{self.block_rows}x{self.block_groups} groups of {p}"))
         if not 0.0 < self.beta < 1.0:
@@ -248,6 +258,8 @@ class Bame(Static):
         for name, layer in self.layers():
             try:
                 grid = block_grid(layer.weight.shape, layer.pattern.m, b.block_rows, b.block_groups, layer.layout)
+                if layer.transposable:
+                    check_block_shape(b.block_rows, layer.pattern.m)
             except ValueError as err:
                 raise ValueError(f"bame: layer {name!r}: {err}") from None
             device = layer.weight.device
@@ -500,7 +512,7 @@ class Bame(Static):
             held = self.designated[name]
             mb = to_blocks(layer.mask, grid, layer.layout)
             wb = to_blocks(layer.weight.detach(), grid, layer.layout)
-            new_mb = torch.where(held.view(-1, 1, 1), magnitude_blocks(wb, layer.pattern.n), mb)
+            new_mb, magnitude_ops = self._magnitude(layer, grid, wb, mb, held)
             state, events = obf_step(st, mb, new_mb, held, b.beta, b.tau, b.min_changes, b.obf_update,
                                      freeze=self._freezes(), bias_correction=b.obf_bias_correction)
             self.obf[name] = state
@@ -511,8 +523,7 @@ class Bame(Static):
             self._apply(name, layer, _Plan(from_blocks(new_mb, grid, layer.weight.shape, layer.layout), designated))
             self.last_score[name] = torch.full_like(self.last_score[name], float("nan"))
             record.scoring_elementwise_ops += (
-                magnitude_elementwise_ops(int(held.sum()), grid.groups_per_block, grid.m)
-                + obf_elementwise_ops(n_changed, updated, grid.groups_per_block * grid.m))
+                magnitude_ops + obf_elementwise_ops(n_changed, updated, grid.groups_per_block * grid.m))
             record.layers.append(self._layer_record(name, grid, state, int(held.sum()), n_changed,
                                                     int((mb & ~new_mb).sum()), int(events.sum()), None, designated))
         self.adaptations += 1
@@ -533,14 +544,12 @@ class Bame(Static):
             w = layer.weight.detach()
             wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (w, self._scoring_gradient(name, g), layer.mask))
             scale = gradient_grow_scale(w, layer.mask) if b.lma == "gradient" else None
-            score = block_swaps(wb, gb, mb, layer.pattern.n, b.lma, b.swaps_per_block, scale).score
+            score = self._swaps(layer, grid, wb, gb, mb, scale).score
             candidates = ~st.frozen
             designated = select_blocks(score, candidates, st.frozen, st.frequency, budget, b.selection, b.joint_lambda)
             self._plans[name] = _Plan(layer.mask.clone(), designated)
             self.last_score[name] = torch.where(candidates, score, torch.full_like(score, float("nan"))).float()
-            record.scoring_elementwise_ops += adaptation_elementwise_ops(
-                int(candidates.sum()), grid.groups_per_block, grid.m, layer.pattern.n, b.swaps_per_block, b.lma,
-                b.selection, 0, 0, layer_numel=w.numel())
+            record.scoring_elementwise_ops += self._scoring_ops(layer, grid, int(candidates.sum()), 0, 0)
             la.candidate_blocks = int(candidates.sum())
             la.designated_blocks, la.designated = int(designated.sum()), designated.detach().cpu().clone()
             la.last_score = self.last_score[name].detach().cpu().clone()
@@ -561,19 +570,16 @@ class Bame(Static):
         """
         b, grid, st = self.bcfg, self.grids[name], self.obf[name]
         w = layer.weight.detach()
-        n = layer.pattern.n
         wb, gb, mb = (to_blocks(t, grid, layer.layout) for t in (w, g, layer.mask))
         candidates = ~st.frozen if budget > 0 and self.scores_candidates else torch.zeros_like(st.frozen)
         scale = gradient_grow_scale(w, layer.mask) if b.lma == "gradient" else None
         nan = torch.full(st.frozen.shape, float("nan"), device=w.device)
 
         def swaps_on(blocks: torch.Tensor) -> BlockSwaps:
-            return block_swaps(wb, gb, blocks, n, b.lma, b.swaps_per_block, scale)
+            return self._swaps(layer, grid, wb, gb, blocks, scale)
 
         def scoring_ops(scored: torch.Tensor, changed: int, updated: int) -> int:
-            return adaptation_elementwise_ops(int(scored.sum()), grid.groups_per_block, grid.m, n,
-                                              b.swaps_per_block, b.lma, b.selection, changed, updated,
-                                              layer_numel=w.numel())
+            return self._scoring_ops(layer, grid, int(scored.sum()), changed, updated)
 
         def designate(score: torch.Tensor, state: OBFState) -> torch.Tensor:
             if b.designation == "progressive":
@@ -587,7 +593,7 @@ class Bame(Static):
             gains = rechosen & torch.isfinite(swaps.score) & (swaps.score > 0)
             new_mb = apply_swaps(mb, swaps.drop, swaps.grow, gains)
         else:
-            new_mb = torch.where(rechosen.view(-1, 1, 1), magnitude_blocks(wb, n), mb)
+            new_mb, magnitude_ops = self._magnitude(layer, grid, wb, mb, rechosen)
         tracked = rechosen | candidates if self.window else candidates
         state, events = obf_step(st, mb, new_mb, tracked, b.beta, b.tau, b.min_changes, b.obf_update,
                                  freeze=self._freezes(), bias_correction=b.obf_bias_correction)
@@ -598,7 +604,7 @@ class Bame(Static):
             ops = scoring_ops(rechosen if self.window else candidates, changed, updated)
         else:  # the first family's designation scored the candidates; magnitude then re-chose them
             ops = (scoring_ops(candidates, 0, 0) + obf_elementwise_ops(changed, updated, grid.groups_per_block * grid.m)
-                   + magnitude_elementwise_ops(int(rechosen.sum()), grid.groups_per_block, grid.m))
+                   + magnitude_ops)
         designated = torch.zeros_like(held)
         if self.window and not settle:
             if b.designation == "topk":
@@ -609,6 +615,42 @@ class Bame(Static):
             else:
                 designated = designate(score, state)
         return _LayerDecision(new_mb, state, events, designated, rechosen | candidates, score, ops)
+
+    # -- the mask's structure: swaps in groups (row) or rectangle exchanges in tiles (transposable) ------
+    def _swaps(self, layer: NMLayer, grid: BlockGrid, wb: torch.Tensor, gb: torch.Tensor, mb: torch.Tensor,
+               scale: Optional[torch.Tensor]) -> BlockSwaps:
+        """Every block's best plan: swaps inside its groups (``row``), or rectangle exchanges inside its tiles
+        (``transposable``: a swap alone would break the column counts; docs/method.md)."""
+        b = self.bcfg
+        if layer.transposable:
+            return block_exchanges(wb, gb, mb, grid.block_rows, grid.block_groups, b.lma, b.swaps_per_block, scale)
+        return block_swaps(wb, gb, mb, layer.pattern.n, b.lma, b.swaps_per_block, scale)
+
+    def _scoring_ops(self, layer: NMLayer, grid: BlockGrid, scored: int, changed: int, updated: int) -> int:
+        """Element-wise work of scoring ``scored`` blocks, selecting and OBF (the ledger's adaptation line)."""
+        b, numel = self.bcfg, layer.weight.numel()
+        if layer.transposable:
+            tiles_per_block = grid.block_rows // grid.m * grid.block_groups
+            return block_exchange_elementwise_ops(scored, tiles_per_block, grid.m, b.swaps_per_block, b.lma,
+                                                  b.selection, changed, updated, layer_numel=numel)
+        return adaptation_elementwise_ops(scored, grid.groups_per_block, grid.m, layer.pattern.n, b.swaps_per_block,
+                                          b.lma, b.selection, changed, updated, layer_numel=numel)
+
+    def _magnitude(self, layer: NMLayer, grid: BlockGrid, wb: torch.Tensor, mb: torch.Tensor,
+                   which: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``mb`` with the blocks ``which`` (``[B]`` bool) re-chosen by magnitude: the top-N ``|W|`` of each group
+        (``row``), or of each tile the transposable mask keeping the most ``|W|`` (exact); and its work."""
+        n = layer.pattern.n
+        if not layer.transposable:
+            ops = magnitude_elementwise_ops(int(which.sum()), grid.groups_per_block, grid.m)
+            return torch.where(which.view(-1, 1, 1), magnitude_blocks(wb, n), mb), ops
+        picked = which.nonzero().flatten()
+        if picked.numel() == 0:
+            return mb, 0
+        chosen, ops = transposable_blocks(wb[picked], n, grid.block_rows, grid.block_groups)
+        new = mb.clone()
+        new[picked] = chosen
+        return new, ops
 
     def _freezes(self) -> bool:
         return self.bcfg.obf and self.bcfg.selection == "freeze_then_topk"
@@ -655,6 +697,9 @@ class Bame(Static):
         if not is_nm(new_mask, n, m, layer.layout, exact=True):
             raise RuntimeError(f"bame: layer {name!r} of shape {tuple(layer.weight.shape)}: mask after the "
                                f"adaptation does not keep exactly {n} of every {m} (a plan is inconsistent)")
+        if layer.transposable and not is_transposable_nm(new_mask, n, m, layer.layout, exact=True):
+            raise RuntimeError(f"bame: layer {name!r} of shape {tuple(layer.weight.shape)}: mask after the "
+                               f"adaptation is not transposable {n}:{m} (a plan is inconsistent)")
         drop, grow = layer.mask & ~new_mask, new_mask & ~layer.mask
         if self.bcfg.regrow == "zero":
             layer.weight.masked_fill_(grow, 0)

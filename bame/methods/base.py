@@ -27,13 +27,24 @@ from torch import nn
 
 from ..autograd import Backward
 from ..forward_kernels import ForwardKernel
+from ..contract import MASK_STRUCTURES, ROW_MASKS
 from ..kernels import WeightGradKernel
+from ..layer_patterns import LayerRule, parse_rules, rules_for_model
 from ..layers import MASK_INITS, ON_INDIVISIBLE, LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
 from ..pattern import Layout, NMPattern
-from ..schema import choice
+from ..schema import Section, choice, to_plain
 
-__all__ = ["MethodCommon", "MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
+__all__ = ["MethodCommon", "PatternRule", "MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
            "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment", "FlopsBudget"]
+
+
+@dataclass(frozen=True)
+class PatternRule(Section):
+    """One rule of ``method.layer_patterns`` (bame.layer_patterns): modules whose name ``match`` matches (a
+    glob, or ``re:`` and a regex on the whole name) take ``pattern`` (``"N:M"`` or ``"dense"``)."""
+
+    match: str = ""
+    pattern: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,10 +70,26 @@ class MethodCommon:
     forward_kernel: str = choice(*(k.value for k in ForwardKernel), default="masked_dense")
     input_grad_kernel: str = choice(*(k.value for k in ForwardKernel), default="masked_dense")
     compile_kernels: bool = False
+    # per-layer patterns, first match wins, method.pattern the fallback (docs/method.md); the config checks
+    # each rule (bame.config) and the scheme file, a YAML/JSON {layer: "N:M"} or DominoSearch's file
+    layer_patterns: tuple[PatternRule, ...] = ()
+    layer_pattern_file: Optional[str] = None
+    # 'row': N:M along K; 'transposable': N:M along K and Cout in every MxM tile (bame.transposable)
+    mask_structure: str = choice(*MASK_STRUCTURES, default=ROW_MASKS)
 
     def __post_init__(self) -> None:
         if not isinstance(self.pattern, NMPattern):  # MethodConfig(pattern="1:16") in code
             object.__setattr__(self, "pattern", NMPattern.parse(self.pattern))
+
+    def layer_rules(self) -> tuple[LayerRule, ...]:
+        """``layer_patterns`` parsed (``ValueError`` naming the rule for a bad one)."""
+        return parse_rules(to_plain(self.layer_patterns), "method.layer_patterns")
+
+    @property
+    def rule_patterns(self) -> list[NMPattern]:
+        """The patterns this section may give a layer: the global one and every rule's that is not dense
+        (a scheme file's are known once it is read)."""
+        return [self.pattern] + [r.pattern for r in self.layer_rules() if r.pattern is not None]
 
 
 @dataclass(frozen=True)
@@ -162,11 +189,12 @@ class Method:
         c = self.cfg
         policy = LayerPolicy(c.first_conv_dense, c.classifier_dense, c.depthwise_dense, c.on_indivisible)
         generator = torch.Generator().manual_seed(self.ctx.seed)
+        rules = rules_for_model(model, c.layer_rules(), c.layer_pattern_file)
         self.report = sparsify(model, c.pattern, policy=policy, layout=c.layout, backward_mode=backward_mode,
                                srste_decay=c.srste_decay, mask_init=c.mask_init,
                                weight_grad_kernel=c.weight_grad_kernel, forward_kernel=c.forward_kernel,
                                input_grad_kernel=c.input_grad_kernel, compile_kernels=c.compile_kernels,
-                               generator=generator)
+                               generator=generator, rules=rules, mask_structure=c.mask_structure)
         return self.report
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:

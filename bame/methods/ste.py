@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from ..autograd import Backward
-from ..nm import nm_mask
 from .base import Method, register
 
 __all__ = ["STE"]
@@ -14,11 +13,12 @@ __all__ = ["STE"]
 
 @register("ste")
 class STE(Method):
-    """Sparse forward with ``mask = top-N |W|`` per group; the weight gradient is ``dL/d(W*m)`` everywhere.
+    """Sparse forward with ``mask = top-N |W|`` per group (transposable: per tile, rows and columns); the weight
+    gradient is ``dL/d(W*m)`` everywhere.
 
     The mask is recomputed from the current weights after every optimizer step (and once before the
     first step this process runs, in case the weights changed after ``prepare``), so the mask the model
-    holds always matches its weights: the forward of step ``t`` uses ``nm_mask(|W_t|)``, and evaluation
+    holds always matches its weights: the forward of step ``t`` uses ``structured_mask(|W_t|)``, and evaluation
     and checkpoints see the mask of the final weights. Weight decay is the optimizer's, on every weight.
     """
 
@@ -35,9 +35,10 @@ class STE(Method):
 
     @torch.no_grad()
     def refresh_masks(self) -> None:
-        """``mask <- nm_mask(|W|)`` for every N:M layer."""
+        """``mask <- structured_mask(|W|)`` for every N:M layer: top-N ``|W|`` per group, or under
+        ``mask_structure: transposable`` the transposable mask keeping the most ``|W|`` (an exact search)."""
         for _, layer in self.layers():
-            layer.mask.copy_(nm_mask(layer.weight.abs(), layer.pattern.n, layer.pattern.m, layer.layout))
+            layer.mask.copy_(layer.structured_mask(layer.weight.abs()))
         self._mask_fresh = True
 
     def before_step(self, step: int) -> None:
