@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "bame.attention_flops")),
     ("sparse", ("bame.autograd", "bame.layers", "bame.models", "bame.data", "bame.distributed", "bame.compress")),
     # (bame.data.cli, `bame data`, stands with its package: it needs nothing above it)
-    ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.semistructured")),
+    ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.tensorboard_sink", "bame.semistructured")),
     ("config", ("bame.config", "bame.runs")),
     ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume")),
     ("loop", ("bame.loop", "bame.training")),
