@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # (bame.data.cli, `bame data`, stands with its package: it needs nothing above it)
     ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.tensorboard_sink", "bame.semistructured")),
     ("config", ("bame.config", "bame.runs")),
-    ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume")),
+    ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume", "bame.sparsifier")),
     ("loop", ("bame.loop", "bame.training")),
     ("commands", ("bame.__main__", "bame.cli", "bame.sweep", "bame.inspect_runs", "bame.flops_report",
                   "bame.export", "bame.report", "bame.demo")),
