@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.tensorboard_sink", "bame.semistructured")),
     ("config", ("bame.config", "bame.runs")),
     ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume", "bame.sparsifier")),
-    ("loop", ("bame.loop", "bame.training")),
+    ("loop", ("bame.loop", "bame.training", "bame.integrations")),
     ("commands", ("bame.__main__", "bame.cli", "bame.sweep", "bame.inspect_runs", "bame.flops_report",
                   "bame.export", "bame.report", "bame.demo")),
 ]
