@@ -5,6 +5,7 @@ Top-level conveniences::
     import bame
     cfg = bame.load_config("configs/quick.yaml", ["method.pattern=1:16"])
     result = bame.train(cfg, out_dir="runs")        # or bame.train("configs/quick.yaml")
+    sp = bame.attach(model, optimizer, method="bame", pattern="1:16", total_steps=n)  # a loop of your own
     run = bame.load_run(result.run_dir)             # manifest, config, tables as DataFrames
 
 The command line is ``bame`` / ``python -m bame`` (see ``bame --help``). The layers of the package, from
@@ -23,7 +24,8 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _NAMES = {"Config": "config", "ConfigError": "config", "load_config": "config", "RunReader": "runs",
-          "find_runs": "runs", "load_run": "runs", "RunResult": "training", "train": "training"}
+          "find_runs": "runs", "load_run": "runs", "RunResult": "training", "train": "training",
+          "attach": "sparsifier", "Sparsifier": "sparsifier"}
 
 __all__ = ["__version__", *_NAMES]
 

@@ -79,6 +79,8 @@ class TrainConfig:
     log_every_steps: int = 50
     checkpoint_every_steps: Optional[int] = None  # also checkpoint every k steps (always at epoch ends)
     progress: bool = True  # tqdm progress bar
+    # also write TensorBoard events under RUN/tensorboard/ (rank 0; bame.tensorboard_sink; the tensorboard extra)
+    tensorboard: bool = False
     # torchrun: after every mask-adaptation step all-reduce a checksum of each N:M mask and raise if the
     # ranks disagree (two tiny all-reduces per adaptation step; nothing for one process)
     check_mask_sync: bool = True

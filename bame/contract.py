@@ -18,7 +18,8 @@ from typing import Any, Optional
 from .pattern import NMPattern
 
 __all__ = [
-    "MANIFEST", "CONFIG", "SUMMARY", "DONE", "LOCK", "CHECKPOINT", "BLOCKS_DIR", "block_name", "block_step",
+    "MANIFEST", "CONFIG", "SUMMARY", "DONE", "LOCK", "CHECKPOINT", "BLOCKS_DIR", "TENSORBOARD_DIR", "block_name",
+    "block_step",
     "METRICS_TABLE", "FLOPS_TABLE", "MASKS_TABLE", "ADAPTATION_TABLE", "SPARSIFY_TABLE", "TABLE_COLUMNS",
     "METRICS_COLUMNS", "FLOPS_COLUMNS", "MASKS_COLUMNS", "ADAPTATION_COLUMNS", "SPARSIFY_COLUMNS",
     "BLOCK_FIELDS", "table_file", "compressed_table_file",
@@ -37,6 +38,7 @@ DONE = "DONE"  # written last, by a run that completed
 LOCK = ".lock"  # held by the one process writing the folder (bame.runlock)
 CHECKPOINT = "checkpoints/last.pt"
 BLOCKS_DIR = "blocks"  # BAME's per-block snapshots, one file per recorded adaptation step
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files (train.tensorboard)
 _BLOCK_FILE = re.compile(r"^step_(\d+)\.npz$")
 
 

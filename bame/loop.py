@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from . import data, preflight
-from .config import Config, ConfigError, to_dict
-from .contract import DENSE_PATTERN, FLOPS_TABLE, METRICS_TABLE, SPARSIFY_TABLE
+from .config import Config, ConfigError, dump_yaml, to_dict
+from .contract import DENSE_PATTERN, FLOPS_TABLE, METRICS_TABLE, SPARSIFY_TABLE, TENSORBOARD_DIR
 from .distributed import DistContext, average_float_buffers, check_masks_agree
 from .divergence import DivergedError, DivergenceGuard
 from .experiment import build
@@ -50,6 +50,7 @@ from .runs import NullWriter
 from .seed import capture_rng, restore_rng, rng_neutral
 from .signals import StopRequested, StopSignals
 from .step import training_step
+from .tensorboard_sink import TensorBoardSink
 
 __all__ = ["Trainer", "CHECKPOINT_FORMAT", "fmt_metric"]
 
@@ -90,6 +91,7 @@ class Trainer:
         self.last_test: dict[str, Optional[float]] = {"loss": None, "acc": None}
         self.last_train: dict[str, Optional[float]] = {"loss": None, "acc": None}
         self.last_cost = StepCost(0, 0, {})  # the ledger's account of the last step taken
+        self.last_flops: Optional[RunFlops] = None  # the run's counts in the last metrics row
         self.scalars: dict[str, float] = {}
         self.global_macs: tuple[int, int] = (0, 0)  # run totals summed over ranks (set by training.run_summary)
         self.guard = DivergenceGuard(tc.nan_patience, device)
@@ -117,6 +119,7 @@ class Trainer:
         self.optimizer, self.scheduler = exp.optimizer, exp.scheduler
         self.ledger, self.recorders = exp.ledger, exp.recorders  # the recorders' sink: attach_writer
         preflight.check_pattern_fits(self.method.report, cfg)
+        preflight.check_tensorboard(cfg)
         b = self.bundle
         with self.ledger.paused():  # the dummy forward is no training work
             preflight.check_model_runs(self.model, (1, b.in_channels, b.image_size, b.image_size), cfg,
@@ -134,6 +137,9 @@ class Trainer:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
 
     def attach_writer(self, writer: Any) -> None:
+        if self.cfg.train.tensorboard and self.dist.is_main:  # events of what goes through the writer
+            writer = TensorBoardSink(writer, writer.path / TENSORBOARD_DIR, config_text=dump_yaml(self.cfg),
+                                     start_step=self.step, phase_totals=lambda: self.last_flops.by_phase)
         self.writer = writer
         self.recorders.sink = writer
 
@@ -266,7 +272,7 @@ class Trainer:
     # -- rows --------------------------------------------------------------------------------------
     def _row(self, split: str, loss: Optional[float], acc: Optional[float]) -> dict[str, Any]:
         # FLOPs: each rank's ledger counts its own shard; the run's work is their sum (a collective).
-        flops = self.run_flops()
+        flops = self.last_flops = self.run_flops()
         step_ideal, cum_ideal, cum_executed = flops.step_ideal, flops.ideal, flops.executed
         row = {
             "step": self.step,

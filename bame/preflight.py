@@ -7,6 +7,7 @@ the run folder: a run that cannot train leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import tempfile
@@ -23,7 +24,7 @@ from .nm import Layout
 from .runfolder import RunFolderError
 from .seed import rng_neutral
 
-__all__ = ["check_out_dir", "check_pattern_fits", "check_model_runs"]
+__all__ = ["check_out_dir", "check_pattern_fits", "check_model_runs", "check_tensorboard"]
 
 _SUGGESTED_M = (2, 4, 8, 16, 32)
 
@@ -46,6 +47,13 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise RunFolderError(f"--out {out}: cannot write in {existing} ({err.strerror or err}); give a folder "
                              f"you can write to (e.g. --out runs)") from None
     os.rmdir(probe)
+
+
+def check_tensorboard(cfg: Config) -> None:
+    """``train.tensorboard: true`` needs the tensorboard package (its writer is imported only then)."""
+    if cfg.train.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(["train.tensorboard: true needs the tensorboard package: pip install 'bame[tensorboard]' "
+                           "(or set train.tensorboard=false)"])
 
 
 def _reduction_size(shape: tuple[int, ...], layout: Layout) -> int:

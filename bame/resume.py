@@ -25,9 +25,10 @@ from .runs import RunReader, RunWriter
 __all__ = ["RESUMABLE_CHANGES", "ResumeError", "resume_config", "config_changes", "check_resume_point",
            "load_for_resume", "reopen_writer"]
 
-# Keys a resume may change: how long the run goes on, and how often it logs, evaluates and checkpoints,
-# and its guards. None of them changes a trained number (evaluation moves no RNG, checkpoints and logs
-# only observe), so a resumed run stays the prefix-exact continuation of the one it extends.
+# Keys a resume may change: how long the run goes on, how often it logs, evaluates and checkpoints, its
+# guards, and whether TensorBoard shows it. None of them changes a trained number (evaluation moves no RNG,
+# checkpoints, logs and events only observe), so a resumed run stays the prefix-exact continuation of the
+# one it extends.
 RESUMABLE_CHANGES = (
     "train.max_steps",
     "train.progress",
@@ -36,6 +37,7 @@ RESUMABLE_CHANGES = (
     "train.eval_every_epochs",
     "train.nan_patience",
     "train.check_mask_sync",
+    "train.tensorboard",
 )
 
 

@@ -207,6 +207,7 @@ def _train(cfg: Any, out_dir: str | Path, resume: Optional[str | Path], lock: Op
                 trainer.say(_ending_note(writer, FAILED, trainer.step))
             raise
         finally:
+            trainer.writer.close()  # the writer, or the TensorBoard sink around it (train.tensorboard)
             writer.close()
             if reader is None:
                 writer.release()  # a resume's lock is released by train()

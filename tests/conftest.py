@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -109,3 +111,30 @@ def jupyter_path(tmp_path_factory):
             "display_name": "Python 3 (bame tests)", "language": "python"}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     return root
+
+
+# --------------------------------------------------------------------------------------------------
+# bame's own loop on real data: the reference that bame.attach and the Lightning callback must equal
+
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+# Fashion-MNIST (data/, `make data`), LeNet-5, BAME 2:4: 320 images in batches of 64 (5 steps an epoch), 2 epochs,
+# 10 steps; BAME adapts at steps 0 and 2 (interval 2, t_f = step 5); SGD with momentum, decay, a cosine LR
+FMNIST_STEPS = 10
+FMNIST_SETS = ("data.name=fashion-mnist", f"data.root={REPO_DATA}", "data.train_subset=320", "data.test_subset=100",
+               "model.name=lenet5", "method.name=bame", "method.pattern=2:4", "method.bame.interval_steps=2",
+               "method.bame.rho=0.2", "train.epochs=2", "train.batch_size=64", "train.eval_batch_size=100",
+               "train.lr=0.05", "train.progress=false")
+
+
+@pytest.fixture(scope="session")
+def fmnist_bame_run(tmp_path_factory):
+    """``(cfg, result)`` of ``bame.train`` for FMNIST_STEPS steps of FMNIST_SETS (configs/quick.yaml otherwise)."""
+    import bame
+    from bame.config import load_config
+
+    if not (REPO_DATA / "FashionMNIST" / "raw").is_dir():
+        pytest.skip("Fashion-MNIST is not in data/ (make data)")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quick.yaml", list(FMNIST_SETS))
+    result = bame.train(cfg, out_dir=tmp_path_factory.mktemp("fmnist"), verbose=False)
+    assert result.steps == FMNIST_STEPS
+    return cfg, result

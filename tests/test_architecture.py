@@ -29,10 +29,10 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "bame.attention_flops", "bame.nm_compressed", "bame.nm_kernels", "bame.forward_kernels")),
     ("sparse", ("bame.autograd", "bame.layers", "bame.models", "bame.data", "bame.distributed", "bame.compress")),
     # (bame.data.cli, `bame data`, stands with its package: it needs nothing above it)
-    ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.semistructured")),
+    ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.tensorboard_sink", "bame.semistructured")),
     ("config", ("bame.config", "bame.runs")),
-    ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume")),
-    ("loop", ("bame.loop", "bame.training")),
+    ("experiment", ("bame.experiment", "bame.step", "bame.preflight", "bame.resume", "bame.sparsifier")),
+    ("loop", ("bame.loop", "bame.training", "bame.integrations")),
     ("commands", ("bame.__main__", "bame.cli", "bame.sweep", "bame.inspect_runs", "bame.flops_report",
                   "bame.export", "bame.report", "bame.demo")),
 ]

@@ -60,7 +60,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                       MASTER_PORT=str(port))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        cfg = load_config(QUICK, SETS + [f"train.batch_size={PER_RANK}", "train.device=cpu"])
+        cfg = load_config(QUICK, SETS + [f"train.batch_size={PER_RANK}", "train.device=cpu", "train.tensorboard=true"])
         res = bame.train(cfg, out_dir=Path(tmp) / "runs", verbose=False, progress=False)
         model = res.model
         out = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "summary": res.summary,
@@ -192,3 +192,17 @@ def test_transposable_masks_with_mixed_patterns_agree_and_hold(two_ranks, readin
         mask = state[f"{name}.mask"]
         assert is_transposable_nm(mask, n, m, exact=True), (reading, name)
         assert mask.float().mean() == n / m, (reading, name)
+
+
+def test_rank_0_alone_writes_tensorboard_events_of_the_summed_flops(two_ranks):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = load_run(two_ranks[0]["run_dir"])
+    (events,) = (run.path / "tensorboard").iterdir()  # one writer: rank 1 would have opened a second file
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    train = run.table("metrics").query("split == 'train'")
+    got = [(e.step, e.value) for e in acc.Scalars("flops_ideal/total")]
+    assert got == [(s, pytest.approx(2 * m)) for s, m in zip(train["step"], train["cum_ideal_macs"])]
+    adapt = two_ranks[0]["summary"]["flops"]["by_phase"]["adaptation"]["ideal_macs"]
+    assert acc.Scalars("flops_ideal/adaptation")[-1].value == pytest.approx(2 * adapt)  # once over the ranks
