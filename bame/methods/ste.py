@@ -33,11 +33,22 @@ class STE(Method):
         self.refresh_masks()
         return model
 
+    def flip_resets(self) -> bool:
+        """Whether a mask flip restarts the optimizer state there: ``method.flip_reset``, or when that is null,
+        under adam / adamw (whose per-tensor step count a restart needs to be per element) but not under sgd."""
+        if self.cfg.flip_reset is not None:
+            return self.cfg.flip_reset
+        return self.ctx.optimizer != "sgd"
+
     @torch.no_grad()
-    def refresh_masks(self) -> None:
-        """``mask <- nm_mask(|W|)`` for every N:M layer."""
+    def refresh_masks(self, reset_flips: bool = False) -> None:
+        """``mask <- nm_mask(|W|)`` for every N:M layer; with ``reset_flips`` the optimizer state of every
+        position whose mask changed restarts."""
         for _, layer in self.layers():
-            layer.mask.copy_(nm_mask(layer.weight.abs(), layer.pattern.n, layer.pattern.m, layer.layout))
+            new = nm_mask(layer.weight.abs(), layer.pattern.n, layer.pattern.m, layer.layout)
+            if reset_flips:
+                self.reset_optimizer_state(layer.weight, new ^ layer.mask)
+            layer.mask.copy_(new)
         self._mask_fresh = True
 
     def before_step(self, step: int) -> None:
@@ -46,7 +57,7 @@ class STE(Method):
             self.refresh_masks()
 
     def after_optimizer_step(self, step: int) -> None:
-        self.refresh_masks()
+        self.refresh_masks(reset_flips=self.flip_resets())
 
     def load_state_dict(self, state: dict) -> None:
         self._mask_fresh = False  # the next before_step recomputes the masks from the loaded weights
