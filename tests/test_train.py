@@ -92,6 +92,9 @@ def test_lr_factor():
     step = schedule.LRFactor("step", 100, milestones=(0.5, 0.75), gamma=0.1)
     assert [step(49), step(50), step(75)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
     assert schedule.LRFactor("constant", 10)(7) == 1.0
+    deit = schedule.LRFactor("cosine", total_steps=10, warmup_steps=2, start_factor=0.1, min_factor=0.2)
+    assert [deit(0), deit(1), deit(2)] == [pytest.approx(0.55), 1.0, 1.0]
+    assert deit(6) == pytest.approx(0.6) and deit(10) == pytest.approx(0.2)
 
 
 def test_param_groups():
@@ -104,6 +107,25 @@ def test_param_groups():
     assert ids(groups["self_decayed"]) == {id(model[3].weight)} and groups["self_decayed"]["weight_decay"] == 0
     flat = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False)
     assert [g["name"] for g in flat] == ["decay"] and len(flat[0]["params"]) == 6
+
+
+def test_param_groups_leave_out_what_the_model_declares_undecayed():
+    """timm's convention: a model's no_weight_decay() names (ViT: pos_embed, cls_token) get no decay."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+            self.body = nn.Sequential(nn.Linear(4, 4))
+            self.body.scale = nn.Parameter(torch.ones(4))
+
+        def no_weight_decay(self):
+            return {"pos_embed", "body.scale"}
+
+    model = Tokens()
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in experiment.param_groups(model, [], 0.05, True)}
+    assert groups["no_decay"] == {id(model.pos_embed), id(model.body.scale), id(model.body[0].bias)}
+    assert groups["decay"] == {id(model.body[0].weight)}
+    assert len(experiment.param_groups(model, [], 0.05, no_decay_bn_bias=False)[0]["params"]) == 4
 
 
 # --------------------------------------------------------------------------------------------------
