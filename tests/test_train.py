@@ -209,8 +209,12 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert ca["model"].keys() == cb["model"].keys()
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and sa
+    for pa, pb in zip(sa.values(), sb.values()):  # SGD's momentum; Adam's moments and (per-element) step counts
+        assert pa.keys() == pb.keys()
+        for key in pa:
+            assert pa[key].dtype == pb[key].dtype and torch.equal(pa[key], pb[key]), key
     assert ca["ledger"]["total_ideal_macs"] == cb["ledger"]["total_ideal_macs"]
     ta, tb = load_run(a).table("metrics"), load_run(b).table("metrics")
     test_a = ta[ta.split == "test"].set_index("step")[["loss", "acc", "cum_ideal_macs"]]
@@ -221,12 +225,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 _WINDOW = ("method.bame.designated_grad=window", "method.bame.pruned_update=train", "method.bame.regrow_rule=magnitude")
+_ADAMW = ("train.optimizer=adamw", "train.lr=1e-3", "train.weight_decay=0.05")
 
 
 @pytest.mark.parametrize("method, k, n, extra", [("bame", 3, 12, ()), ("srste", 5, 12, ()),
                                                  ("bame", 3, 12, _WINDOW),  # designated at 2: mid-window at 3
-                                                 ("phased", 3, 12, ())],  # switch at step 4
-                         ids=["bame", "srste", "bame-window", "phased"])
+                                                 ("phased", 3, 12, ()),  # switch at step 4
+                                                 ("bame", 3, 12, _ADAMW), ("srste", 5, 12, _ADAMW),  # flips restart
+                                                 ("phased", 3, 12, _ADAMW)],
+                         ids=["bame", "srste", "bame-window", "phased", "bame-adamw", "srste-adamw", "phased-adamw"])
 def test_resume_is_exact(tmp_path, method, k, n, extra):
     sets = [f"method.name={method}", *extra]
     full = run(quick(*sets, f"train.max_steps={n}"), tmp_path / "full")
