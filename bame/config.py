@@ -25,6 +25,7 @@ from .methods import METHOD_SECTIONS, METHODS, MethodCommon
 from .methods.base import PatternRule
 from .methods.bame import BameConfig
 from .methods.phased import PhasedConfig
+from .optim import OPTIMIZERS
 from .schedule import LR_SCHEDULES
 from .schema import ConfigError, at_least, choice, from_plain, to_plain
 
@@ -60,14 +61,23 @@ class TrainConfig:
     batch_size: int = 128
     eval_batch_size: int = 512
     seed: int = 0
-    optimizer: str = choice("sgd", default="sgd")
+    # sgd; adam (L2 decay in the gradient) or adamw (decoupled decay), both bame.optim.MaskedAdam: pruned
+    # weights do not move and a restarted position restarts as a fresh Adam (docs/method.md, "Optimizers")
+    optimizer: str = choice(*OPTIMIZERS, default="sgd")
     lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    no_decay_bn_bias: bool = True  # exclude BN parameters and biases from weight decay
+    momentum: float = 0.9  # sgd only
+    nesterov: bool = False  # sgd only
+    betas: tuple[float, ...] = (0.9, 0.999)  # adam / adamw only
+    eps: float = 1e-8  # adam / adamw only
+    weight_decay: float = 5e-4  # sgd / adam: L2, wd * W in the gradient; adamw: W *= 1 - lr_t * wd
+    # exclude norm parameters, biases and the names the model lists in its no_weight_decay() (timm's ViT:
+    # pos_embed, cls_token) from weight decay
+    no_decay_bn_bias: bool = True
+    clip_grad_norm: Optional[float] = None  # clip the gradients' total L2 norm to this before the optimizer step
     lr_schedule: str = choice(*LR_SCHEDULES, default="cosine")
     warmup_epochs: float = 0.0
+    warmup_start_factor: float = 0.0  # the warm-up rises linearly from this fraction of lr (DeiT: 1e-6 / lr)
+    min_lr_factor: float = 0.0  # 'cosine' ends at this fraction of lr (DeiT: 1e-5 / lr)
     step_milestones: tuple[float, ...] = (0.5, 0.75)  # 'step': fractions of training
     step_gamma: float = 0.1
     label_smoothing: float = 0.0
@@ -146,13 +156,18 @@ def _check_values(cfg: Config, source: str) -> list[str]:
             f"got {t.checkpoint_every_steps}")
     if t.lr <= 0:
         bad("train.lr", f"must be > 0, got {t.lr}")
-    if not 0.0 <= t.momentum < 1.0:
-        bad("train.momentum", f"must lie in [0, 1), got {t.momentum} (0: plain SGD; 0.9 is usual)")
-    elif t.nesterov and t.momentum == 0:
-        bad("train.nesterov", "Nesterov momentum needs train.momentum > 0, got train.momentum=0: set "
-            "train.momentum (e.g. 0.9) or train.nesterov=false")
+    errors += [f"{source}: {msg}" for msg in _optimizer_problems(t)]
     if t.weight_decay < 0:
         bad("train.weight_decay", f"must be >= 0 (0: no weight decay), got {t.weight_decay}")
+    if t.clip_grad_norm is not None and not t.clip_grad_norm > 0:
+        bad("train.clip_grad_norm", f"must be > 0 or null (no clipping), got {t.clip_grad_norm}")
+    if not 0.0 <= t.warmup_start_factor < 1.0:
+        bad("train.warmup_start_factor", f"must lie in [0, 1) (a fraction of train.lr), got {t.warmup_start_factor}")
+    if not 0.0 <= t.min_lr_factor < 1.0:
+        bad("train.min_lr_factor", f"must lie in [0, 1) (a fraction of train.lr), got {t.min_lr_factor}")
+    elif t.min_lr_factor and t.lr_schedule != "cosine":
+        bad("train.min_lr_factor", f"is where 'cosine' ends; train.lr_schedule={t.lr_schedule!r} does not read it: "
+            f"set it to 0 or use lr_schedule=cosine")
     if t.warmup_epochs < 0:
         bad("train.warmup_epochs", f"must be >= 0 (0: no warm-up), got {t.warmup_epochs}")
     elif 0 < t.epochs <= t.warmup_epochs:
@@ -171,6 +186,35 @@ def _check_values(cfg: Config, source: str) -> list[str]:
     check(t, "train", ("nan_patience",), 0, " (0: no divergence guard)")
     check(cfg.instrument, "instrument", ("block_state_every_adaptations",), 0, " (0: never)")
     return errors
+
+
+def _optimizer_problems(t: TrainConfig) -> list[str]:
+    """``'train.<key>: message'`` for each optimizer key out of range, or set for the other optimizer family."""
+    out = []
+    default = TrainConfig()
+    if t.optimizer == "sgd":
+        if not 0.0 <= t.momentum < 1.0:
+            out.append(f"train.momentum: must lie in [0, 1), got {t.momentum} (0: plain SGD; 0.9 is usual)")
+        elif t.nesterov and t.momentum == 0:
+            out.append("train.nesterov: Nesterov momentum needs train.momentum > 0, got train.momentum=0: set "
+                       "train.momentum (e.g. 0.9) or train.nesterov=false")
+        for key in ("betas", "eps"):
+            if getattr(t, key) != getattr(default, key):
+                out.append(f"train.{key}: only adam and adamw read it, and train.optimizer is sgd: remove it or set "
+                           f"train.optimizer=adamw")
+        return out
+    if t.momentum != default.momentum:
+        out.append(f"train.momentum: is SGD's, and train.optimizer is {t.optimizer}, whose momentum is "
+                   f"train.betas[0]: remove train.momentum")
+    if t.nesterov:
+        out.append(f"train.nesterov: is SGD's, and train.optimizer is {t.optimizer}: remove it")
+    if len(t.betas) != 2:
+        out.append(f"train.betas: must be two numbers [beta1, beta2], got {list(t.betas)} (e.g. [0.9, 0.999])")
+    elif not all(0.0 <= b < 1.0 for b in t.betas):
+        out.append(f"train.betas: both must lie in [0, 1), got {list(t.betas)} (e.g. [0.9, 0.999])")
+    if not t.eps > 0:
+        out.append(f"train.eps: must be > 0 (Adam's denominator term, e.g. 1e-8), got {t.eps}")
+    return out
 
 
 def from_dict(data: dict, source: str = "<dict>") -> Config:

@@ -1,8 +1,8 @@
 """``build(cfg) -> Experiment``: everything a run trains with, built from its config alone.
 
-The model (made N:M by the method), the method, the SGD optimizer with its parameter groups, the LR
-scheduler, the FLOPs ledger and the recorders, on one device, for a schedule of known length. No data is
-read and no run folder is made: the training loop (``bame.loop``), ``bame flops`` and the benchmarks all
+The model (made N:M by the method), the method, the optimizer (SGD, Adam or AdamW) with its parameter groups,
+the LR scheduler, the FLOPs ledger and the recorders, on one device, for a schedule of known length. No data
+is read and no run folder is made: the training loop (``bame.loop``), ``bame flops`` and the benchmarks all
 start from here, so they train, count and time the same thing.
 
 ::
@@ -26,10 +26,11 @@ from .data.specs import DataShape, data_shape
 from .flops import FlopsLedger, model_step_costs
 from .instrument import NullSink, Recorders
 from .methods import Method, MethodContext, create_method
+from .optim import MaskedAdam
 from .schedule import LRFactor, Schedule, plan_schedule
 from .seed import rng_neutral
 
-__all__ = ["Experiment", "build", "run_schedule", "method_context", "param_groups", "NORM_TYPES",
+__all__ = ["Experiment", "build", "run_schedule", "method_context", "make_optimizer", "param_groups", "NORM_TYPES",
            "resolve_device", "describe_device", "dense_step_macs"]
 
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -58,7 +59,7 @@ def run_schedule(tc: TrainConfig, steps_per_epoch: int) -> Schedule:
 
 def method_context(tc: TrainConfig, sched: Schedule) -> MethodContext:
     return MethodContext(total_steps=sched.schedule_steps, steps_per_epoch=sched.steps_per_epoch,
-                         weight_decay=tc.weight_decay, seed=tc.seed)
+                         weight_decay=tc.weight_decay, seed=tc.seed, optimizer=tc.optimizer)
 
 
 def build(cfg: Config, *, shape: Optional[DataShape] = None, steps_per_epoch: Optional[int] = None,
@@ -93,31 +94,44 @@ def build(cfg: Config, *, shape: Optional[DataShape] = None, steps_per_epoch: Op
     if tc.channels_last:  # after prepare: the method reads masks through its layers, never stale copies
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups(model, method.self_decayed_parameters(), tc.weight_decay, tc.no_decay_bn_bias)
-    optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
-                                weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(tc, groups, method)
     method.attach_optimizer(optimizer)
-    lr_factor = LRFactor(tc.lr_schedule, sched.schedule_steps, sched.warmup_steps, tc.step_milestones, tc.step_gamma)
+    lr_factor = LRFactor(tc.lr_schedule, sched.schedule_steps, sched.warmup_steps, tc.step_milestones, tc.step_gamma,
+                         tc.warmup_start_factor, tc.min_lr_factor)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     ledger = FlopsLedger(model, enabled=cfg.instrument.flops)
     recorders = Recorders(cfg.instrument, model, method, sink if sink is not None else NullSink())
     return Experiment(cfg, shape, sched, model, method, optimizer, scheduler, ledger, recorders)
 
 
+def make_optimizer(tc: TrainConfig, groups: list[dict[str, Any]], method: Method) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``groups``: torch's SGD, or :class:`bame.optim.MaskedAdam` (Adam, AdamW) moving
+    the method's N:M weights only where ``method.update_positions()`` says."""
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
+                               weight_decay=tc.weight_decay)
+    return MaskedAdam(groups, lr=tc.lr, betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay,
+                      decoupled=tc.optimizer == "adamw", update_positions=method.update_positions)
+
+
 def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_decay: float,
                  no_decay_bn_bias: bool) -> list[dict[str, Any]]:
-    """SGD groups: ``decay``; ``no_decay`` (norm parameters and biases); ``self_decayed`` (wd 0: the
-    method applies masked decay to them). Empty groups are left out; shared parameters appear once."""
+    """Optimizer groups: ``decay``; ``no_decay`` (norm parameters, biases and the names the model lists in
+    its ``no_weight_decay()``, as timm's ViT does for ``pos_embed`` and ``cls_token``); ``self_decayed`` (wd 0:
+    the method applies masked decay to them). Empty groups are left out; shared parameters appear once."""
     mine = {id(p) for p in self_decayed}
+    declared = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
     seen: set[int] = set()
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "self_decayed": []}
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
             if id(p) in mine:
                 groups["self_decayed"].append(p)
-            elif no_decay_bn_bias and (isinstance(module, NORM_TYPES) or name == "bias"):
+            elif no_decay_bn_bias and (isinstance(module, NORM_TYPES) or name == "bias"
+                                       or f"{prefix}.{name}".lstrip(".") in declared):
                 groups["no_decay"].append(p)
             else:
                 groups["decay"].append(p)

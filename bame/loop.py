@@ -99,6 +99,9 @@ class Trainer:
         self.checkpointed_step: Optional[int] = None  # the step of the last checkpoint written (or loaded)
         self.scale = None  # the fp16 GradScaler's scale before the step (a drop means it skipped the step)
         self.sparsify_due = False  # sparsify.csv waits for the first step's auto kernel choices
+        # train.clip_grad_norm: the pre-clip gradient norms of the steps since the last train row, and how many
+        self.grad_norm_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.grad_norm_steps = 0
 
     # -- set-up ------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -346,8 +349,12 @@ class Trainer:
                     x, y = self._to_device(x, y)
                     outcome = training_step(step, model, method, opt, ledger, x, y, self.criterion,
                                             autocast=self.autocast, scaler=self.scaler, scheduler=self.scheduler,
-                                            after_update=self._check_masks if tc.check_mask_sync else None)
+                                            after_update=self._check_masks if tc.check_mask_sync else None,
+                                            clip_grad_norm=tc.clip_grad_norm)
                     loss, out, cost = outcome.loss, outcome.output, outcome.cost
+                    if outcome.grad_norm is not None:
+                        self.grad_norm_sum += outcome.grad_norm.double()
+                        self.grad_norm_steps += 1
                     self.guard.observe(step + 1, loss, skipped=self._scaler_skipped())
                     self.last_cost = cost
                     if self.sparsify_due:
@@ -414,6 +421,10 @@ class Trainer:
             n = max(1.0, float(stats[2]))
             self.last_train = {"loss": float(stats[0]) / n, "acc": float(stats[1]) / n}
             loss_sum.zero_(), correct.zero_(), seen.zero_()
+            if self.grad_norm_steps:  # the same on every rank: the gradients were all-reduced before it
+                self.scalars["grad_norm"] = float(self.grad_norm_sum) / self.grad_norm_steps
+                self.grad_norm_sum.zero_()
+                self.grad_norm_steps = 0
             self.writer.append(METRICS_TABLE, self._row("train", self.last_train["loss"], self.last_train["acc"]))
             bar.set_postfix(loss=f"{self.last_train['loss']:.4f}", lr=f"{self.lr():.4g}", refresh=False)
         evaluate = bool(sched.eval_interval_steps and s % sched.eval_interval_steps == 0) or last

@@ -71,26 +71,32 @@ LR_SCHEDULES = ("cosine", "step", "constant")
 class LRFactor:
     """LR multiplier at optimizer step ``t`` (0-based): linear warm-up, then cosine / step / constant.
 
-    Warm-up: ``(t + 1) / warmup_steps`` for ``t < warmup_steps``. Cosine: ``0.5 (1 + cos(pi p))`` with
-    ``p = (t - warmup) / (total - warmup)``. Step: ``gamma ** #{milestones m : t >= m * total}``.
+    Warm-up: ``s + (1 - s) (t + 1) / warmup_steps`` for ``t < warmup_steps`` (``s = start_factor``, 0 by
+    default). Cosine: ``f + (1 - f) 0.5 (1 + cos(pi p))`` with ``p = (t - warmup) / (total - warmup)`` and
+    ``f = min_factor`` (0 by default). Step: ``gamma ** #{milestones m : t >= m * total}``.
+    DeiT's recipe (timm's cosine scheduler, per epoch: from 1e-6 up to lr, then down to 1e-5) is
+    ``start_factor = 1e-6 / lr``, ``min_factor = 1e-5 / lr``, here per step.
     A callable object (not a lambda) so that ``LambdaLR.state_dict`` can save it.
     """
 
     def __init__(self, kind: str, total_steps: int, warmup_steps: int = 0,
-                 milestones: tuple[float, ...] = (), gamma: float = 0.1) -> None:
+                 milestones: tuple[float, ...] = (), gamma: float = 0.1, start_factor: float = 0.0,
+                 min_factor: float = 0.0) -> None:
         self.kind = kind
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
         self.milestones = [float(m) for m in milestones]
         self.gamma = float(gamma)
+        self.start_factor = float(start_factor)
+        self.min_factor = float(min_factor)
 
     def __call__(self, t: int) -> float:
         if t < self.warmup_steps:
-            return (t + 1) / self.warmup_steps
+            return self.start_factor + (1.0 - self.start_factor) * (t + 1) / self.warmup_steps
         if self.kind == "cosine":
             span = max(1, self.total_steps - self.warmup_steps)
             p = min(1.0, (t - self.warmup_steps) / span)
-            return 0.5 * (1.0 + math.cos(math.pi * p))
+            return self.min_factor + (1.0 - self.min_factor) * 0.5 * (1.0 + math.cos(math.pi * p))
         if self.kind == "step":
             return self.gamma ** sum(1 for m in self.milestones if t >= m * self.total_steps)
         if self.kind == "constant":

@@ -11,7 +11,8 @@ it; use it to time or instrument steps on a fixed batch::
 The order: ``method.before_step`` (BAME applies a pending mask update), ``ledger.begin_step``, forward
 and loss (under ``autocast``), backward (scaled, then unscaled, with a ``GradScaler``: the method sees true
 gradients), ``method.after_backward`` (gradient masking, decay, scoring on adaptation steps), the
-adaptation's element-wise work charged to the ledger, the optimizer (and LR scheduler) step,
+adaptation's element-wise work charged to the ledger, gradient clipping (``clip_grad_norm``: the masked,
+unscaled gradients), the optimizer (and LR scheduler) step,
 ``method.after_optimizer_step``, the ``after_update`` callback on adaptation steps (the loop checks that
 masks agree across ranks there), ``ledger.end_step``.
 """
@@ -40,6 +41,7 @@ class StepOutcome:
     output: torch.Tensor  # the model's output (logits)
     cost: StepCost  # the ledger's account of the step (zero when the ledger is disabled)
     adaptation: Optional[AdaptationRecord]  # the method's record when this step adapted the masks
+    grad_norm: Optional[torch.Tensor] = None  # scalar: the gradients' total L2 norm before clipping (None: no clipping)
 
 
 def training_step(step: int, model: nn.Module, method: Method, optimizer: torch.optim.Optimizer,
@@ -48,13 +50,17 @@ def training_step(step: int, model: nn.Module, method: Method, optimizer: torch.
                   *, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
                   scaler: Optional[torch.amp.GradScaler] = None,
                   scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
-                  after_update: Optional[Callable[[int], None]] = None) -> StepOutcome:
+                  after_update: Optional[Callable[[int], None]] = None,
+                  clip_grad_norm: Optional[float] = None) -> StepOutcome:
     """Run optimizer step ``step`` (0-based, global) of ``method`` on the batch ``(x, y)``.
 
     ``model`` is what the forward runs through (the bare model or its DDP wrapper); ``autocast`` returns a
     fresh autocast context (``lambda: torch.autocast("cuda", dtype=torch.bfloat16)``); ``scaler`` is the
     fp16 ``GradScaler``; ``scheduler`` steps after the optimizer; ``after_update(step)`` runs after
-    ``method.after_optimizer_step`` on steps that adapted the masks.
+    ``method.after_optimizer_step`` on steps that adapted the masks; ``clip_grad_norm`` scales the gradients
+    of ``model``'s parameters to that total L2 norm at most (after the method masked them, so BAME's
+    candidate gradients never count; with non-finite gradients the fp16 scaler skips the step, clipped or
+    not).
     """
     method.before_step(step)
     ledger.begin_step()
@@ -71,6 +77,9 @@ def training_step(step: int, model: nn.Module, method: Method, optimizer: torch.
     adaptation = method.last_adaptation
     if adaptation is not None:
         ledger.charge_adaptation(adaptation.scoring_elementwise_ops)
+    grad_norm = None
+    if clip_grad_norm is not None:
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm).detach()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -82,4 +91,4 @@ def training_step(step: int, model: nn.Module, method: Method, optimizer: torch.
     if adaptation is not None and after_update is not None:
         after_update(step)
     cost = ledger.end_step()
-    return StepOutcome(loss.detach(), output.detach(), cost, adaptation)
+    return StepOutcome(loss.detach(), output.detach(), cost, adaptation, grad_norm)

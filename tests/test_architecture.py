@@ -26,7 +26,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("analysis", ("analysis",)),
     ("core", ("bame.nm", "bame.bame_core", "bame.kernels", "bame.seed", "bame.divergence", "bame.checkpoint",
               "bame.transposable", "bame.bimask_core", "bame.lbc_core", "bame.layer_patterns",
-              "bame.attention_flops", "bame.nm_compressed", "bame.nm_kernels", "bame.forward_kernels")),
+              "bame.attention_flops", "bame.nm_compressed", "bame.nm_kernels", "bame.forward_kernels",
+              "bame.optim")),
     ("sparse", ("bame.autograd", "bame.layers", "bame.models", "bame.data", "bame.distributed", "bame.compress")),
     # (bame.data.cli, `bame data`, stands with its package: it needs nothing above it)
     ("parts", ("bame.flops", "bame.methods", "bame.instrument", "bame.tensorboard_sink", "bame.semistructured")),

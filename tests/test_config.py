@@ -12,9 +12,7 @@ from bame.config import (Config, ConfigError, apply_overrides, available_configs
 from bame.schedule import resolve_interval
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-# Recipes written ahead of the optimizer they need: they load once train.optimizer: adamw exists (issue 14)
-NEEDS_ADAMW = {"paper/imagenet_deit_small.yaml"}
-CONFIGS = sorted(p for p in CONFIGS_DIR.rglob("*.yaml") if p.relative_to(CONFIGS_DIR).as_posix() not in NEEDS_ADAMW)
+CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -114,27 +112,8 @@ def test_shipped_configs_exist():
     names = {p.relative_to(CONFIGS_DIR).as_posix() for p in CONFIGS}
     for name in ("quick.yaml", "fmnist_lenet.yaml", "fmnist_resnet20.yaml", "fmnist_vit.yaml",
                  "paper/cifar10_resnet32.yaml", "paper/cifar10_mobilenet_v2.yaml", "paper/imagenet_resnet18.yaml",
-                 "paper/imagenet_resnet50.yaml"):
+                 "paper/imagenet_resnet50.yaml", "paper/imagenet_deit_small.yaml"):
         assert name in names
-
-
-def test_the_deit_recipe_waits_for_adamw_and_says_so(tmp_path):
-    """It fails on exactly the AdamW keys (when they load, move it out of NEEDS_ADAMW and check it in
-    test_paper_recipes); its values are DeiT's: lr 5e-4 x total batch / 512 on 4 processes of 256."""
-    path = CONFIGS_DIR / "paper/imagenet_deit_small.yaml"
-    adamw_keys = ("optimizer", "betas", "eps", "clip_grad_norm")
-    with pytest.raises(ConfigError) as info:
-        load_config(path)
-    assert {e.split(": ")[1] for e in info.value.errors} == {f"train.{k}" for k in adamw_keys}
-    assert path.read_text().startswith("# NEEDS AdamW")
-    raw = yaml.safe_load(path.read_text())
-    t, gpus = raw["train"], 4
-    assert (raw["model"]["name"], t["optimizer"], t["epochs"], t["warmup_epochs"], t["weight_decay"],
-            t["label_smoothing"], t["betas"], t["clip_grad_norm"]) == \
-        ("deit_small", "adamw", 300, 5, 0.05, 0.1, [0.9, 0.999], None)
-    assert t["lr"] == pytest.approx(5e-4 * t["batch_size"] * gpus / 512)
-    raw["train"] = {k: v for k, v in t.items() if k not in adamw_keys}  # everything else is valid today
-    assert load_config(_write(tmp_path, yaml.safe_dump(raw))).model.name == "deit_small"
 
 
 def test_paper_recipes():
@@ -144,6 +123,14 @@ def test_paper_recipes():
     i = load_config(CONFIGS_DIR / "paper/imagenet_resnet50.yaml").train
     assert (i.epochs, i.batch_size, i.lr, i.warmup_epochs, i.weight_decay, i.lr_schedule, i.label_smoothing) == \
         (120, 256, 0.1, 5, 1e-4, "cosine", 0.1)
+    # DeiT (Touvron et al. 2021): lr 5e-4 x total batch / 512 on 4 processes of 256, warm-up from 1e-6, down to 1e-5
+    d = load_config(CONFIGS_DIR / "paper/imagenet_deit_small.yaml")
+    t, gpus = d.train, 4
+    assert (d.model.name, t.optimizer, t.epochs, t.warmup_epochs, t.weight_decay, t.label_smoothing, t.betas, t.eps,
+            t.clip_grad_norm, t.lr_schedule) == ("deit_small", "adamw", 300, 5, 0.05, 0.1, (0.9, 0.999), 1e-8, None,
+                                                 "cosine")
+    assert t.lr == pytest.approx(5e-4 * t.batch_size * gpus / 512)
+    assert t.lr * t.warmup_start_factor == pytest.approx(1e-6) and t.lr * t.min_lr_factor == pytest.approx(1e-5)
 
 
 def test_every_range_error_is_named_in_one_error():
@@ -167,6 +154,33 @@ def test_every_range_error_is_named_in_one_error():
         assert sum(f": {key}: " in e for e in errors) == 1, key
     text = "\n".join(errors)
     assert "must lie in [0, 1)" in text and "fractions of training" in text and "method.bame.obf=false" in text
+
+
+def test_every_optimizer_error_is_named_in_one_line():
+    """Each key in range for its optimizer, and none of the other family's keys set."""
+    adam = {"train.betas": "[0.9]", "train.eps": "0", "train.momentum": "0.5", "train.nesterov": "true",
+            "train.clip_grad_norm": "0", "train.warmup_start_factor": "1", "train.min_lr_factor": "-0.1"}
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.optimizer=adamw"] + [f"{k}={v}" for k, v in adam.items()])
+    errors = info.value.errors
+    assert len(errors) == len(adam) and all(len(e.splitlines()) == 1 for e in errors)
+    for key in adam:
+        assert sum(f": {key}: " in e for e in errors) == 1, key
+    text = "\n".join(errors)
+    assert "is SGD's" in text and "train.betas[0]" in text and "two numbers" in text
+    with pytest.raises(ConfigError, match=r"train.betas: both must lie in \[0, 1\)"):
+        load_config(None, ["train.optimizer=adam", "train.betas=[0.9, 1.0]"])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["train.betas=[0.8, 0.99]", "train.eps=1e-6"])  # optimizer sgd
+    assert [e.split(": ")[1] for e in info.value.errors] == ["train.betas", "train.eps"]
+    assert "train.optimizer=adamw" in info.value.errors[0]
+    with pytest.raises(ConfigError, match="train.min_lr_factor: is where 'cosine' ends"):
+        load_config(None, ["train.lr_schedule=step", "train.min_lr_factor=0.01"])
+    with pytest.raises(ConfigError, match="train.optimizer: 'adamww' is not one of .*did you mean 'adamw'"):
+        load_config(None, ["train.optimizer=adamww"])
+    cfg = load_config(None, ["train.optimizer=adam", "train.betas=[0, 0.5]", "train.clip_grad_norm=1",
+                             "train.momentum=0.9", "train.warmup_start_factor=0", "train.min_lr_factor=0.5"])
+    assert cfg.train.betas == (0.0, 0.5) and from_dict(yaml.safe_load(dump_yaml(cfg))) == cfg
 
 
 def test_tau_and_fractions_accept_their_edges():

@@ -92,6 +92,9 @@ def test_lr_factor():
     step = schedule.LRFactor("step", 100, milestones=(0.5, 0.75), gamma=0.1)
     assert [step(49), step(50), step(75)] == [1.0, pytest.approx(0.1), pytest.approx(0.01)]
     assert schedule.LRFactor("constant", 10)(7) == 1.0
+    deit = schedule.LRFactor("cosine", total_steps=10, warmup_steps=2, start_factor=0.1, min_factor=0.2)
+    assert [deit(0), deit(1), deit(2)] == [pytest.approx(0.55), 1.0, 1.0]
+    assert deit(6) == pytest.approx(0.6) and deit(10) == pytest.approx(0.2)
 
 
 def test_param_groups():
@@ -104,6 +107,25 @@ def test_param_groups():
     assert ids(groups["self_decayed"]) == {id(model[3].weight)} and groups["self_decayed"]["weight_decay"] == 0
     flat = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False)
     assert [g["name"] for g in flat] == ["decay"] and len(flat[0]["params"]) == 6
+
+
+def test_param_groups_leave_out_what_the_model_declares_undecayed():
+    """timm's convention: a model's no_weight_decay() names (ViT: pos_embed, cls_token) get no decay."""
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Parameter(torch.zeros(1, 3, 4))
+            self.body = nn.Sequential(nn.Linear(4, 4))
+            self.body.scale = nn.Parameter(torch.ones(4))
+
+        def no_weight_decay(self):
+            return {"pos_embed", "body.scale"}
+
+    model = Tokens()
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in experiment.param_groups(model, [], 0.05, True)}
+    assert groups["no_decay"] == {id(model.pos_embed), id(model.body.scale), id(model.body[0].bias)}
+    assert groups["decay"] == {id(model.body[0].weight)}
+    assert len(experiment.param_groups(model, [], 0.05, no_decay_bn_bias=False)[0]["params"]) == 4
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,8 +209,12 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert ca["model"].keys() == cb["model"].keys()
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for pa, pb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and sa
+    for pa, pb in zip(sa.values(), sb.values()):  # SGD's momentum; Adam's moments and (per-element) step counts
+        assert pa.keys() == pb.keys()
+        for key in pa:
+            assert pa[key].dtype == pb[key].dtype and torch.equal(pa[key], pb[key]), key
     assert ca["ledger"]["total_ideal_macs"] == cb["ledger"]["total_ideal_macs"]
     ta, tb = load_run(a).table("metrics"), load_run(b).table("metrics")
     test_a = ta[ta.split == "test"].set_index("step")[["loss", "acc", "cum_ideal_macs"]]
@@ -199,12 +225,15 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 _WINDOW = ("method.bame.designated_grad=window", "method.bame.pruned_update=train", "method.bame.regrow_rule=magnitude")
+_ADAMW = ("train.optimizer=adamw", "train.lr=1e-3", "train.weight_decay=0.05")
 
 
 @pytest.mark.parametrize("method, k, n, extra", [("bame", 3, 12, ()), ("srste", 5, 12, ()),
                                                  ("bame", 3, 12, _WINDOW),  # designated at 2: mid-window at 3
-                                                 ("phased", 3, 12, ())],  # switch at step 4
-                         ids=["bame", "srste", "bame-window", "phased"])
+                                                 ("phased", 3, 12, ()),  # switch at step 4
+                                                 ("bame", 3, 12, _ADAMW), ("srste", 5, 12, _ADAMW),  # flips restart
+                                                 ("phased", 3, 12, _ADAMW)],
+                         ids=["bame", "srste", "bame-window", "phased", "bame-adamw", "srste-adamw", "phased-adamw"])
 def test_resume_is_exact(tmp_path, method, k, n, extra):
     sets = [f"method.name={method}", *extra]
     full = run(quick(*sets, f"train.max_steps={n}"), tmp_path / "full")
@@ -384,6 +413,20 @@ def test_step_schedule_warmup_nesterov_and_label_smoothing_reach_the_run(tmp_pat
     assert [c.label_smoothing for c in criteria] == [0.1, 0.0]
     first = [load_run(r.run_dir).table("metrics").query("split == 'train'")["loss"].iloc[0] for r in (res, plain)]
     assert first[0] != first[1]
+
+
+def test_gradient_clipping_reaches_the_run_and_logs_the_norm(tmp_path):
+    """train.clip_grad_norm in a real run: the train rows carry the mean pre-clip norm (absent without
+    clipping), and a limit far below it changes the weights against the same seeded run (SGD, where the
+    update scales with the gradient)."""
+    opts = ["method.name=static", "train.max_steps=4", "train.log_every_steps=2"]
+    clipped = run(quick(*opts, "train.clip_grad_norm=1e-3"), tmp_path / "a")
+    free = run(quick(*opts), tmp_path / "b")
+    rows = load_run(clipped.run_dir).table("metrics").query("split == 'train'")
+    assert list(rows["step"]) == [2, 4] and (rows["grad_norm"] > 1e-3).all()
+    assert "grad_norm" not in load_run(free.run_dir).table("metrics").columns
+    a, b = (load_run(r.run_dir).load_checkpoint()["model"] for r in (clipped, free))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("paper", ["cifar10_resnet32", "cifar10_mobilenet_v2", "imagenet_resnet18",

@@ -49,6 +49,9 @@ class ASP(Static):
     def switch_regime(self) -> None:
         self.prune()
 
+    def update_positions(self) -> dict[torch.Tensor, torch.Tensor]:
+        return super().update_positions() if self.pruned else {}  # the dense phase trains every weight
+
     def before_step(self, step: int) -> None:
         super().before_step(step)
         if not self.pruned and step >= self.prune_step:

@@ -427,11 +427,12 @@ class Bame(Static):
     @torch.no_grad()
     def mask_gradients_and_decay(self) -> None:
         """grad <- (grad + wd W [+ pruned_decay (1 - m) W inside designated blocks]) * U, with U the mask and,
-        under ``pruned_update: train``, the designated blocks: nothing outside U moves."""
+        under ``pruned_update: train``, the designated blocks: nothing outside U moves. (AdamW: no ``wd W``;
+        its optimizer decays the weights at U.)"""
         if not self.train_pruned:
             super().mask_gradients_and_decay()
             return
-        wd = self.ctx.weight_decay
+        wd = 0.0 if self.ctx.decoupled_decay else self.ctx.weight_decay
         for name, layer in self.layers():
             w, held = layer.weight, self._designated_positions[name]
             if w.grad is None:
@@ -447,6 +448,14 @@ class Bame(Static):
             if wd:
                 w.grad.add_(w, alpha=wd)
             w.grad.mul_(layer.mask | held)
+
+    def update_positions(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The mask, and under ``pruned_update: train`` the designated blocks too (their pruned weights train)."""
+        out = {}
+        for name, layer in self.layers():
+            held = self._designated_positions[name] if self.train_pruned else None
+            out[layer.weight] = layer.mask if held is None else layer.mask | held
+        return out
 
     def _accumulate_scores(self, budgets: dict[str, int]) -> None:
         """A scoring step before the adaptation step: keep the candidates' gradient (skipped on an fp16

@@ -12,7 +12,9 @@ and never branches on a method's name. A new method is one file and one ``@regis
 
 Weight decay of the parameters listed by :meth:`Method.self_decayed_parameters` is applied by the
 method (the loop puts them in an optimizer group with ``weight_decay=0``), so that pruned weights get
-no decay and no momentum: they keep their stored value.
+no decay and no momentum: they keep their stored value. Under AdamW (decoupled decay) the method lists
+none: the optimizer decays ``W *= 1 - lr * wd`` only at the positions :meth:`Method.update_positions`
+gives it (``bame.optim.MaskedAdam``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..contract import MASK_STRUCTURES, ROW_MASKS
 from ..kernels import WeightGradKernel
 from ..layer_patterns import LayerRule, parse_rules, rules_for_model
 from ..layers import MASK_INITS, ON_INDIVISIBLE, LayerPolicy, NMLayer, SparsifyReport, nm_layers, sparsify
+from ..optim import restart_state
 from ..pattern import Layout, NMPattern
 from ..schema import Section, choice, to_plain
 
@@ -62,6 +65,10 @@ class MethodCommon:
     on_indivisible: str = choice(*ON_INDIVISIBLE, default="dense")
     srste_decay: float = 2e-4  # lambda_w of SR-STE
     asp_prune_fraction: float = 0.5  # ASP: one-shot prune at this fraction of training
+    # STE / SR-STE (and phased before its switch): restart the optimizer state (Adam's two moments and step
+    # count; SGD's momentum) wherever the mask flips. null: yes under adam / adamw, no under sgd (SR-STE's
+    # reference code never resets; docs/method.md, "Optimizers")
+    flip_reset: Optional[bool] = None
     # SPARSE weight gradient: dense kernel then mask, only the needed positions (SDDMM), or per layer the
     # faster of the two, timed once (docs/performance.md: where gather pays and where it does not)
     weight_grad_kernel: str = choice(*(k.value for k in WeightGradKernel), default="masked_dense")
@@ -100,6 +107,12 @@ class MethodContext:
     steps_per_epoch: int
     weight_decay: float  # the optimizer's decay; applied by the method to self-decayed parameters
     seed: int = 0
+    optimizer: str = "sgd"  # train.optimizer: sgd | adam | adamw
+
+    @property
+    def decoupled_decay(self) -> bool:
+        """AdamW: the optimizer decays the weights that move (``W *= 1 - lr * wd``); the method adds no decay."""
+        return self.optimizer == "adamw"
 
 
 @dataclass
@@ -208,6 +221,18 @@ class Method:
         """Parameters whose weight decay this method applies itself (masked)."""
         return []
 
+    def masked_decay_weights(self) -> list[nn.Parameter]:
+        """The N:M weights, whose decay a masked method adds to their gradient at the positions that move
+        (L2 decay: SGD, Adam); none under decoupled decay (AdamW decays them at those positions itself)."""
+        return [] if self.ctx.decoupled_decay else [layer.weight for _, layer in self.layers()]
+
+    def update_positions(self) -> dict[torch.Tensor, torch.Tensor]:
+        """For the optimizer, before each of its steps: the parameters that move only at some positions on
+        this step, each with those positions (bool, its shape); a parameter left out moves everywhere.
+        Elsewhere ``bame.optim.MaskedAdam`` reads and writes nothing (no decay, no moments, no step count).
+        None by default: every weight trains."""
+        return {}
+
     # -- declared costs (read by ``bame flops``; the ledger counts what really ran) --------------
     def adaptation_steps(self, run_steps: int) -> list[int]:
         """The steps before ``run_steps`` on which this method adapts the masks (none by default)."""
@@ -257,8 +282,9 @@ class Method:
     # -- shared helpers for masked methods -----------------------------------------------------
     @torch.no_grad()
     def mask_gradients_and_decay(self) -> None:
-        """For each N:M layer: grad <- (grad + wd * W) * mask. Pruned weights then never move."""
-        wd = self.ctx.weight_decay
+        """For each N:M layer: grad <- (grad + wd * W) * mask (AdamW: grad <- grad * mask; its optimizer
+        decays the kept weights). Pruned weights then never move."""
+        wd = 0.0 if self.ctx.decoupled_decay else self.ctx.weight_decay
         for _, layer in self.layers():
             w = layer.weight
             if w.grad is None:
@@ -267,15 +293,10 @@ class Method:
                 w.grad.add_(w, alpha=wd)
             w.grad.mul_(layer.mask)
 
-    @torch.no_grad()
     def reset_optimizer_state(self, param: nn.Parameter, where: torch.Tensor) -> None:
-        """Zero the optimizer's per-element state (e.g. momentum) of ``param`` at ``where``."""
-        opt = self.optimizer
-        if opt is None or param not in opt.state:
-            return
-        for value in opt.state[param].values():
-            if torch.is_tensor(value) and value.shape == param.shape:
-                value.masked_fill_(where, 0)
+        """Restart the optimizer's state of ``param`` at ``where``: SGD's momentum, or Adam's two moments and
+        its step count (``bame.optim.restart_state``)."""
+        restart_state(self.optimizer, param, where)
 
 
 METHODS: dict[str, type[Method]] = {}

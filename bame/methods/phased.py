@@ -43,7 +43,8 @@ class Phased(SRSTE):
 
     The N:M weights sit in the optimizer's ``weight_decay=0`` group throughout and the method adds their
     decay itself: on every weight before the switch (SGD's own ``grad + wd * W``, so the steps equal
-    SR-STE's bit for bit) and at the kept weights after it (as static does).
+    SR-STE's bit for bit) and at the kept weights after it (as static does). Under AdamW the optimizer
+    decays them instead: every weight before the switch, the kept ones after it (``update_positions``).
     """
 
     backward_mode = Backward.SRSTE
@@ -66,7 +67,11 @@ class Phased(SRSTE):
                            "exact: phased's cost does not depend on training")
 
     def self_decayed_parameters(self) -> list[nn.Parameter]:
-        return [layer.weight for _, layer in self.layers()]
+        return self.masked_decay_weights()
+
+    def update_positions(self) -> dict[torch.Tensor, torch.Tensor]:
+        """SR-STE's (every weight) before the switch, the frozen mask after it."""
+        return {layer.weight: layer.mask for _, layer in self.layers()} if self.switched else {}
 
     def before_step(self, step: int) -> None:
         if self.switched:  # the frozen mask stays; SR-STE's refresh would recompute it from |W|
@@ -89,7 +94,7 @@ class Phased(SRSTE):
         if self.switched:
             self.mask_gradients_and_decay()
             return
-        wd = self.ctx.weight_decay
+        wd = 0.0 if self.ctx.decoupled_decay else self.ctx.weight_decay
         if wd:
             for _, layer in self.layers():
                 if layer.weight.grad is not None:

@@ -33,12 +33,23 @@ class STE(Method):
         self.refresh_masks()
         return model
 
+    def flip_resets(self) -> bool:
+        """Whether a mask flip restarts the optimizer state there: ``method.flip_reset``, or when that is null,
+        under adam / adamw (whose per-tensor step count a restart needs to be per element) but not under sgd."""
+        if self.cfg.flip_reset is not None:
+            return self.cfg.flip_reset
+        return self.ctx.optimizer != "sgd"
+
     @torch.no_grad()
-    def refresh_masks(self) -> None:
+    def refresh_masks(self, reset_flips: bool = False) -> None:
         """``mask <- structured_mask(|W|)`` for every N:M layer: top-N ``|W|`` per group, or under
-        ``mask_structure: transposable`` the transposable mask keeping the most ``|W|`` (an exact search)."""
+        ``mask_structure: transposable`` the transposable mask keeping the most ``|W|`` (an exact search); with
+        ``reset_flips`` the optimizer state of every position whose mask changed restarts."""
         for _, layer in self.layers():
-            layer.mask.copy_(layer.structured_mask(layer.weight.abs()))
+            new = layer.structured_mask(layer.weight.abs())
+            if reset_flips:
+                self.reset_optimizer_state(layer.weight, new ^ layer.mask)
+            layer.mask.copy_(new)
         self._mask_fresh = True
 
     def before_step(self, step: int) -> None:
@@ -47,7 +58,7 @@ class STE(Method):
             self.refresh_masks()
 
     def after_optimizer_step(self, step: int) -> None:
-        self.refresh_masks()
+        self.refresh_masks(reset_flips=self.flip_resets())
 
     def load_state_dict(self, state: dict) -> None:
         self._mask_fresh = False  # the next before_step recomputes the masks from the loaded weights
