@@ -14,6 +14,10 @@ SPARSE     ``(mask | grad_mask) * g_eff``, zero elsewhere     ``|mask | grad_mas
 
 ``positions`` is ``batch * output spatial positions`` (``batch`` rows for linear). An optional
 ``observer`` receives one :class:`PhaseCost` per phase that really ran; the FLOPs ledger uses it.
+
+An optional ``backward_mask`` (Bi-Mask's) replaces ``mask`` in the input gradient only: it is then
+``dL/dY`` through ``W * backward_mask`` (counted at ``nnz(backward_mask)``), while the forward and the weight
+gradient of every mode stay as above.
 Conv gradients use :func:`torch.nn.grad.conv2d_input` / :func:`torch.nn.grad.conv2d_weight`.
 
 ``SPARSE`` may compute the weight gradient only at the needed positions (``kernel`` set to
@@ -105,6 +109,14 @@ def _finish_weight_grad(mode: Backward, g_eff: torch.Tensor, weight, mask, neede
     return g_eff * needed
 
 
+def _input_grad_weight(weight, w_eff, mask, backward_mask):
+    """The weight the input gradient multiplies by, and the mask its work is counted at: ``W * mask``, or
+    ``W * backward_mask`` when the layer has a backward mask of its own."""
+    if backward_mask is None:
+        return w_eff, mask
+    return weight * backward_mask, backward_mask
+
+
 def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
                  gather: Optional[Callable[[torch.Tensor], torch.Tensor]],
                  dense_g_eff: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -136,9 +148,9 @@ def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
 class _NMLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, mask, grad_mask, mode, srste_decay, kernel, observer):
+    def forward(ctx, x, weight, bias, mask, grad_mask, mode, srste_decay, kernel, observer, backward_mask):
         w_eff = weight if mask is None else weight * mask
-        ctx.save_for_backward(x, weight, w_eff, mask, grad_mask)
+        ctx.save_for_backward(x, weight, w_eff, mask, grad_mask, backward_mask)
         ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer = mode, srste_decay, kernel, observer
         ctx.has_bias = bias is not None
         out = F.linear(x, w_eff, bias)
@@ -151,16 +163,17 @@ class _NMLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, w_eff, mask, grad_mask = ctx.saved_tensors
+        x, weight, w_eff, mask, grad_mask, backward_mask = ctx.saved_tensors
         observer = ctx.observer
         go2 = grad_out.reshape(-1, grad_out.shape[-1])  # [positions, Cout]
         x2 = x.reshape(-1, x.shape[-1])  # [positions, K]
         positions = go2.shape[0]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (go2 @ w_eff.to(go2.dtype)).reshape(x.shape)
+            w_in, in_mask = _input_grad_weight(weight, w_eff, mask, backward_mask)
+            grad_x = (go2 @ w_in.to(go2.dtype)).reshape(x.shape)
             if observer is not None:
-                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(mask, weight), positions, observer),
+                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(in_mask, weight), positions, observer),
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(
@@ -170,17 +183,18 @@ class _NMLinear(torch.autograd.Function):
                 lambda: go2.t() @ x2.to(go2.dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = go2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class _NMConv2d(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, mask, grad_mask, conv_args, mode, srste_decay, kernel, observer):
+    def forward(ctx, x, weight, bias, mask, grad_mask, conv_args, mode, srste_decay, kernel, observer,
+                backward_mask):
         stride, padding, dilation, groups = conv_args
         w_eff = weight if mask is None else weight * mask
         out = F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
-        ctx.save_for_backward(x, weight, w_eff, mask, grad_mask)
+        ctx.save_for_backward(x, weight, w_eff, mask, grad_mask, backward_mask)
         ctx.conv_args, ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer = (
             conv_args, mode, srste_decay, kernel, observer)
         ctx.has_bias = bias is not None
@@ -194,15 +208,16 @@ class _NMConv2d(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, w_eff, mask, grad_mask = ctx.saved_tensors
+        x, weight, w_eff, mask, grad_mask, backward_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         observer = ctx.observer
         positions = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = conv2d_input(x.shape, w_eff.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
+            w_in, in_mask = _input_grad_weight(weight, w_eff, mask, backward_mask)
+            grad_x = conv2d_input(x.shape, w_in.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
             if observer is not None:
-                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(mask, weight), positions, observer),
+                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(in_mask, weight), positions, observer),
                                    weight.numel() * positions, positions))
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(
@@ -214,27 +229,29 @@ class _NMConv2d(torch.autograd.Function):
                 lambda: conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def nm_linear(x, weight, bias=None, mask=None, grad_mask=None, mode: Backward = Backward.SPARSE,
               srste_decay: float = 0.0, kernel: WeightGradKernel = WeightGradKernel.MASKED_DENSE,
-              observer: Optional[Observer] = None) -> torch.Tensor:
-    """``F.linear(x, weight * mask, bias)`` whose weight gradient follows ``mode``."""
+              observer: Optional[Observer] = None, backward_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear(x, weight * mask, bias)`` whose weight gradient follows ``mode`` (and whose input gradient
+    goes through ``weight * backward_mask`` when one is given)."""
     return _NMLinear.apply(x, weight, bias, mask, grad_mask, Backward.parse(mode), float(srste_decay),
-                           WeightGradKernel(kernel), observer)
+                           WeightGradKernel(kernel), observer, backward_mask)
 
 
 def nm_conv2d(x, weight, bias=None, mask=None, grad_mask=None, stride=1, padding=0, dilation=1, groups=1,
               mode: Backward = Backward.SPARSE, srste_decay: float = 0.0,
               kernel: WeightGradKernel = WeightGradKernel.MASKED_DENSE,
-              observer: Optional[Observer] = None) -> torch.Tensor:
-    """``F.conv2d(x, weight * mask, bias, ...)`` whose weight gradient follows ``mode``."""
+              observer: Optional[Observer] = None, backward_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight * mask, bias, ...)`` whose weight gradient follows ``mode`` (and whose input
+    gradient goes through ``weight * backward_mask`` when one is given)."""
     if isinstance(padding, str):
         raise ValueError(f"nm_conv2d needs numeric padding, got {padding!r}: pass the padding as integers")
     conv_args = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     return _NMConv2d.apply(x, weight, bias, mask, grad_mask, conv_args, Backward.parse(mode), float(srste_decay),
-                           WeightGradKernel(kernel), observer)
+                           WeightGradKernel(kernel), observer, backward_mask)
 
 
 def _pair(v) -> tuple[int, int]:

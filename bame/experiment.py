@@ -92,7 +92,8 @@ def build(cfg: Config, *, shape: Optional[DataShape] = None, steps_per_epoch: Op
         raise ConfigError([f"method.pattern {cfg.method.pattern}: {err}{keep}"]) from None
     if tc.channels_last:  # after prepare: the method reads masks through its layers, never stale copies
         model = model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, method.self_decayed_parameters(), tc.weight_decay, tc.no_decay_bn_bias)
+    groups = param_groups(model, method.self_decayed_parameters(), tc.weight_decay, tc.no_decay_bn_bias,
+                          method.own_parameters())
     optimizer = torch.optim.SGD(groups, lr=tc.lr, momentum=tc.momentum, nesterov=tc.nesterov,
                                 weight_decay=tc.weight_decay)
     method.attach_optimizer(optimizer)
@@ -104,9 +105,11 @@ def build(cfg: Config, *, shape: Optional[DataShape] = None, steps_per_epoch: Op
 
 
 def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_decay: float,
-                 no_decay_bn_bias: bool) -> list[dict[str, Any]]:
+                 no_decay_bn_bias: bool, method_own: list[nn.Parameter] = ()) -> list[dict[str, Any]]:
     """SGD groups: ``decay``; ``no_decay`` (norm parameters and biases); ``self_decayed`` (wd 0: the
-    method applies masked decay to them). Empty groups are left out; shared parameters appear once."""
+    method applies masked decay to them); ``method`` (the method's own parameters outside the model, LBC's
+    scores: the weights' decay, as LBC's code gives them). Empty groups are left out; shared parameters
+    appear once."""
     mine = {id(p) for p in self_decayed}
     seen: set[int] = set()
     groups: dict[str, list[nn.Parameter]] = {"decay": [], "no_decay": [], "self_decayed": []}
@@ -124,7 +127,8 @@ def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_deca
     missing = mine - seen
     if missing:
         raise ValueError(f"{len(missing)} self-decayed parameters of the method are not in the model")
-    wd = {"decay": weight_decay, "no_decay": 0.0, "self_decayed": 0.0}
+    groups["method"] = [p for p in method_own if id(p) not in seen]
+    wd = {"decay": weight_decay, "no_decay": 0.0, "self_decayed": 0.0, "method": weight_decay}
     return [{"params": ps, "weight_decay": wd[k], "name": k} for k, ps in groups.items() if ps]
 
 

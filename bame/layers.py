@@ -7,6 +7,10 @@ keep working. Each carries two boolean buffers that ride along in ``state_dict``
 - ``grad_mask``: extra positions whose weight gradient is computed in ``SPARSE`` mode (BAME's
   candidate blocks on an adaptation step; all False otherwise).
 
+A method may also give a layer a **backward mask** (:meth:`NMLayer.set_backward_mask`; Bi-Mask's): the input
+gradient then goes through ``W * backward_mask`` instead of ``W * mask``. It is a buffer outside the state
+dict (``None`` until set): the method that sets it rebuilds it from its own state.
+
 ``backward_mode`` (a :class:`bame.autograd.Backward`) decides what the weight gradient is.
 """
 
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +41,8 @@ class NMLayer:
     weight: torch.Tensor
     mask: torch.Tensor
     grad_mask: torch.Tensor
+    backward_mask: Optional[torch.Tensor]  # the input gradient's mask when it has its own (None: ``mask``)
+    backward_order: Optional[torch.Tensor]  # int64 [Cout]: the output-channel order it is N:M along (None: as is)
 
     def _init_nm(self, pattern: NMPattern | str, layout: Layout | str, backward_mode: Backward | str,
                  srste_decay: float, mask_init: str, weight_grad_kernel: WeightGradKernel | str) -> None:
@@ -49,6 +55,8 @@ class NMLayer:
         self.observer: Optional[Observer] = None
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("grad_mask", torch.zeros_like(self.weight, dtype=torch.bool))
+        self.register_buffer("backward_mask", None, persistent=False)
+        self.register_buffer("backward_order", None, persistent=False)
         self.init_mask(mask_init)
 
     @torch.no_grad()
@@ -73,6 +81,24 @@ class NMLayer:
             raise ValueError(f"{type(self).__name__} of shape {tuple(self.weight.shape)}: mask is not "
                              f"{self.pattern} in layout {self.layout.value}")
         self.mask.copy_(mask.to(torch.bool))
+
+    @torch.no_grad()
+    def set_backward_mask(self, mask: torch.Tensor, order: Optional[torch.Tensor] = None) -> None:
+        """Let the input gradient go through ``W * mask`` (bool, the weight's shape) from now on; ``order``
+        (int64 ``[Cout]``) is the output-channel order along which ``mask`` is N:M, for the FLOPs ledger's
+        ``nm_on_reduction`` flag (None: the channels as they are). Written in place once set."""
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"{type(self).__name__}: backward mask shape {tuple(mask.shape)} != weight shape "
+                             f"{tuple(self.weight.shape)}")
+        if self.backward_mask is None:
+            self.backward_mask = torch.zeros_like(self.weight, dtype=torch.bool)
+        self.backward_mask.copy_(mask)
+        if order is None:
+            self.backward_order = None
+        elif self.backward_order is None:
+            self.backward_order = order.to(self.weight.device, torch.long).clone()
+        else:
+            self.backward_order.copy_(order)
 
     @torch.no_grad()
     def adopt(self, dense: nn.Module, mask_init: str = "magnitude",
@@ -162,7 +188,7 @@ class NMConv2d(nn.Conv2d, NMLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nm_conv2d(x, self.weight, self.bias, self.mask, self.grad_mask, self.stride, self.padding,
                          self.dilation, self.groups, self.backward_mode, self.srste_decay,
-                         self.weight_grad_kernel, self.observer)
+                         self.weight_grad_kernel, self.observer, self.backward_mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.nm_extra_repr()
@@ -191,7 +217,7 @@ class NMLinear(nn.Linear, NMLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nm_linear(x, self.weight, self.bias, self.mask, self.grad_mask, self.backward_mode,
-                         self.srste_decay, self.weight_grad_kernel, self.observer)
+                         self.srste_decay, self.weight_grad_kernel, self.observer, self.backward_mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.nm_extra_repr()
@@ -263,11 +289,15 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
              layout: Layout | str = Layout.ROW, backward_mode: Backward | str = Backward.SPARSE,
              srste_decay: float = 2e-4, mask_init: str = "magnitude",
              weight_grad_kernel: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE,
-             generator: Optional[torch.Generator] = None) -> SparsifyReport:
+             generator: Optional[torch.Generator] = None,
+             layer_problem: Optional[Callable[[nn.Module, NMPattern], Optional[str]]] = None) -> SparsifyReport:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for NM layers.
 
     The first conv and the last linear (the classifier) stay dense by default, so do depthwise convs
-    and layers whose reduction size K is not a multiple of M. Returns a report of every decision.
+    and layers whose reduction size K is not a multiple of M. ``layer_problem(module, pattern)``, a method's
+    own condition on a layer (Bi-Mask: ``Cout`` a multiple of M), says why a layer cannot be N:M (None: it
+    can); such a layer is handled as an indivisible one (``policy.on_indivisible``). Returns a report of
+    every decision.
     """
     pattern = NMPattern.parse(pattern)
     layout = Layout.parse(layout)
@@ -305,6 +335,10 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
                     raise ValueError(f"layer {name!r}: {err}") from None
                 what = "Cin/groups" if layout is Layout.CHANNEL else "K"
                 reason = f"{what} not divisible by M={pattern.m} ({err})"
+            if reason is None and layer_problem is not None and (problem := layer_problem(module, pattern)):
+                if policy.on_indivisible == "error":
+                    raise ValueError(f"layer {name!r}: {problem}")
+                reason = problem
         if reason is None:
             cls = NMConv2d if kind == "conv" else NMLinear
             _set_submodule(model, name, cls.from_dense(module, **nm_kwargs))

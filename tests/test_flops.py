@@ -291,6 +291,28 @@ def test_nm_on_reduction_flags():
     assert rows[("0", "forward")]["nm_on_reduction"] is False
 
 
+def test_input_grad_flag_of_a_backward_mask_follows_its_channel_order():
+    """A layer with a backward mask of its own (Bi-Mask's) is flagged N:M along Cout in its backward order."""
+    from bame.bimask_core import backward_mask
+
+    torch.manual_seed(0)
+    net = nn.Sequential(NMLinear(16, 8, pattern="2:4"), nn.ReLU(), nn.Linear(8, 3))
+    layer = net[0]
+    x = torch.randn(4, 16, requires_grad=True)
+    ledger = FlopsLedger(net)
+    perm = torch.randperm(8)
+    mb = backward_mask(layer.weight, layer.mask, perm, 2, 4)  # N:M along Cout taken in the order perm
+    layer.set_backward_mask(mb, perm)
+    cost = _step(net, x, ledger)
+    ideal, executed, flag = cost.by_layer[("0", "input_grad")]
+    assert flag is True and ideal == int(mb.sum()) * 4 < int(layer.mask.sum()) * 4 and executed == 8 * 16 * 4
+    assert cost.by_layer[("0", "forward")][:1] == (int(layer.mask.sum()) * 4,)
+    wrong = perm.roll(1)  # the same mask read in another order is (here) not N:M along Cout
+    assert not bool((mb[wrong].reshape(2, 4, 16).sum(1) <= 2).all())
+    layer.set_backward_mask(mb, wrong)
+    assert _step(net, x, ledger).by_layer[("0", "input_grad")][2] is False
+
+
 def test_nm_grouped_conv_counts():
     torch.manual_seed(0)
     conv = NMConv2d(8, 8, 3, padding=1, groups=2, pattern="2:4")  # K = 4*9 = 36

@@ -26,7 +26,7 @@ def _setup(name: str):
                        asp_prune_fraction=0.5, bame=BameConfig(interval_steps=3, rho=0.3, t_f_fraction=0.75))
     method = create_method(cfg, MethodContext(total_steps=STEPS, steps_per_epoch=4, weight_decay=5e-4))
     model = method.prepare(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = torch.optim.SGD([*model.parameters(), *method.own_parameters()], lr=0.05, momentum=0.9)
     method.attach_optimizer(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / STEPS)
     return model, method, opt, sched, FlopsLedger(model)
@@ -51,8 +51,7 @@ def _by_hand(step, model, method, opt, sched, ledger, scaler, autocast, checked)
     else:
         loss.backward()
     method.after_backward(step)
-    if method.last_adaptation is not None:
-        ledger.charge_adaptation(method.last_adaptation.scoring_elementwise_ops)
+    ledger.charge_adaptation(method.mask_work_ops())
     if scaler is not None:
         scaler.step(opt)
         scaler.update()

@@ -104,6 +104,10 @@ def test_param_groups():
     assert ids(groups["self_decayed"]) == {id(model[3].weight)} and groups["self_decayed"]["weight_decay"] == 0
     flat = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False)
     assert [g["name"] for g in flat] == ["decay"] and len(flat[0]["params"]) == 6
+    scores = nn.Parameter(torch.zeros(3, 6))  # a method's own parameters (LBC's scores): last, the weights' decay
+    mine = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False, method_own=[scores])
+    assert [g["name"] for g in mine] == ["decay", "method"] and mine[1]["params"] == [scores]
+    assert mine[1]["weight_decay"] == 1e-3
 
 
 # --------------------------------------------------------------------------------------------------

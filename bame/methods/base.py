@@ -132,6 +132,8 @@ class Method:
     # Nested sections of MethodConfig this method reads (its own, ("bame",), set by ``register``); the
     # others do not affect it.
     config_sections: ClassVar[tuple[str, ...]] = ()
+    # What ``bame flops`` should say about this method's whole-run total (how exact it is), if anything.
+    flops_note: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodCommon, ctx: MethodContext) -> None:
         self.cfg = cfg
@@ -158,8 +160,14 @@ class Method:
         generator = torch.Generator().manual_seed(self.ctx.seed)
         self.report = sparsify(model, c.pattern, policy=policy, layout=c.layout, backward_mode=backward_mode,
                                srste_decay=c.srste_decay, mask_init=c.mask_init,
-                               weight_grad_kernel=c.weight_grad_kernel, generator=generator)
+                               weight_grad_kernel=c.weight_grad_kernel, generator=generator,
+                               layer_problem=self.layer_problem)
         return self.report
+
+    def layer_problem(self, module: nn.Module, pattern: NMPattern) -> Optional[str]:
+        """Why this method cannot make ``module`` N:M at ``pattern`` beyond the layer policy (None: it can);
+        such a layer follows ``on_indivisible``, as one whose K is no multiple of M."""
+        return None
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by the loop once the optimizer exists (methods may reset its state)."""
@@ -172,6 +180,11 @@ class Method:
         """Parameters whose weight decay this method applies itself (masked)."""
         return []
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the method itself, outside the model (LBC's scores), that the optimizer updates: the
+        optimizer's group ``method`` (``bame.experiment.param_groups``). Created by ``prepare``."""
+        return []
+
     # -- declared costs (read by ``bame flops``; the ledger counts what really ran) --------------
     def adaptation_steps(self, run_steps: int) -> list[int]:
         """The steps before ``run_steps`` on which this method adapts the masks (none by default)."""
@@ -180,6 +193,13 @@ class Method:
     def gradient_plan(self, run_steps: int) -> list[GradientSegment]:
         """Where, beyond its normal step, this method computes full weight gradients of blocks of its N:M
         layers during the first ``run_steps`` steps (nowhere by default). Needs ``prepare`` first."""
+        return []
+
+    def transition_plan(self, run_steps: int) -> list[GradientSegment]:
+        """For a method with a regime switch whose masks move between the two regimes gradually (LBC's cut
+        combinations): the steps ``[start, stop)`` from :attr:`regime_switch_step` on that cost the switched
+        regime's step plus ``share[layer]`` of the difference between the two regimes' steps of that layer, in
+        every phase (none by default)."""
         return []
 
     @property
@@ -209,6 +229,11 @@ class Method:
 
     def after_optimizer_step(self, step: int) -> None:
         pass
+
+    def mask_work_ops(self) -> int:
+        """Element-wise work of this step's mask decisions (scoring, selection, sorts, searches), read after
+        ``after_backward`` and booked on the ledger's adaptation line: by default the adaptation record's."""
+        return self.last_adaptation.scoring_elementwise_ops if self.last_adaptation is not None else 0
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
