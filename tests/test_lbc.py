@@ -157,6 +157,19 @@ def test_patterns_with_too_many_combinations_are_refused_in_one_line():
     assert (cfg.method.lbc.t_i_fraction, cfg.method.lbc.t_f_fraction, cfg.method.lbc.exponent) == (0.0, 0.5, 3.0)
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_the_cli_refuses_them_in_one_line_before_any_run_folder(tmp_path, capsys, command):
+    from bame.cli import main
+
+    out = tmp_path / "runs"
+    argv = {"train": ["train", "--config", QUICK, "--out", str(out), "--set", "method.name=lbc", "method.pattern=3:16"],
+            "sweep": ["sweep", "--config", QUICK, "--out", str(out), "--methods", "lbc", "--patterns", "2:4,3:16"]}
+    assert main(argv[command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bame: error: ") and "Traceback" not in err, err
+    assert "method.lbc.max_combinations" in err and "C(16,3)=560" in err
+    assert not out.exists() or not any(out.iterdir())
+
 def test_state_round_trip_continues_exactly_and_refuses_another_pattern():
     a, b = _experiment(), _experiment()
     for step in range(5):
