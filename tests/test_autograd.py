@@ -78,19 +78,25 @@ def test_random_conv_cases_cover_the_bias():
     assert any(c["kernel"] == (2, 3) for c in with_bias) and len(with_bias) < len(cases)
 
 
-@pytest.mark.parametrize("seed", CONV_SEEDS)
-@pytest.mark.parametrize("mode", list(Backward))
-@pytest.mark.parametrize("kernel", list(WeightGradKernel))
-def test_conv_modes_match_autograd(seed, mode, kernel):
-    rng = random.Random(seed)
-    c = _random_conv_case(rng)
+def _conv_case_tensors(seed: int):
+    """The random conv case of ``seed``, its input, weight, bias, top-N magnitude mask and conv arguments
+    (torch's generator seeded by ``seed``; the caller's next draws follow)."""
+    c = _random_conv_case(random.Random(seed))
     torch.manual_seed(seed)
     x = torch.randn(2, c["cin"], 7, 6, dtype=torch.float64)
     w = torch.randn(c["cout"], c["cin"] // c["groups"], *c["kernel"], dtype=torch.float64)
     b = torch.randn(c["cout"], dtype=torch.float64) if c["bias"] else None
     mask = nm_mask(w.abs(), c["n"], c["m"])
-    grad_mask = torch.rand(w.shape) < 0.2
     conv = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    return c, x, w, b, mask, conv
+
+
+@pytest.mark.parametrize("seed", CONV_SEEDS)
+@pytest.mark.parametrize("mode", list(Backward))
+@pytest.mark.parametrize("kernel", list(WeightGradKernel))
+def test_conv_modes_match_autograd(seed, mode, kernel):
+    c, x, w, b, mask, conv = _conv_case_tensors(seed)
+    grad_mask = torch.rand(w.shape) < 0.2
 
     def ref_op(x, w_eff, b):
         return F.conv2d(x, w_eff, b, **conv)
@@ -327,16 +333,9 @@ def _reference_with_backward_mask(op, x, w, b, mask, grad_mask, backward_mask, m
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("mode", list(Backward))
 def test_backward_mask_moves_only_the_input_gradient(seed, mode):
-    rng = random.Random(seed)
-    c = _random_conv_case(rng)
-    torch.manual_seed(seed)
-    x = torch.randn(2, c["cin"], 7, 6, dtype=torch.float64)
-    w = torch.randn(c["cout"], c["cin"] // c["groups"], *c["kernel"], dtype=torch.float64)
-    b = torch.randn(c["cout"], dtype=torch.float64) if c["bias"] else None
-    mask = nm_mask(w.abs(), c["n"], c["m"])
+    c, x, w, b, mask, conv = _conv_case_tensors(seed)
     backward_mask = mask & (torch.rand(w.shape) < 0.6)  # a subset, as Bi-Mask's
     grad_mask = torch.rand(w.shape) < 0.2
-    conv = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
 
     def ref_op(x, w_eff, b):
         return F.conv2d(x, w_eff, b, **conv)
