@@ -8,6 +8,8 @@
 #   bash scripts/study_predecessors.sh [OUT (default runs/methods13)] [extra sweep options]
 #   BASELINE_PATTERNS=2:4 bash scripts/study_predecessors.sh ...  (static/srste/bame at 2:4 only, when
 #                                                                  the 1:16 ones exist in another folder)
+#   SEEDS=0 bash scripts/study_predecessors.sh ...  (one seed of every row: run seed by seed, a stopped
+#                                                   study still has every row)
 # then the table: python scripts/methods_table.py OUT [more folders]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,7 @@ JOBS=${JOBS:-1}
 PATTERNS=${PATTERNS:-1:16,2:4}
 BASELINE_PATTERNS=${BASELINE_PATTERNS:-$PATTERNS}
 $BAME data get fashion-mnist --root data
-sweep() { $BAME sweep --config "$CONFIG" --out "$OUT" --seeds 0,1,2 --jobs "$JOBS" --no-progress "$@"; }
+SEEDS=${SEEDS:-0,1,2}
+sweep() { $BAME sweep --config "$CONFIG" --out "$OUT" --seeds "$SEEDS" --jobs "$JOBS" --no-progress "$@"; }
 sweep --methods bimask,lbc --patterns "$PATTERNS" "$@"
 sweep --methods static,srste,bame --patterns "$BASELINE_PATTERNS" "$@"
