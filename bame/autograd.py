@@ -16,6 +16,10 @@ SPARSE     ``(mask | grad_mask) * g_eff``, zero elsewhere     ``|mask | grad_mas
 
 ``positions`` is ``batch * output spatial positions`` (``batch`` rows for linear). An optional
 ``observer`` receives one :class:`PhaseCost` per phase that really ran; the FLOPs ledger uses it.
+
+An optional ``backward_mask`` (Bi-Mask's) replaces ``mask`` in the input gradient only: it is then
+``dL/dY`` through ``W * backward_mask`` (counted at ``nnz(backward_mask)``), while the forward and the weight
+gradient of every mode stay as above.
 Conv gradients use :func:`torch.nn.grad.conv2d_input` / :func:`torch.nn.grad.conv2d_weight`.
 
 ``SPARSE`` may compute the weight gradient only at the needed positions (``kernel`` set to
@@ -35,7 +39,7 @@ from enum import Enum
 from typing import Optional
 
 import torch
-from torch.nn.grad import conv2d_weight
+from torch.nn.grad import conv2d_input, conv2d_weight
 
 from . import contract
 from .forward_kernels import (FORWARD, INPUT_GRAD, SparseKernels, choose, conv_forward, conv_input_grad,
@@ -155,12 +159,12 @@ def _executed(kernel, phase: Phase, ideal, weight, positions: int, input_positio
 class _NMLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, mask, grad_mask, mode, srste_decay, kernel, observer, sparse):
+    def forward(ctx, x, weight, bias, mask, grad_mask, mode, srste_decay, kernel, observer, sparse, backward_mask):
         shape_key = ("linear", tuple(weight.shape), tuple(x.shape), str(x.dtype), str(x.device))
         fwd = choose(FORWARD, sparse, mode in _MASK_MOVES, shape_key, weight, mask,
                      lambda k: linear_forward(k, x, weight, mask, bias, sparse))
         out = linear_forward(fwd, x, weight, mask, bias, sparse)
-        ctx.save_for_backward(x, weight, mask, grad_mask)
+        ctx.save_for_backward(x, weight, mask, grad_mask, backward_mask)
         ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer, ctx.sparse = mode, srste_decay, kernel, observer, sparse
         ctx.has_bias = bias is not None
         if observer is not None:
@@ -172,13 +176,19 @@ class _NMLinear(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, mask, grad_mask = ctx.saved_tensors
+        x, weight, mask, grad_mask, backward_mask = ctx.saved_tensors
         observer, sparse = ctx.observer, ctx.sparse
         go2 = grad_out.reshape(-1, grad_out.shape[-1])  # [positions, Cout]
         x2 = x.reshape(-1, x.shape[-1])  # [positions, K]
         positions = go2.shape[0]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and backward_mask is not None:
+            w_in, in_mask = weight * backward_mask, backward_mask  # a layer's own backward mask (Bi-Mask)
+            grad_x = (go2 @ w_in.to(go2.dtype)).reshape(x.shape)
+            if observer is not None:
+                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(in_mask, weight), positions, observer),
+                                   weight.numel() * positions, positions))
+        elif ctx.needs_input_grad[0]:
             w_eff = weight if mask is None else weight * mask
             shape_key = ("linear", tuple(weight.shape), tuple(grad_out.shape), str(grad_out.dtype), str(x.device))
             ig = choose(INPUT_GRAD, sparse, ctx.mode in _MASK_MOVES, shape_key, weight, mask,
@@ -196,20 +206,21 @@ class _NMLinear(torch.autograd.Function):
                 lambda: go2.t() @ x2.to(go2.dtype))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = go2.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 class _NMConv2d(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, weight, bias, mask, grad_mask, conv_args, mode, srste_decay, kernel, observer, sparse):
+    def forward(ctx, x, weight, bias, mask, grad_mask, conv_args, mode, srste_decay, kernel, observer, sparse,
+                backward_mask):
         stride, padding, dilation, groups = conv_args
         hout, wout = _conv_out_hw(x.shape, weight.shape, conv_args)
         shape_key = ("conv", tuple(weight.shape), tuple(x.shape), conv_args, str(x.dtype), str(x.device))
         fwd = choose(FORWARD, sparse, mode in _MASK_MOVES, shape_key, weight, mask,
                      lambda k: conv_forward(k, x, weight, mask, bias, conv_args, sparse), conv_args, wout)
         out = conv_forward(fwd, x, weight, mask, bias, conv_args, sparse)
-        ctx.save_for_backward(x, weight, mask, grad_mask)
+        ctx.save_for_backward(x, weight, mask, grad_mask, backward_mask)
         ctx.conv_args, ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer, ctx.sparse = (
             conv_args, mode, srste_decay, kernel, observer, sparse)
         ctx.has_bias = bias is not None
@@ -223,12 +234,18 @@ class _NMConv2d(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, mask, grad_mask = ctx.saved_tensors
+        x, weight, mask, grad_mask, backward_mask = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         observer, sparse = ctx.observer, ctx.sparse
         positions = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and backward_mask is not None:
+            w_in, in_mask = weight * backward_mask, backward_mask  # a layer's own backward mask (Bi-Mask)
+            grad_x = conv2d_input(x.shape, w_in.to(grad_out.dtype), grad_out, stride, padding, dilation, groups)
+            if observer is not None:
+                observer(PhaseCost(Phase.INPUT_GRAD, _macs(mask_count(in_mask, weight), positions, observer),
+                                   weight.numel() * positions, positions))
+        elif ctx.needs_input_grad[0]:
             w_eff = weight if mask is None else weight * mask
             shape_key = ("conv", tuple(weight.shape), tuple(x.shape), ctx.conv_args, str(grad_out.dtype),
                          str(x.device))
@@ -252,7 +269,7 @@ class _NMConv2d(torch.autograd.Function):
                 lambda: conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def _conv_out_hw(x_shape, weight_shape, conv_args) -> tuple[int, int]:
@@ -263,24 +280,27 @@ def _conv_out_hw(x_shape, weight_shape, conv_args) -> tuple[int, int]:
 
 def nm_linear(x, weight, bias=None, mask=None, grad_mask=None, mode: Backward = Backward.SPARSE,
               srste_decay: float = 0.0, kernel: WeightGradKernel = WeightGradKernel.MASKED_DENSE,
-              observer: Optional[Observer] = None, sparse: Optional[SparseKernels] = None) -> torch.Tensor:
+              observer: Optional[Observer] = None, sparse: Optional[SparseKernels] = None,
+              backward_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear(x, weight * mask, bias)`` whose weight gradient follows ``mode``; ``sparse`` picks the forward and
-    input-gradient kernels (``None``: masked dense)."""
+    input-gradient kernels (``None``: masked dense); with ``backward_mask`` the input gradient goes through
+    ``weight * backward_mask`` instead (masked dense)."""
     return _NMLinear.apply(x, weight, bias, mask, grad_mask, Backward.parse(mode), float(srste_decay),
-                           WeightGradKernel(kernel), observer, sparse)
+                           WeightGradKernel(kernel), observer, sparse, backward_mask)
 
 
 def nm_conv2d(x, weight, bias=None, mask=None, grad_mask=None, stride=1, padding=0, dilation=1, groups=1,
               mode: Backward = Backward.SPARSE, srste_decay: float = 0.0,
               kernel: WeightGradKernel = WeightGradKernel.MASKED_DENSE,
-              observer: Optional[Observer] = None, sparse: Optional[SparseKernels] = None) -> torch.Tensor:
-    """``F.conv2d(x, weight * mask, bias, ...)`` whose weight gradient follows ``mode``; ``sparse`` as in
-    :func:`nm_linear`."""
+              observer: Optional[Observer] = None, sparse: Optional[SparseKernels] = None,
+              backward_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.conv2d(x, weight * mask, bias, ...)`` whose weight gradient follows ``mode``; ``sparse`` and
+    ``backward_mask`` as in :func:`nm_linear`."""
     if isinstance(padding, str):
         raise ValueError(f"nm_conv2d needs numeric padding, got {padding!r}: pass the padding as integers")
     conv_args = (_pair(stride), _pair(padding), _pair(dilation), int(groups))
     return _NMConv2d.apply(x, weight, bias, mask, grad_mask, conv_args, Backward.parse(mode), float(srste_decay),
-                           WeightGradKernel(kernel), observer, sparse)
+                           WeightGradKernel(kernel), observer, sparse, backward_mask)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -33,6 +33,8 @@ unless a candidate retains strictly more.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -41,7 +43,8 @@ import torch
 from .nm import NMPattern
 
 __all__ = ["check_bimask_shape", "check_permutation", "backward_mask", "score_permutations",
-           "PermutationSearch", "search_permutation", "is_nm_along_permuted_cout"]
+           "PermutationSearch", "search_permutation", "is_nm_along_permuted_cout", "search_seed",
+           "bimask_elementwise_ops"]
 
 _CHUNK_ELEMENTS = 1 << 24  # candidates scored at once: candidates x numel(W) bools
 
@@ -144,3 +147,20 @@ def is_nm_along_permuted_cout(mask: torch.Tensor, permutation: torch.Tensor, n: 
     check_permutation(permutation, mask.shape[0])
     rows = _rows(mask).bool()[permutation.to(mask.device, torch.long)]
     return bool((rows.reshape(mask.shape[0] // m, m, -1).sum(1) <= n).all())
+
+
+def search_seed(run_seed: int, layer_index: int, step: int) -> int:
+    """The seed of the generator that draws the candidates of layer ``layer_index``'s search at ``step``: the
+    first 8 bytes of SHA-256 of ``"bimask:<run_seed>:<layer_index>:<step>"`` as a little-endian integer below
+    2**63. The same on every rank, process and device, and independent of the global RNG state."""
+    digest = hashlib.sha256(f"bimask:{run_seed}:{layer_index}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def bimask_elementwise_ops(numel: int, cout: int, m: int, candidates: int) -> int:
+    """Element-wise work of one Bi-Mask step of a layer of ``numel`` weights beyond its conv/linear (an
+    operation count): the forward mask's and the backward mask's sorts over groups of ``m``, ``numel *
+    ceil(log2 m)`` comparisons each, and, on a search step (``candidates`` > 0 permutations scored), per
+    candidate ``cout`` random draws and ``2 * numel`` gathers and additions (:func:`score_permutations`)."""
+    sort = numel * max(1, math.ceil(math.log2(m)))
+    return 2 * sort + candidates * (cout + 2 * numel)

@@ -93,7 +93,8 @@ def build(cfg: Config, *, shape: Optional[DataShape] = None, steps_per_epoch: Op
         raise ConfigError([f"method.pattern {cfg.method.pattern}: {err}{keep}"]) from None
     if tc.channels_last:  # after prepare: the method reads masks through its layers, never stale copies
         model = model.to(memory_format=torch.channels_last)
-    groups = param_groups(model, method.self_decayed_parameters(), tc.weight_decay, tc.no_decay_bn_bias)
+    groups = param_groups(model, method.self_decayed_parameters(), tc.weight_decay, tc.no_decay_bn_bias,
+                          method.own_parameters())
     optimizer = make_optimizer(tc, groups, method)
     method.attach_optimizer(optimizer)
     lr_factor = LRFactor(tc.lr_schedule, sched.schedule_steps, sched.warmup_steps, tc.step_milestones, tc.step_gamma,
@@ -115,10 +116,12 @@ def make_optimizer(tc: TrainConfig, groups: list[dict[str, Any]], method: Method
 
 
 def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_decay: float,
-                 no_decay_bn_bias: bool) -> list[dict[str, Any]]:
+                 no_decay_bn_bias: bool, method_own: list[nn.Parameter] = ()) -> list[dict[str, Any]]:
     """Optimizer groups: ``decay``; ``no_decay`` (norm parameters, biases and the names the model lists in
     its ``no_weight_decay()``, as timm's ViT does for ``pos_embed`` and ``cls_token``); ``self_decayed`` (wd 0:
-    the method applies masked decay to them). Empty groups are left out; shared parameters appear once."""
+    the method applies masked decay to them); ``method`` (the method's own parameters outside the model, LBC's
+    scores: the weights' decay, as LBC's code gives them). Empty groups are left out; shared parameters
+    appear once."""
     mine = {id(p) for p in self_decayed}
     declared = model.no_weight_decay() if callable(getattr(model, "no_weight_decay", None)) else set()
     seen: set[int] = set()
@@ -138,7 +141,8 @@ def param_groups(model: nn.Module, self_decayed: list[nn.Parameter], weight_deca
     missing = mine - seen
     if missing:
         raise ValueError(f"{len(missing)} self-decayed parameters of the method are not in the model")
-    wd = {"decay": weight_decay, "no_decay": 0.0, "self_decayed": 0.0}
+    groups["method"] = [p for p in method_own if id(p) not in seen]
+    wd = {"decay": weight_decay, "no_decay": 0.0, "self_decayed": 0.0, "method": weight_decay}
     return [{"params": ps, "weight_decay": wd[k], "name": k} for k, ps in groups.items() if ps]
 
 

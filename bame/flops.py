@@ -244,7 +244,9 @@ class FlopsLedger:
 
         - forward reduces over K: is the mask N:M along K (in the layer's layout)?
         - input_grad computes ``dY @ (W*m)`` and reduces over Cout: is ``(W*m)^T``, viewed as
-          ``[K, Cout]``, N:M along Cout (a transposable mask)? False when Cout/groups % M != 0.
+          ``[K, Cout]``, N:M along Cout (a transposable mask)? False when Cout/groups % M != 0. A layer
+          with a backward mask of its own (Bi-Mask) is asked that of its backward mask, with the output
+          channels taken in the layer's ``backward_order`` (N:M along the permuted Cout).
         - weight_grad reduces over batch x positions; neither operand is N:M along that axis (SPARSE
           mode only samples the output at ``P``, an SDDMM that N:M hardware does not accelerate), so
           always False, in every mode.
@@ -256,8 +258,9 @@ class FlopsLedger:
         pattern = layer.pattern
         if phase == WEIGHT_GRAD or pattern.is_dense:
             return False
-        mask = layer.mask
-        key = (id(mask), mask._version)
+        own = phase == INPUT_GRAD and layer.backward_mask is not None
+        mask, order = (layer.backward_mask, layer.backward_order) if own else (layer.mask, None)
+        key = (id(mask), mask._version) + ((id(order), order._version) if order is not None else ())
         hit = self._flag_cache.get((name, phase))
         if hit is not None and hit[0] == key:
             return hit[1]
@@ -266,7 +269,9 @@ class FlopsLedger:
             if phase == FORWARD:
                 flag = (group_counts(mask, m, layer.layout) <= n).all()
             elif (mask.shape[0] // getattr(layer, "groups", 1)) % m == 0:
-                flag = (group_counts(mask.reshape(mask.shape[0], -1).t(), m) <= n).all()
+                rows = mask.reshape(mask.shape[0], -1)  # [Cout, K]
+                rows = rows if order is None else rows[order]
+                flag = (group_counts(rows.t(), m) <= n).all()
             else:
                 flag = False
         self._flag_cache[(name, phase)] = (key, flag)

@@ -54,6 +54,8 @@ class _Measured:
     sparse: StepCosts  # the step of the method's (last) regime, and its adaptation step
     before_switch: Optional[StepCosts]  # the prepared regime's step, for a method that switches regime
     extra: dict[str, tuple[int, int]]  # per N:M layer: the full weight gradient of all its pruned positions
+    gap: dict[str, tuple[int, int]]  # per N:M layer, for a method that switches regime: the prepared regime's
+    # step less the switched regime's, every phase (what a transition plan's shares are of)
 
     def scale(self, macs: int) -> int:  # MACs are linear in batch; every count is a multiple of b
         return macs // self.b * self.batch
@@ -83,17 +85,25 @@ def _measure(cfg, measure_batch: int) -> _Measured:
         before = sparse
         method.switch_regime()
         sparse = model_step_costs(model, input_shape)
-    m = _Measured(cfg, exp.schedule, batch, b, model, method, dense, sparse, before, {})
+    m = _Measured(cfg, exp.schedule, batch, b, model, method, dense, sparse, before, {}, {})
     m.extra = {n: (m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][0] - sparse.step.by_layer[(n, WEIGHT_GRAD)][0]),
                    m.scale(sparse.adapt.by_layer[(n, WEIGHT_GRAD)][1] - sparse.step.by_layer[(n, WEIGHT_GRAD)][1]))
                for n, mod in model.named_modules()
                if isinstance(mod, NMLayer) and (n, WEIGHT_GRAD) in sparse.step.by_layer}
+    if before is not None:
+        def layer_step(cost, n: str, i: int) -> int:  # i: 0 ideal, 1 executed; every phase
+            return sum(cost.by_layer.get((n, ph), (0, 0))[i] for ph in LAYER_PHASES)
+
+        m.gap = {n: (m.scale(layer_step(before.step, n, 0) - layer_step(sparse.step, n, 0)),
+                     m.scale(layer_step(before.step, n, 1) - layer_step(sparse.step, n, 1)))
+                 for n, mod in model.named_modules() if isinstance(mod, NMLayer)}
     return m
 
 
 def _run_totals(m: _Measured, method) -> tuple[int, int]:
     """The whole run's (ideal, executed) MACs of ``method`` (prepared on ``m``'s model shape): every step at
-    its regime's normal step, plus the method's gradient plan (each segment's share of the layers' extra)."""
+    its regime's normal step, plus the method's gradient plan (each segment's share of the layers' extra) and
+    its transition plan (each segment's share of the layers' gap between the two regimes)."""
     run = m.sched.run_steps
     step_i, step_e = m.scale(m.sparse.step.ideal_macs), m.scale(m.sparse.step.executed_macs)
     total_i, total_e = run * step_i, run * step_e
@@ -102,11 +112,12 @@ def _run_totals(m: _Measured, method) -> tuple[int, int]:
         early = min(switch, run)
         total_i += early * (m.scale(m.before_switch.step.ideal_macs) - step_i)
         total_e += early * (m.scale(m.before_switch.step.executed_macs) - step_e)
-    for seg in method.gradient_plan(run):
-        for n, share in seg.share.items():
-            if n in m.extra and share:
-                total_i += (seg.stop - seg.start) * (m.extra[n][0] * share.numerator // share.denominator)
-                total_e += (seg.stop - seg.start) * (m.extra[n][1] * share.numerator // share.denominator)
+    for plan, per_layer in ((method.gradient_plan(run), m.extra), (method.transition_plan(run), m.gap)):
+        for seg in plan:
+            for n, share in seg.share.items():
+                if n in per_layer and share:
+                    total_i += (seg.stop - seg.start) * (per_layer[n][0] * share.numerator // share.denominator)
+                    total_e += (seg.stop - seg.start) * (per_layer[n][1] * share.numerator // share.denominator)
     return total_i, total_e
 
 
@@ -184,6 +195,11 @@ def flops_report(cfg, measure_batch: int = 2) -> dict:
         rep.update(prune_step=switch, before_prune_step_macs=pre_i, before_prune_step_executed_macs=pre_e)
         notes.append(f"{cfg.method.name}: steps before {switch} cost before_prune_step_macs "
                      f"({_fmt(pre_i)}), the rest step_macs")
+        if method.transition_plan(run):
+            notes.append(f"{cfg.method.name}: from step {switch} on, its transition plan adds to step_macs a share "
+                         f"of the gap to before_prune_step_macs per layer while its masks move")
+    if method.flops_note:
+        notes.append(f"{cfg.method.name}: {method.flops_note}")
     rep.update(run_total_macs=total_i, run_total_executed_macs=total_e)
     return rep
 

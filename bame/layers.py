@@ -10,13 +10,17 @@ keep working. Each carries two boolean buffers that ride along in ``state_dict``
 ``backward_mode`` (a :class:`bame.autograd.Backward`) decides what the weight gradient is. Each layer has
 its own pattern (``method.layer_patterns`` may give layers different ones) and a mask structure: ``row``
 (N:M along K) or ``transposable`` (N:M along K and along Cout in every M x M tile, :mod:`bame.transposable`).
+
+A method may also give a layer a **backward mask** (:meth:`NMLayer.set_backward_mask`; Bi-Mask's): the input
+gradient then goes through ``W * backward_mask`` instead of ``W * mask``. It is a buffer outside the state
+dict (``None`` until set): the method that sets it rebuilds it from its own state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,6 +49,8 @@ class NMLayer:
     weight: torch.Tensor
     mask: torch.Tensor
     grad_mask: torch.Tensor
+    backward_mask: Optional[torch.Tensor]  # the input gradient's mask when it has its own (None: ``mask``)
+    backward_order: Optional[torch.Tensor]  # int64 [Cout]: the output-channel order it is N:M along (None: as is)
 
     def _init_nm(self, pattern: NMPattern | str, layout: Layout | str, backward_mode: Backward | str,
                  srste_decay: float, mask_init: Optional[str], weight_grad_kernel: WeightGradKernel | str,
@@ -68,6 +74,8 @@ class NMLayer:
         self.observer: Optional[Observer] = None
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("grad_mask", torch.zeros_like(self.weight, dtype=torch.bool))
+        self.register_buffer("backward_mask", None, persistent=False)
+        self.register_buffer("backward_order", None, persistent=False)
         if mask_init is not None:  # None: from_dense sets the mask once the weights are copied
             self.init_mask(mask_init)
 
@@ -116,6 +124,24 @@ class NMLayer:
             raise ValueError(f"{type(self).__name__} of shape {tuple(self.weight.shape)}: mask is not "
                              f"{what}{self.pattern} in layout {self.layout.value}")
         self.mask.copy_(mask.to(torch.bool))
+
+    @torch.no_grad()
+    def set_backward_mask(self, mask: torch.Tensor, order: Optional[torch.Tensor] = None) -> None:
+        """Let the input gradient go through ``W * mask`` (bool, the weight's shape) from now on; ``order``
+        (int64 ``[Cout]``) is the output-channel order along which ``mask`` is N:M, for the FLOPs ledger's
+        ``nm_on_reduction`` flag (None: the channels as they are). Written in place once set."""
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"{type(self).__name__}: backward mask shape {tuple(mask.shape)} != weight shape "
+                             f"{tuple(self.weight.shape)}")
+        if self.backward_mask is None:
+            self.backward_mask = torch.zeros_like(self.weight, dtype=torch.bool)
+        self.backward_mask.copy_(mask)
+        if order is None:
+            self.backward_order = None
+        elif self.backward_order is None:
+            self.backward_order = order.to(self.weight.device, torch.long).clone()
+        else:
+            self.backward_order.copy_(order)
 
     @torch.no_grad()
     def adopt(self, dense: nn.Module, mask_init: str = "magnitude",
@@ -215,7 +241,8 @@ class NMConv2d(nn.Conv2d, NMLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nm_conv2d(x, self.weight, self.bias, self.mask, self.grad_mask, self.stride, self.padding,
                          self.dilation, self.groups, self.backward_mode, self.srste_decay,
-                         self.weight_grad_kernel, self.observer, self._sparse_kernels_in_use())
+                         self.weight_grad_kernel, self.observer, self._sparse_kernels_in_use(),
+                         self.backward_mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.nm_extra_repr()
@@ -247,7 +274,8 @@ class NMLinear(nn.Linear, NMLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nm_linear(x, self.weight, self.bias, self.mask, self.grad_mask, self.backward_mode,
-                         self.srste_decay, self.weight_grad_kernel, self.observer, self._sparse_kernels_in_use())
+                         self.srste_decay, self.weight_grad_kernel, self.observer, self._sparse_kernels_in_use(),
+                         self.backward_mask)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self.nm_extra_repr()
@@ -368,7 +396,8 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
              forward_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE,
              input_grad_kernel: ForwardKernel | str = ForwardKernel.MASKED_DENSE, compile_kernels: bool = False,
              generator: Optional[torch.Generator] = None, rules: Sequence[LayerRule] = (),
-             mask_structure: str = ROW_MASKS) -> SparsifyReport:
+             mask_structure: str = ROW_MASKS,
+             layer_problem: Optional[Callable[[nn.Module, NMPattern], Optional[str]]] = None) -> SparsifyReport:
     """Swap eligible ``nn.Conv2d`` / ``nn.Linear`` of ``model`` (in place) for NM layers.
 
     Each layer's pattern: the first of ``rules`` (:mod:`bame.layer_patterns`) that matches its name, else
@@ -376,7 +405,9 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
     means it); a layer no rule matches follows the policy: the first conv and the last linear (the
     classifier) stay dense by default, so do depthwise convs. Any layer stays dense where its pattern is
     dense, or its K is not a multiple of M (or, with ``mask_structure='transposable'``, its Cout per conv
-    group), unless ``policy.on_indivisible='error'`` (then ``ValueError``). Returns a report of every decision.
+    group), unless ``policy.on_indivisible='error'`` (then ``ValueError``). ``layer_problem(module, pattern)``, a
+    method's own condition on a layer (Bi-Mask: ``Cout`` a multiple of M), says why a layer cannot be N:M
+    (None: it can); such a layer is handled as an indivisible one. Returns a report of every decision.
     """
     pattern = NMPattern.parse(pattern)
     layout = Layout.parse(layout)
@@ -408,6 +439,10 @@ def sparsify(model: nn.Module, pattern: NMPattern | str, *, policy: LayerPolicy 
             reason = decision.reason if own is None else None
         if reason is None:
             reason = _shape_reason(name, module, own, layout, mask_structure, policy)
+        if reason is None and layer_problem is not None and (problem := layer_problem(module, own)):
+            if policy.on_indivisible == "error":
+                raise ValueError(f"layer {name!r}: {problem}")
+            reason = problem
         source = rule.source if rule is not None else ""
         if reason is None:
             cls = NMConv2d if kind == "conv" else NMLinear

@@ -157,17 +157,17 @@ def is_settled(alive: torch.Tensor) -> bool:
     return bool((alive.sum(1) == 1).all())
 
 
-def lbc_elementwise_ops(num_groups: int, n: int, m: int, num_alive: int, nnz_mask: int, cutting: bool) -> int:
+def lbc_elementwise_ops(num_groups: int, n: int, m: int, num_alive: int, nnz_mask: int, cutting: bool,
+                        scoring: bool = True) -> int:
     """Element-wise work of one LBC step of a layer beyond its conv/linear (an operation count).
 
-    - score gradient: ``grad * weight`` at the kept positions (``nnz_mask``) and ``n`` additions per alive
-      combination (``num_alive``, summed over groups);
-    - the mask: ``n`` ORs per alive combination;
-    - cutting (``cutting``: a step whose schedule asks for fewer than ``C`` survivors while some group has
-      more than one alive): a sort of each group's ``C`` scores, ``G * C * ceil(log2 C)`` comparisons.
+    - scoring (``scoring``: a step that computes the score gradient): ``grad * weight`` at the kept positions
+      (``nnz_mask``) and ``n`` additions per alive combination (``num_alive``, summed over groups);
+    - cutting (``cutting``: a step that cuts combinations): a sort of each group's ``C`` scores, ``G * C *
+      ceil(log2 C)`` comparisons, and the mask rebuilt from the ``num_alive`` combinations left, ``n`` ORs each.
     """
     c = num_combinations(n, m)
-    ops = int(nnz_mask) + 2 * n * int(num_alive)
+    ops = int(nnz_mask) + n * int(num_alive) if scoring else 0
     if cutting and c > 1:
-        ops += num_groups * c * max(1, math.ceil(math.log2(c)))
+        ops += num_groups * c * max(1, math.ceil(math.log2(c))) + n * int(num_alive)
     return ops

@@ -6,7 +6,7 @@ steps in the order of docs/contracts.md (``bame.step.training_step``)::
     method.before_step(step); ledger.begin_step()
     loss = criterion(model(x), y); loss.backward()          # (fp16: scaled, then unscaled here)
     method.after_backward(step)                              # sees unscaled gradients
-    ledger.charge_adaptation(...) if the method adapted
+    ledger.charge_adaptation(method.mask_work_ops())
     optimizer.step(); scheduler.step()
     method.after_optimizer_step(step)
     ledger.end_step(); recorders.on_step_end(step)

@@ -11,8 +11,8 @@ it; use it to time or instrument steps on a fixed batch::
 The order: ``method.before_step`` (BAME applies a pending mask update), ``ledger.begin_step``, forward
 and loss (under ``autocast``), backward (scaled, then unscaled, with a ``GradScaler``: the method sees true
 gradients), ``method.after_backward`` (gradient masking, decay, scoring on adaptation steps), the
-adaptation's element-wise work charged to the ledger, gradient clipping (``clip_grad_norm``: the masked,
-unscaled gradients), the optimizer (and LR scheduler) step,
+element-wise work of the step's mask decisions charged to the ledger (``method.mask_work_ops``), gradient
+clipping (``clip_grad_norm``: the masked, unscaled gradients), the optimizer (and LR scheduler) step,
 ``method.after_optimizer_step``, the ``after_update`` callback on adaptation steps (the loop checks that
 masks agree across ranks there), ``ledger.end_step``.
 """
@@ -75,8 +75,7 @@ def training_step(step: int, model: nn.Module, method: Method, optimizer: torch.
         loss.backward()
     method.after_backward(step)
     adaptation = method.last_adaptation
-    if adaptation is not None:
-        ledger.charge_adaptation(adaptation.scoring_elementwise_ops)
+    ledger.charge_adaptation(method.mask_work_ops())
     grad_norm = None
     if clip_grad_norm is not None:
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm).detach()

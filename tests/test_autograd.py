@@ -78,19 +78,25 @@ def test_random_conv_cases_cover_the_bias():
     assert any(c["kernel"] == (2, 3) for c in with_bias) and len(with_bias) < len(cases)
 
 
-@pytest.mark.parametrize("seed", CONV_SEEDS)
-@pytest.mark.parametrize("mode", list(Backward))
-@pytest.mark.parametrize("kernel", list(WeightGradKernel))
-def test_conv_modes_match_autograd(seed, mode, kernel):
-    rng = random.Random(seed)
-    c = _random_conv_case(rng)
+def _conv_case_tensors(seed: int):
+    """The random conv case of ``seed``, its input, weight, bias, top-N magnitude mask and conv arguments
+    (torch's generator seeded by ``seed``; the caller's next draws follow)."""
+    c = _random_conv_case(random.Random(seed))
     torch.manual_seed(seed)
     x = torch.randn(2, c["cin"], 7, 6, dtype=torch.float64)
     w = torch.randn(c["cout"], c["cin"] // c["groups"], *c["kernel"], dtype=torch.float64)
     b = torch.randn(c["cout"], dtype=torch.float64) if c["bias"] else None
     mask = nm_mask(w.abs(), c["n"], c["m"])
-    grad_mask = torch.rand(w.shape) < 0.2
     conv = dict(stride=c["stride"], padding=c["padding"], dilation=c["dilation"], groups=c["groups"])
+    return c, x, w, b, mask, conv
+
+
+@pytest.mark.parametrize("seed", CONV_SEEDS)
+@pytest.mark.parametrize("mode", list(Backward))
+@pytest.mark.parametrize("kernel", list(WeightGradKernel))
+def test_conv_modes_match_autograd(seed, mode, kernel):
+    c, x, w, b, mask, conv = _conv_case_tensors(seed)
+    grad_mask = torch.rand(w.shape) < 0.2
 
     def ref_op(x, w_eff, b):
         return F.conv2d(x, w_eff, b, **conv)
@@ -308,3 +314,99 @@ def test_auto_kernel_times_once_per_shape_and_density(monkeypatch):
     nm_linear(x, w.clone().requires_grad_(), None, mask, grad_mask, Backward.SPARSE, 0.0,
               WeightGradKernel.AUTO).sum().backward()
     assert sorted(c.key[-1] for c in kernels.auto_kernel_choices()) == [-4, 0]
+
+
+# --------------------------------------------------------------------------------------------------
+# a backward mask of its own (Bi-Mask): the input gradient through W * backward_mask, the rest as before
+
+
+def _reference_with_backward_mask(op, x, w, b, mask, grad_mask, backward_mask, mode):
+    """The mode's output, weight and bias gradients from plain autograd on ``W * mask``, and the input
+    gradient from plain autograd on ``W * backward_mask`` (same upstream gradient)."""
+    out, _, gw, gb = _reference(op, x, w, b, mask, grad_mask, mode)
+    x_b = x.detach().clone().requires_grad_()
+    out_b = op(x_b, w * backward_mask, None if b is None else b.detach())
+    (out_b * _weights(out_b)).sum().backward()
+    return out, x_b.grad, gw, gb
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("mode", list(Backward))
+def test_backward_mask_moves_only_the_input_gradient(seed, mode):
+    c, x, w, b, mask, conv = _conv_case_tensors(seed)
+    backward_mask = mask & (torch.rand(w.shape) < 0.6)  # a subset, as Bi-Mask's
+    grad_mask = torch.rand(w.shape) < 0.2
+
+    def ref_op(x, w_eff, b):
+        return F.conv2d(x, w_eff, b, **conv)
+
+    def ours(x, w, b, mask, grad_mask, mode, kernel):
+        return nm_conv2d(x, w, b, mask, grad_mask, **conv, mode=mode, srste_decay=DECAY, kernel=kernel,
+                         backward_mask=backward_mask)
+
+    ref = _reference_with_backward_mask(ref_op, x, w, b, mask, grad_mask, backward_mask, mode)
+    for kernel in WeightGradKernel:
+        got = _ours(ours, x, w, b, mask, grad_mask, mode, kernel)
+        for r, g, what in zip(ref, got, GRADS):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=f"{what} differs ({c}, {mode}, {kernel})")
+    plain = _reference(ref_op, x, w, b, mask, grad_mask, mode)
+    assert not torch.allclose(ref[1], plain[1])  # the backward mask did change the input gradient
+
+
+@pytest.mark.parametrize("mode", list(Backward))
+def test_linear_backward_mask_matches_autograd(mode):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    w = torch.randn(8, 16, dtype=torch.float64)
+    b = torch.randn(8, dtype=torch.float64)
+    mask = nm_mask(w.abs(), 2, 4)
+    backward_mask = mask & (torch.rand(w.shape) < 0.5)
+    grad_mask = torch.rand(w.shape) < 0.3
+
+    def ref_op(x, w_eff, b):
+        return F.linear(x, w_eff, b)
+
+    def ours(x, w, b, mask, grad_mask, mode, kernel):
+        return nm_linear(x, w, b, mask, grad_mask, mode, DECAY, kernel, backward_mask=backward_mask)
+
+    ref = _reference_with_backward_mask(ref_op, x, w, b, mask, grad_mask, backward_mask, mode)
+    got = _ours(ours, x, w, b, mask, grad_mask, mode, WeightGradKernel.MASKED_DENSE)
+    for r, g, what in zip(ref, got, GRADS):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10, msg=f"{what} differs ({mode})")
+
+
+@pytest.mark.parametrize("mode", list(Backward))
+def test_gradcheck_with_the_forward_mask_as_backward_mask(mode):
+    """A backward mask equal to the forward mask is the plain path: gradcheck holds through it (a different
+    backward mask is, by design, not the gradient of the forward; the tests above check it against autograd)."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    mask = nm_mask(w.abs(), 2, 4)
+    w_arg = w.clone().requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: nm_conv2d(x, w, b, mask, None, padding=1, mode=mode, srste_decay=DECAY,
+                                  backward_mask=mask.clone()), (x, w_arg, b))
+    xl = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    wl = torch.randn(4, 8, dtype=torch.float64).requires_grad_(mode in (Backward.DENSE, Backward.SPARSE))
+    ml = nm_mask(wl.detach().abs(), 1, 4)
+    assert torch.autograd.gradcheck(
+        lambda x, w: nm_linear(x, w, None, ml, None, mode, DECAY, backward_mask=ml.clone()), (xl, wl))
+
+
+def test_input_gradient_is_counted_at_the_backward_mask():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    mask = nm_mask(w.detach().abs(), 2, 4)
+    backward_mask = mask.clone()
+    backward_mask[:4] = False
+    costs = []
+    nm_conv2d(x, w, None, mask, None, padding=1, mode=Backward.SRSTE, observer=costs.append,
+              backward_mask=backward_mask).sum().backward()
+    by = {c.phase: c for c in costs}
+    positions = 2 * 6 * 6
+    assert by[Phase.INPUT_GRAD].ideal_macs == int(backward_mask.sum()) * positions == w.numel() // 4 * positions
+    assert by[Phase.FORWARD].ideal_macs == int(mask.sum()) * positions
+    assert by[Phase.INPUT_GRAD].executed_macs == by[Phase.WEIGHT_GRAD].ideal_macs == w.numel() * positions

@@ -45,6 +45,9 @@ OTHER_READINGS = {
                           'method.layer_patterns=[{match: fc1, pattern: "1:8"}]', "method.bame.regrow_rule=magnitude"],
     "transposable-srste": ["method.name=srste", "method.mask_structure=transposable",
                            'method.layer_patterns=[{match: fc1, pattern: "1:8"}]'],
+    # Bi-Mask's seeded permutation searches (at 0, 3, 6, 9) and LBC's cuts from all-reduced score gradients
+    "bimask": ["method.name=bimask", "method.bimask.iter=3", "method.bimask.greedy_num=8"],
+    "lbc": ["method.name=lbc"],
 }
 
 
@@ -71,6 +74,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             other = bame.train(load_config(QUICK, SETS + [f"train.batch_size={PER_RANK}", "train.device=cpu", *extra]),
                                out_dir=Path(tmp) / label, verbose=False, progress=False)
             out[label] = {k: v.clone() for k, v in other.model.state_dict().items()}
+            for name, layer in nm_layers(other.model):  # Bi-Mask's backward masks live outside the state dict
+                if layer.backward_mask is not None:
+                    out[label][f"{name}.backward_mask"] = layer.backward_mask.clone()
+                    out[label][f"{name}.backward_order"] = layer.backward_order.clone()
         # The check option: flip one kept position of rank 1's first N:M layer -> every rank raises.
         if rank == 1:
             _, layer = next(iter(nm_layers(model)))
@@ -119,6 +126,7 @@ def test_ranks_agree_on_masks_and_weights(two_ranks):
 def test_ranks_agree_under_readings_whose_masks_follow_the_weights(two_ranks, reading):
     r0, r1 = two_ranks
     assert sum(k.endswith(".mask") for k in r0[reading]) == 3
+    assert sum(k.endswith(".backward_mask") for k in r0[reading]) == (3 if reading == "bimask" else 0)
     for k, v in r0[reading].items():
         assert torch.equal(v, r1[reading][k]), (reading, k)
 

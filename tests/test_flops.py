@@ -291,6 +291,28 @@ def test_nm_on_reduction_flags():
     assert rows[("0", "forward")]["nm_on_reduction"] is False
 
 
+def test_input_grad_flag_of_a_backward_mask_follows_its_channel_order():
+    """A layer with a backward mask of its own (Bi-Mask's) is flagged N:M along Cout in its backward order."""
+    from bame.bimask_core import backward_mask
+
+    torch.manual_seed(0)
+    net = nn.Sequential(NMLinear(16, 8, pattern="2:4"), nn.ReLU(), nn.Linear(8, 3))
+    layer = net[0]
+    x = torch.randn(4, 16, requires_grad=True)
+    ledger = FlopsLedger(net)
+    perm = torch.randperm(8)
+    mb = backward_mask(layer.weight, layer.mask, perm, 2, 4)  # N:M along Cout taken in the order perm
+    layer.set_backward_mask(mb, perm)
+    cost = _step(net, x, ledger)
+    ideal, executed, flag = cost.by_layer[("0", "input_grad")]
+    assert flag is True and ideal == int(mb.sum()) * 4 < int(layer.mask.sum()) * 4 and executed == 8 * 16 * 4
+    assert cost.by_layer[("0", "forward")][:1] == (int(layer.mask.sum()) * 4,)
+    wrong = perm.roll(1)  # the same mask read in another order is (here) not N:M along Cout
+    assert not bool((mb[wrong].reshape(2, 4, 16).sum(1) <= 2).all())
+    layer.set_backward_mask(mb, wrong)
+    assert _step(net, x, ledger).by_layer[("0", "input_grad")][2] is False
+
+
 def test_nm_grouped_conv_counts():
     torch.manual_seed(0)
     conv = NMConv2d(8, 8, 3, padding=1, groups=2, pattern="2:4")  # K = 4*9 = 36
@@ -630,3 +652,27 @@ def test_the_calibrated_resnet50_config_is_at_the_papers_ratio():
     cfg = load_config("paper/imagenet_resnet50_learning_blocks")
     srste = flops_report(replace(cfg, method=replace(cfg.method, name="srste")))["run_total_macs"]
     assert srste / flops_report(cfg)["run_total_macs"] == pytest.approx(2.37, abs=0.005)
+
+
+@pytest.mark.parametrize("method,pattern", [("lbc", "1:4"), ("lbc", "2:4"), ("bimask", "2:4")])
+def test_cli_flops_of_the_predecessors_against_a_real_run(tmp_path, method, pattern):
+    """LBC: dense steps until the first cut, its transition plan (the most positions the alive combinations
+    can cover) until t_f, the N:M step after: exact at N = 1, an upper bound at 2:4. Bi-Mask: forward and
+    weight gradient exact, the input gradient at step 0's backward mask near the run's (it moves with the
+    weights); executed MACs (masked dense kernels) exact for both."""
+    sets = _SMALL + [f"method.name={method}", f"method.pattern={pattern}", "method.bimask.iter=4"]
+    rep = json.loads(_run_cli(["flops", "--config", str(QUICK), "--set", *sets, "--json"]))
+    res = bame.train(load_config(QUICK, sets), out_dir=tmp_path, verbose=False)
+    ideal, executed = _recorded_conv_linear_macs(res.run_dir)
+    assert executed == rep["run_total_executed_macs"] and res.steps == rep["run_steps"] == 16
+    if method == "lbc":
+        assert 0 < rep["prune_step"] < 8 and rep["before_prune_step_macs"] == rep["dense_step_macs"]  # t_f = 8
+        assert 16 * rep["step_macs"] < rep["run_total_macs"] < 16 * rep["dense_step_macs"]
+        assert ideal == rep["run_total_macs"] if pattern == "1:4" else ideal < rep["run_total_macs"]
+        return
+    by_phase = json.loads((res.run_dir / "summary.json").read_text())["flops"]["by_phase"]
+    for phase in ("forward", "weight_grad"):
+        assert by_phase[phase]["ideal_macs"] == 16 * rep["step_by_phase"][phase]
+    predicted, ran = 16 * rep["step_by_phase"]["input_grad"], by_phase["input_grad"]["ideal_macs"]
+    assert ran != predicted and abs(ran - predicted) < 0.01 * predicted
+    assert rep["adaptation_steps"] == 4 and any("backward mask" in note for note in rep["notes"])

@@ -199,3 +199,35 @@ def test_sparsify_names_cin_in_the_channel_layout_reason():
     assert reasons["0"].startswith("Cin/groups not divisible by M=4") and "Cin/groups=3" in reasons["0"]
     assert reasons["1"] == "N:M 2:4"
     assert reasons["2"].startswith("Cin/groups not divisible by M=4")
+
+
+def test_backward_mask_is_set_in_place_and_stays_out_of_the_state_dict():
+    torch.manual_seed(0)
+    layer = NMLinear(16, 8, pattern="2:4")
+    assert layer.backward_mask is None and layer.backward_order is None
+    sd_keys = set(layer.state_dict())
+    sub = layer.mask & (torch.rand(8, 16) < 0.5)
+    layer.set_backward_mask(sub, torch.arange(8).flip(0))
+    buffer = layer.backward_mask
+    layer.set_backward_mask(layer.mask)  # written in place, the order dropped
+    assert layer.backward_mask is buffer and torch.equal(buffer, layer.mask) and layer.backward_order is None
+    assert set(layer.state_dict()) == sd_keys  # a method that sets it rebuilds it from its own state
+    with pytest.raises(ValueError, match="backward mask shape"):
+        layer.set_backward_mask(torch.ones(8, 8, dtype=torch.bool))
+    x = torch.randn(3, 16, requires_grad=True)
+    layer.set_backward_mask(sub)
+    layer(x).sum().backward()
+    assert torch.allclose(x.grad, (layer.weight * sub).sum(0).expand(3, 16))  # dL/dx through W * backward_mask
+
+
+def test_sparsify_asks_the_methods_own_condition_on_each_layer():
+    def cout_of_8(module, pattern):
+        return None if module.weight.shape[0] % 8 == 0 else f"Cout={module.weight.shape[0]} is not a multiple of 8"
+
+    torch.manual_seed(0)
+    net = _small_net()
+    report = sparsify(net, "2:4", layer_problem=cout_of_8)
+    reasons = {d.name: d.reason for d in report.layers}
+    assert report.sparse_names == ["3", "8"] and reasons["4"] == "Cout=30 is not a multiple of 8"
+    with pytest.raises(ValueError, match="layer '4': Cout=30 is not a multiple of 8"):
+        sparsify(_small_net(), "2:4", policy=LayerPolicy(on_indivisible="error"), layer_problem=cout_of_8)

@@ -178,6 +178,9 @@ def test_a_run_of_cuts_goes_from_dense_to_n_m():
 
 
 def test_elementwise_ops_count():
-    # 2:4, 10 groups, 25 alive combinations, 30 kept weights: 30 products + 2*2*25 adds/ORs, and 10*6*3 when cutting
-    assert lbc_elementwise_ops(10, 2, 4, 25, 30, cutting=False) == 30 + 100
-    assert lbc_elementwise_ops(10, 2, 4, 25, 30, cutting=True) == 30 + 100 + 180
+    # 2:4, 10 groups, 25 alive combinations, 30 kept weights: scoring 30 products + 2*25 adds; cutting
+    # 10*6*3 comparisons and the mask rebuilt, 2*25 ORs
+    assert lbc_elementwise_ops(10, 2, 4, 25, 30, cutting=False) == 30 + 50
+    assert lbc_elementwise_ops(10, 2, 4, 25, 30, cutting=True) == 30 + 50 + 180 + 50
+    assert lbc_elementwise_ops(10, 2, 4, 25, 30, cutting=True, scoring=False) == 180 + 50
+    assert lbc_elementwise_ops(10, 2, 4, 25, 30, cutting=False, scoring=False) == 0

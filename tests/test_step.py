@@ -28,10 +28,11 @@ def _setup(name: str, optimizer: str = "sgd"):
     method = create_method(cfg, MethodContext(total_steps=STEPS, steps_per_epoch=4, weight_decay=5e-4,
                                               optimizer=optimizer))
     model = method.prepare(model)
+    params = [*model.parameters(), *method.own_parameters()]
     if optimizer == "sgd":
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     else:
-        opt = MaskedAdam(model.parameters(), lr=1e-3, weight_decay=0.05, decoupled=True,
+        opt = MaskedAdam(params, lr=1e-3, weight_decay=0.05, decoupled=True,
                          update_positions=method.update_positions)
     method.attach_optimizer(opt)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / STEPS)
@@ -57,8 +58,7 @@ def _by_hand(step, model, method, opt, sched, ledger, scaler, autocast, checked)
     else:
         loss.backward()
     method.after_backward(step)
-    if method.last_adaptation is not None:
-        ledger.charge_adaptation(method.last_adaptation.scoring_elementwise_ops)
+    ledger.charge_adaptation(method.mask_work_ops())
     if scaler is not None:
         scaler.step(opt)
         scaler.update()

@@ -107,6 +107,10 @@ def test_param_groups():
     assert ids(groups["self_decayed"]) == {id(model[3].weight)} and groups["self_decayed"]["weight_decay"] == 0
     flat = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False)
     assert [g["name"] for g in flat] == ["decay"] and len(flat[0]["params"]) == 6
+    scores = nn.Parameter(torch.zeros(3, 6))  # a method's own parameters (LBC's scores): last, the weights' decay
+    mine = experiment.param_groups(model, [], 1e-3, no_decay_bn_bias=False, method_own=[scores])
+    assert [g["name"] for g in mine] == ["decay", "method"] and mine[1]["params"] == [scores]
+    assert mine[1]["weight_decay"] == 1e-3
 
 
 def test_param_groups_leave_out_what_the_model_declares_undecayed():
@@ -216,12 +220,22 @@ def _assert_same_run(a: Path, b: Path) -> None:
         for key in pa:
             assert pa[key].dtype == pb[key].dtype and torch.equal(pa[key], pb[key]), key
     assert ca["ledger"]["total_ideal_macs"] == cb["ledger"]["total_ideal_macs"]
+    assert _same_state(ca["method"], cb["method"])  # permutations, scores, counters
     ta, tb = load_run(a).table("metrics"), load_run(b).table("metrics")
     test_a = ta[ta.split == "test"].set_index("step")[["loss", "acc", "cum_ideal_macs"]]
     test_b = tb[tb.split == "test"].set_index("step")[["loss", "acc", "cum_ideal_macs"]]
     common = test_a.index.intersection(test_b.index)
     assert len(common) >= 2
     assert test_a.loc[common].equals(test_b.loc[common])
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, torch.Tensor):  # NaN where a score was never taken (BAME's last_score) equals NaN
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
+            (a == b).all() if not a.is_floating_point() else torch.allclose(a, b, rtol=0, atol=0, equal_nan=True))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    return a == b
 
 
 _WINDOW = ("method.bame.designated_grad=window", "method.bame.pruned_update=train", "method.bame.regrow_rule=magnitude")
@@ -232,8 +246,11 @@ _ADAMW = ("train.optimizer=adamw", "train.lr=1e-3", "train.weight_decay=0.05")
                                                  ("bame", 3, 12, _WINDOW),  # designated at 2: mid-window at 3
                                                  ("phased", 3, 12, ()),  # switch at step 4
                                                  ("bame", 3, 12, _ADAMW), ("srste", 5, 12, _ADAMW),  # flips restart
-                                                 ("phased", 3, 12, _ADAMW)],
-                         ids=["bame", "srste", "bame-window", "phased", "bame-adamw", "srste-adamw", "phased-adamw"])
+                                                 ("phased", 3, 12, _ADAMW),
+                                                 ("bimask", 3, 12, ("method.bimask.iter=2",)),  # searches 2 | 4
+                                                 ("lbc", 3, 12, ())],  # cuts on both sides of 3, settled at 8
+                         ids=["bame", "srste", "bame-window", "phased", "bame-adamw", "srste-adamw", "phased-adamw",
+                              "bimask", "lbc"])
 def test_resume_is_exact(tmp_path, method, k, n, extra):
     sets = [f"method.name={method}", *extra]
     full = run(quick(*sets, f"train.max_steps={n}"), tmp_path / "full")

@@ -178,6 +178,8 @@ class Method:
     # Nested sections of MethodConfig this method reads (its own, ("bame",), set by ``register``); the
     # others do not affect it.
     config_sections: ClassVar[tuple[str, ...]] = ()
+    # What ``bame flops`` should say about this method's whole-run total (how exact it is), if anything.
+    flops_note: ClassVar[str] = ""
 
     def __init__(self, cfg: MethodCommon, ctx: MethodContext) -> None:
         self.cfg = cfg
@@ -207,8 +209,14 @@ class Method:
                                srste_decay=c.srste_decay, mask_init=c.mask_init,
                                weight_grad_kernel=c.weight_grad_kernel, forward_kernel=c.forward_kernel,
                                input_grad_kernel=c.input_grad_kernel, compile_kernels=c.compile_kernels,
-                               generator=generator, rules=rules, mask_structure=c.mask_structure)
+                               generator=generator, rules=rules, mask_structure=c.mask_structure,
+                               layer_problem=self.layer_problem)
         return self.report
+
+    def layer_problem(self, module: nn.Module, pattern: NMPattern) -> Optional[str]:
+        """Why this method cannot make ``module`` N:M at ``pattern`` beyond the layer policy (None: it can);
+        such a layer follows ``on_indivisible``, as one whose K is no multiple of M."""
+        return None
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Called by the loop once the optimizer exists (methods may reset its state)."""
@@ -233,6 +241,11 @@ class Method:
         None by default: every weight trains."""
         return {}
 
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the method itself, outside the model (LBC's scores), that the optimizer updates: the
+        optimizer's group ``method`` (``bame.experiment.param_groups``). Created by ``prepare``."""
+        return []
+
     # -- declared costs (read by ``bame flops``; the ledger counts what really ran) --------------
     def adaptation_steps(self, run_steps: int) -> list[int]:
         """The steps before ``run_steps`` on which this method adapts the masks (none by default)."""
@@ -241,6 +254,13 @@ class Method:
     def gradient_plan(self, run_steps: int) -> list[GradientSegment]:
         """Where, beyond its normal step, this method computes full weight gradients of blocks of its N:M
         layers during the first ``run_steps`` steps (nowhere by default). Needs ``prepare`` first."""
+        return []
+
+    def transition_plan(self, run_steps: int) -> list[GradientSegment]:
+        """For a method with a regime switch whose masks move between the two regimes gradually (LBC's cut
+        combinations): the steps ``[start, stop)`` from :attr:`regime_switch_step` on that cost the switched
+        regime's step plus ``share[layer]`` of the difference between the two regimes' steps of that layer, in
+        every phase (none by default)."""
         return []
 
     @property
@@ -270,6 +290,11 @@ class Method:
 
     def after_optimizer_step(self, step: int) -> None:
         pass
+
+    def mask_work_ops(self) -> int:
+        """Element-wise work of this step's mask decisions (scoring, selection, sorts, searches), read after
+        ``after_backward`` and booked on the ledger's adaptation line: by default the adaptation record's."""
+        return self.last_adaptation.scoring_elementwise_ops if self.last_adaptation is not None else 0
 
     # -- checkpointing -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
