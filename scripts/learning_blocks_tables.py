@@ -21,8 +21,8 @@ from analysis.layout import text_problems
 from analysis.style import save as save_figure
 
 OBF_DEFAULT = {"tau": 0.5}  # the study's OBF variants change tau (and beta); the default reading keeps it
-FAMILIES = {"phased": "phased (switch 0.1 / 0.27 / 0.5)",
-            "progressive magnitude": "learning blocks, progressive, magnitude, T 1 (t_f 0.1 / 0.27 / 0.5)"}
+FAMILIES = {"phased": "phased, its switch fractions",
+            "progressive magnitude": "learning blocks, progressive, magnitude, T 1, its t_f"}
 
 
 def reading(row: pd.Series) -> tuple[str, str | None]:
