@@ -158,7 +158,10 @@ def test_every_method_takes_steps_on_the_small_vit(method_name):
         for n, (w, mask) in before.items():
             layer = model.get_submodule(n)
             dense_phase = method_name == "asp" and not method.pruned  # ASP trains dense before its prune
-            assert layer.mask.all() if dense_phase else is_nm(layer.mask, 1, 4), n
+            if method_name == "lbc":  # the union of its alive combinations: dense until its first cut
+                assert layer.mask.float().mean() >= 1 / 4, n
+            else:
+                assert layer.mask.all() if dense_phase else is_nm(layer.mask, 1, 4), n
             if method_name in ("static", "bame"):  # pruned before and after the step: untouched
                 still_pruned = ~mask & ~layer.mask
                 assert torch.equal(layer.weight[still_pruned], w[still_pruned]), n
