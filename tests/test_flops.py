@@ -640,7 +640,6 @@ def test_cli_target_ratio_errors_name_the_fix(capsys):
         assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-@pytest.mark.slow
 def test_the_calibrated_resnet50_config_is_at_the_papers_ratio():
     """configs/paper/imagenet_resnet50_learning_blocks.yaml: SR-STE / BAME training FLOPs = 2.37 (the paper's
     ratio for ImageNet ResNet-50 at 1:16), as bame flops counts it before training."""
