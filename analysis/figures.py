@@ -31,7 +31,7 @@ from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from bame.contract import DENSE_PATTERN
 
-from .groups import _method_rank, _pattern_rank, group_labels, pattern_labels, run_groups
+from .groups import _method_rank, _pattern_rank, group_labels, pattern_labels
 from .readers import accuracy_percent, load_adaptation, load_masks, load_metrics, load_runs, load_sparsify
 from .style import empty, flops_axis, group_styles, legend_beside, legend_inside_or_below, new_figure, style
 

@@ -222,7 +222,7 @@ def test_where_nothing_is_masked_it_is_torchs_adamw_or_adam_bit_for_bit(decouple
                     restart_state(opt, p, torch.zeros_like(p, dtype=torch.bool))  # restarts nothing, per element now
                 assert all(opt.state[p]["step"].shape == p.shape for p in ps)
     reference = runs[0][1]
-    for kind, ps, opt in runs[1:]:
+    for kind, ps, _opt in runs[1:]:
         for p, q in zip(ps, reference):
             assert torch.equal(p, q), kind
 
