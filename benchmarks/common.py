@@ -150,6 +150,26 @@ def interleaved(variants: list[Variant], rounds: int, steps_per_round: int, warm
         log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{v.label} {v.times[-1] * 1e3:.0f}ms" for v in variants))
 
 
+def round_robin_times(fns: dict[str, Callable[[], Any]], reps: int,
+                      device: torch.device | None = None) -> dict[str, list[float]]:
+    """Each function once untimed, then ``reps`` rounds round-robin, the order rotating each round (so drift
+    and cache effects fall on every function alike); seconds per call, synchronised with ``device``."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            if device is not None:
+                sync(device)
+            t0 = time.perf_counter()
+            fns[k]()
+            if device is not None:
+                sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

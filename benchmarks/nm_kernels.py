@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Variant, interleaved, machine, median, paired_ratio, write_json  # noqa: E402
+from common import Variant, interleaved, machine, median, paired_ratio, round_robin_times, write_json  # noqa: E402
 from sparse_wgrad import _shape_str, layer_shapes  # noqa: E402
 
 from bame.kernels import GatherPlan, gather_conv_weight_grad, gather_linear_weight_grad, sddmm  # noqa: E402
@@ -56,20 +56,6 @@ PATTERNS = ["2:4", "1:8", "1:16"]
 KERNELS = [k.value for k in SparseKernel]
 DEFAULT_KERNELS = "csr,bsr,compiled,direct"  # gather (eager) is 5-200x dense: measured with --quick only
 SHARED = "gather_shared_cols"  # the weight-gradient SDDMM on the forward's [K, B*L] columns
-
-
-def _timed(fns: dict, reps: int) -> dict[str, list[float]]:
-    """Each function once untimed, then ``reps`` rounds round-robin (order rotating); all times in s."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(reps):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            t0 = time.perf_counter()
-            fns[k]()
-            times[k].append(time.perf_counter() - t0)
-    return times
 
 
 def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]:
@@ -125,7 +111,7 @@ def layer_case(e: dict, pattern: str, kernels: list[str]) -> dict[str, callable]
 def bench_layer(e: dict, pattern: str, kernels: list[str], reps: int) -> dict:
     fns = layer_case(e, pattern, kernels)
     padding = fns.pop("_padding")
-    times = _timed(fns, reps)
+    times = round_robin_times(fns, reps)
     res = {"pattern": pattern, "padding": padding, "ms": {k: median(v) * 1e3 for k, v in times.items()},
            "x_masked_dense": {}}
     for name, t in times.items():

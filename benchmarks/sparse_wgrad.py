@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from torch import nn
 from torch.nn.grad import conv2d_weight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Variant, interleaved, machine, median, paired_ratio, sync, write_json  # noqa: E402
+from common import Variant, interleaved, machine, median, paired_ratio, round_robin_times, write_json  # noqa: E402
 
 from bame import models  # noqa: E402
 from bame.kernels import (GatherPlan, auto_kernel_choices, gather_conv_weight_grad,  # noqa: E402
@@ -79,21 +78,6 @@ def layer_shapes(model_name: str, batch: int, image: int, classes: int) -> list[
     return out
 
 
-def _time_interleaved(fns: dict, reps: int, device) -> dict[str, float]:
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(reps):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            sync(device)
-            t0 = time.perf_counter()
-            fns[k]()
-            sync(device)
-            times[k].append(time.perf_counter() - t0)
-    return {k: median(v) for k, v in times.items()}
-
-
 def bench_layer(e: dict, pattern: str, device, reps: int) -> dict:
     nm = NMPattern.parse(pattern)
     n, m = nm.n, nm.m
@@ -119,7 +103,7 @@ def bench_layer(e: dict, pattern: str, device, reps: int) -> dict:
         positions = x.shape[0]
     ref, got = fns["masked_dense"](), fns["gather"]()
     err = float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-30))
-    t = _time_interleaved(fns, reps, device)
+    t = {k: median(v) for k, v in round_robin_times(fns, reps, device).items()}
     dense_macs = w.numel() * positions
     return {"pattern": pattern, "masked_dense_ms": t["masked_dense"] * 1e3, "gather_ms": t["gather"] * 1e3,
             "speedup": t["masked_dense"] / t["gather"], "ideal_fraction": n / m,
