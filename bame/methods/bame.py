@@ -69,7 +69,7 @@ from ..schedule import (INTERVAL_ANCHORS, RHO_DECAYS, adaptation_steps, coalesce
 from ..schema import ConfigError, Section, at_least, choice
 from ..transposable import (block_exchange_elementwise_ops, block_exchanges, check_block_shape, is_transposable_nm,
                              transposable_blocks)
-from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, register
+from .base import AdaptationRecord, FlopsBudget, GradientSegment, LayerAdaptation, extend_plan, register
 from .static import Static
 
 __all__ = ["Bame", "BameConfig"]
@@ -368,11 +368,7 @@ class Bame(Static):
         segments: list[GradientSegment] = []
         for start, stop, blocks in overlay_segments(coalesce_segments(scoring), coalesce_segments(designated),
                                                     run_steps):
-            share = {n: Fraction(k, whole[n]) for n, k in blocks.items()}
-            if segments and segments[-1].stop == start and segments[-1].share == share:
-                segments[-1] = GradientSegment(segments[-1].start, stop, share)
-            elif any(share.values()):
-                segments.append(GradientSegment(start, stop, share))
+            extend_plan(segments, start, stop, {n: Fraction(k, whole[n]) for n, k in blocks.items()})
         return segments
 
     # -- per step hooks ------------------------------------------------------------------------

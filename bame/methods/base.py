@@ -38,7 +38,7 @@ from ..pattern import Layout, NMPattern
 from ..schema import Section, choice, to_plain
 
 __all__ = ["MethodCommon", "PatternRule", "MethodContext", "Method", "METHODS", "METHOD_SECTIONS", "register", "create_method",
-           "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment", "FlopsBudget"]
+           "available_methods", "AdaptationRecord", "LayerAdaptation", "GradientSegment", "extend_plan", "FlopsBudget"]
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,16 @@ class GradientSegment:
     start: int
     stop: int
     share: dict[str, Fraction]
+
+
+def extend_plan(plan: list[GradientSegment], start: int, stop: int, share: dict[str, Fraction]) -> None:
+    """Add steps ``start <= t < stop`` at ``share`` to a gradient plan being built in step order: they
+    lengthen the last segment when they touch it at the same shares, make a new one otherwise, and are
+    left out where every share is 0."""
+    if plan and plan[-1].stop == start and plan[-1].share == share:
+        plan[-1] = GradientSegment(plan[-1].start, stop, share)
+    elif any(share.values()):
+        plan.append(GradientSegment(start, stop, share))
 
 
 @dataclass(frozen=True)

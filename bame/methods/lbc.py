@@ -36,7 +36,7 @@ from ..lbc_core import (MAX_COMBINATIONS, check_combinations, combination_table,
                         layer_mask, lbc_elementwise_ops, score_grad, surviving_combinations)
 from ..layers import NMLayer
 from ..schema import Section, at_least
-from .base import GradientSegment, Method, register
+from .base import GradientSegment, Method, extend_plan, register
 
 __all__ = ["Lbc", "LbcConfig"]
 
@@ -174,10 +174,7 @@ class Lbc(Method):
             for name, layer in self.layers():
                 n, m, total = layer.pattern.n, layer.pattern.m, self.state[name].table.shape[0]
                 share[name] = Fraction(min(m, self.survivors(a, total) * n) - n, m - n)
-            if segments and segments[-1].stop == a and segments[-1].share == share:
-                segments[-1] = GradientSegment(segments[-1].start, b, share)
-            elif any(share.values()):
-                segments.append(GradientSegment(a, b, share))
+            extend_plan(segments, a, b, share)
         return segments
 
     # -- per step hooks ------------------------------------------------------------------------
