@@ -1,6 +1,10 @@
 """Print the tables of docs/results.md from the study's run folders, and save its figures (PNG + PDF).
 
-    .venv/bin/python scripts/results_tables.py runs/study [docs/figures]
+    .venv/bin/python scripts/results_tables.py runs/study [more folders ...] [--figures docs/figures]
+
+Several folders are read together (section 3 adds the 10-epoch controls of the learning-block bundle to
+its own readings). Only BAME's first family of readings is tabled: runs that change one of its other
+options (the learning-block readings: ``designated_grad``, ``designation``...) are left out.
 
 The tables and figures are those of ``bame report`` (analysis/), with the study's choices: the readings
 at 1:16 are named relative to method.md's first defaults, and the methods table holds BAME at the
@@ -9,7 +13,8 @@ current defaults only. For the whole report of a folder: ``bame report runs/stud
 
 from __future__ import annotations
 
-import sys
+import argparse
+from dataclasses import fields
 
 import pandas as pd
 
@@ -17,6 +22,7 @@ from analysis import (
     fill_defaults,
     format_paper_table,
     format_readings_table,
+    load_adaptation,
     load_runs,
     paper_table,
     readings_table,
@@ -44,6 +50,20 @@ def with_new_options(runs: pd.DataFrame) -> pd.DataFrame:
     return fill_defaults(runs, current_bame_defaults())
 
 
+def first_family(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs of other methods, and BAME's runs whose options outside the readings' keys are defaults."""
+    from bame.config import BameConfig
+
+    others = {f"method.bame.{f.name}": getattr(BameConfig(), f.name) for f in fields(BameConfig)
+              if f"method.bame.{f.name}" not in BAME_KEYS}
+    runs = fill_defaults(runs, others)
+    keep = pd.Series(True, index=runs.index)
+    for key, default in others.items():
+        keep &= runs[key].map(lambda v, d=default: v == d or (v is None and d is None)
+                              or (isinstance(v, float) and d is None and pd.isna(v)))
+    return runs[(runs["method.name"] != "bame") | keep]
+
+
 def ablation(runs: pd.DataFrame, pattern: str = "1:16") -> pd.DataFrame:
     """Each BAME reading at ``pattern`` and SR-STE against the static control, over seeds."""
     runs = runs[(runs["status"] == "completed") & (runs["method.pattern"] == pattern)
@@ -54,6 +74,29 @@ def ablation(runs: pd.DataFrame, pattern: str = "1:16") -> pd.DataFrame:
 def ablation_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
     shown = format_readings_table(ablation(runs, pattern), reference_label="(the first default)")
     shown = shown.drop(columns=["pattern"]).rename(columns={"method": "run", "settings": SETTINGS_HEADER})
+    return to_markdown(shown, caption=False, pad=False).rstrip("\n")
+
+
+def mask_changes_table(runs: pd.DataFrame, pattern: str = "1:16") -> str:
+    """Per BAME reading at ``pattern``: what its adaptation steps did over the whole run (adaptation.csv),
+    mean over seeds [min, max]: kept weights swapped, A->B->A oscillation events, blocks frozen by OBF at
+    the last adaptation step."""
+    bame = runs[(runs["status"] == "completed") & (runs["method.pattern"] == pattern)
+                & (runs["method.name"] == "bame")]
+    points = run_points(bame, by=BAME_KEYS, reference=dict(zip(BAME_KEYS, FIRST_READING.values())))
+    rows = []
+    for (_, run), settings in zip(bame.iterrows(), points["settings"]):
+        adapt = load_adaptation(run)
+        last = adapt[adapt["step"] == adapt["step"].max()]
+        rows.append({"settings": settings or "(the first default)", "swaps": adapt["swaps"].sum(),
+                     "A->B->A events": adapt["oscillation_events"].sum(), "frozen blocks": last["frozen_blocks"].sum()})
+    per_run = pd.DataFrame(rows)
+    stats = per_run.groupby("settings", sort=False).agg(["mean", "min", "max"])
+    shown = pd.DataFrame(index=stats.index)
+    for col in ("swaps", "A->B->A events", "frozen blocks"):
+        shown[col] = [f"{m:.0f} [{lo:.0f}, {hi:.0f}]" for m, lo, hi in stats[col].itertuples(index=False)]
+    shown.insert(0, "seeds", per_run.groupby("settings", sort=False).size())
+    shown = shown.sort_values("settings").reset_index().rename(columns={"settings": SETTINGS_HEADER})
     return to_markdown(shown, caption=False, pad=False).rstrip("\n")
 
 
@@ -83,16 +126,22 @@ def save_figures(runs: pd.DataFrame, out: str) -> None:
     save(forest_plot(ablation(runs), reference_label="(the first default)"), f"{out}/study_ablation_1of16")
 
 
-def main(root: str, figures: str | None = None) -> None:
-    runs = with_new_options(load_runs(root))
+def main(roots: list[str], figures: str | None = None) -> None:
+    runs = first_family(with_new_options(pd.concat([load_runs(r) for r in roots], ignore_index=True)))
     if figures:
         save_figures(runs, figures)
     print("## Readings of BAME at 1:16\n")
     print(ablation_table(runs))
+    print("\n## What the readings' adaptation steps did (mean over seeds [min, max])\n")
+    print(mask_changes_table(runs))
     print("\n## Methods x patterns (current defaults)\n")
     print(methods_table(runs))
     print("\nFLOPs: exact ledger counts, ideal view, all phases; FLOPs = 2 x MACs.")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/study", sys.argv[2] if len(sys.argv) > 2 else None)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("roots", nargs="*", default=["runs/study"], help="folders of runs (or bundles' parts)")
+    parser.add_argument("--figures", help="save the figures here (PNG + PDF)")
+    args = parser.parse_args()
+    main(args.roots, args.figures)

@@ -473,23 +473,31 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
     the current defaults; one unfinished run) plus 1:16 runs of static, srste, BAME with the current
     defaults and BAME with quick's reading, 2 seeds each. Every number is checked against the runs'
     summary.json files."""
-    root = tmp_path / "runs"
+    root, more = tmp_path / "runs", tmp_path / "more"  # two folders, read together
     shutil.copytree(runs_root, root, ignore=shutil.ignore_patterns("checkpoints", "blocks"))
     for method, extra in (("static", ()), ("srste", ()), ("bame", BAME_DEFAULTS), ("bame", ())):
         for seed in SEEDS:
-            train_quick(root / "p16", f"method.name={method}", "method.pattern=1:16", f"train.seed={seed}", *extra)
+            out = more if method == "static" else root / "p16"
+            train_quick(out, f"method.name={method}", "method.pattern=1:16", f"train.seed={seed}", *extra)
     # the runs, from their own files: (method, pattern, current BAME defaults?) -> [(top-1 %, ideal FLOPs)]
     groups: dict[tuple, list[tuple[float, int]]] = {}
-    for summary_path in sorted(root.rglob("summary.json")):
+    swaps: dict[tuple, list[int]] = {}  # BAME's runs at 1:16: kept weights swapped over the run
+    for summary_path in sorted([*root.rglob("summary.json"), *more.rglob("summary.json")]):
         summary = json.loads(summary_path.read_text())
         rho = yaml.safe_load((summary_path.parent / "config.yaml").read_text())["method"]["bame"]["rho"]
         key = (summary["method"], summary["pattern"], summary["method"] != "bame" or rho == DEFAULT_RHO)
         groups.setdefault(key, []).append((100 * summary["final"]["test_acc"], summary["flops"]["ideal_flops"]))
+        if key[:2] == ("bame", "1:16"):
+            adaptation = pd.read_csv(summary_path.parent / "adaptation.csv")
+            swaps.setdefault(key, []).append(int(adaptation["swaps"].sum()))
     assert len(groups) == 8 and all(len(v) == 2 for v in groups.values())  # the unfinished run has no summary
+    # a reading of the learning-block family: not one of the first family's readings, so left out
+    train_quick(more, "method.name=bame", "method.pattern=1:16", *BAME_DEFAULTS, "method.bame.designated_grad=window",
+                "method.bame.pruned_update=train", "method.bame.designation=progressive")
 
     figures = tmp_path / "figures"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "results_tables.py"), str(root), str(figures)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "results_tables.py"), str(root), str(more),
+                           "--figures", str(figures)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "FLOPs = 2 x MACs" in out
@@ -521,6 +529,12 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
     for row in ablation:
         key = readings.get(row[1], (row[0], "1:16", True))
         assert row[2:] == ["2", _pm(top1(key)), f"{np.mean(top1(key)) - static:+.2f}"], row
+
+    # what each reading's adaptation steps did: swaps over the run, from adaptation.csv
+    changes = {r[0]: r[1:] for r in _markdown_rows(out, "What the readings' adaptation steps did (mean over seeds [min, max])")}
+    assert set(changes) == set(readings)
+    for label, key in readings.items():
+        assert changes[label][:2] == ["2", f"{np.mean(swaps[key]):.0f} [{min(swaps[key])}, {max(swaps[key])}]"], label
 
     # methods x patterns with the current defaults: BAME 2:4 (quick's reading) and the unfinished run left out
     methods = _markdown_rows(out, "Methods x patterns (current defaults)")
