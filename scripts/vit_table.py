@@ -15,7 +15,7 @@ import sys
 
 import pandas as pd
 
-from analysis import format_paper_table, load_runs, paper_table, to_markdown
+from analysis import format_paper_table, load_masks, load_runs, mean_std_table, paper_table, to_markdown
 
 MODEL = "vit_patch4"
 OPTIMIZER = "train.optimizer"
@@ -43,11 +43,25 @@ def vit_table(runs: pd.DataFrame) -> str:
     return to_markdown(shown, caption=False, pad=False).rstrip("\n")
 
 
+def flips_table(runs: pd.DataFrame) -> str:
+    """SR-STE's mask flips over the whole run (masks.csv), per pattern and optimizer, mean ± std over seeds:
+    the mask churn STEP (ICML 2023) blames for SR-STE's trouble under Adam."""
+    srste = runs[runs["method.name"] == "srste"]
+    per_run = pd.DataFrame({
+        "row": [f"{p}, {o}" for p, o in zip(srste["method.pattern"], srste[OPTIMIZER])],
+        "mask flips (millions)": [load_masks(run)["flips"].sum() / 1e6 for _, run in srste.iterrows()]})
+    table = mean_std_table(per_run.sort_values("row"), "row", {"mask flips (millions)": 3})
+    return to_markdown(table.reset_index().rename(columns={"row": "SR-STE: pattern, optimizer"}),
+                       caption=False, pad=False).rstrip("\n")
+
+
 def main(folders: list[str]) -> None:
-    print(vit_table(vit_runs(folders)))
+    runs = vit_runs(folders)
+    print(vit_table(runs))
     print("\nTop-1: final test accuracy (all 10k test images), mean ± std over seeds. FLOPs: exact ledger "
           "counts, ideal view, all phases; FLOPs = 2 x MACs; x dense and x SR-STE: against the run of the "
-          "same optimizer (x SR-STE at the same pattern).")
+          "same optimizer (x SR-STE at the same pattern).\n")
+    print(flips_table(runs))
 
 
 if __name__ == "__main__":

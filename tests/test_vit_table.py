@@ -54,3 +54,14 @@ def test_two_runs_of_one_row_and_seed_are_an_error(script, monkeypatch):
     monkeypatch.setattr(script, "load_runs", lambda folder: runs)
     with pytest.raises(SystemExit, match="two runs of one row and seed"):
         script.vit_runs(["runs/vit"])
+
+
+def test_srste_mask_flips_per_pattern_and_optimizer(script, monkeypatch):
+    runs = pd.DataFrame([_run("srste", "2:4", "adamw", 0, 75.0, 70.0), _run("srste", "2:4", "adamw", 1, 75.0, 70.0),
+                         _run("srste", "2:4", "sgd", 0, 70.0, 70.0), _run("bame", "2:4", "adamw", 0, 76.0, 56.0)])
+    flips = {"srste-2:4-adamw-0": [1_000_000, 500_000], "srste-2:4-adamw-1": [2_000_000, 500_000],
+             "srste-2:4-sgd-0": [250_000, 0]}
+    monkeypatch.setattr(script, "load_masks", lambda run: pd.DataFrame({"flips": flips[run["path"]]}))
+    lines = script.flips_table(runs).splitlines()
+    assert lines[0] == "| SR-STE: pattern, optimizer | seeds | mask flips (millions) |"
+    assert lines[2:] == ["| 2:4, adamw | 2 | 2.000 ± 0.707 |", "| 2:4, sgd | 1 | 0.250 |"]
