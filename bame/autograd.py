@@ -23,7 +23,10 @@ gradient of every mode stay as above.
 Conv gradients use :func:`torch.nn.grad.conv2d_input` / :func:`torch.nn.grad.conv2d_weight`.
 
 ``SPARSE`` may compute the weight gradient only at the needed positions (``kernel`` set to
-:class:`~bame.kernels.WeightGradKernel` ``GATHER``): then the executed work equals the ideal work.
+:class:`~bame.kernels.WeightGradKernel` ``GATHER``): then the executed work equals the ideal work. Where a
+conv's forward ran ``csr``/``bsr``, that SDDMM runs on the conv columns the forward built and kept
+(``ctx`` holds them until the backward; their cost in memory: :mod:`bame.forward_kernels`); the im2col is not
+a multiply-add, so the work counted is the SDDMM's either way.
 
 Host syncs: the non-zero counts the observer needs, the needed-position union ``mask | grad_mask`` and
 GATHER's index plan are cached per mask version (``bame.kernels``, with the GATHER and AUTO kernels), so a
@@ -42,10 +45,11 @@ import torch
 from torch.nn.grad import conv2d_input, conv2d_weight
 
 from . import contract
-from .forward_kernels import (FORWARD, INPUT_GRAD, SparseKernels, choose, conv_forward, conv_input_grad,
-                              executed_macs, linear_forward, linear_input_grad, nm_index)
-from .kernels import (Count, LazyMacs, WeightGradKernel, gather_conv_weight_grad, gather_linear_weight_grad,
-                      gather_plan, mask_count, needed_count, needed_positions, use_gather)
+from .forward_kernels import (FORWARD, INPUT_GRAD, WEIGHT_GRAD, SparseKernels, builds_shared_columns, choose,
+                              conv_columns_kept, conv_forward, conv_input_grad, executed_macs, linear_forward,
+                              linear_input_grad, nm_index)
+from .kernels import (Count, LazyMacs, WeightGradKernel, auto_decision, gather_conv_weight_grad,
+                      gather_linear_weight_grad, gather_plan, mask_count, needed_count, needed_positions, use_gather)
 from .nm_kernels import SparseKernel
 
 __all__ = ["Backward", "Phase", "PhaseCost", "Observer", "WeightGradKernel", "nm_conv2d", "nm_linear"]
@@ -116,11 +120,11 @@ def _finish_weight_grad(mode: Backward, g_eff: torch.Tensor, weight, mask, neede
 
 def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
                  gather: Optional[Callable[[torch.Tensor], torch.Tensor]],
-                 dense_g_eff: Callable[[], torch.Tensor]) -> torch.Tensor:
+                 dense_g_eff: Callable[[], torch.Tensor], shared_columns: bool = False) -> torch.Tensor:
     """The weight gradient of ``ctx.mode``, by the kernel ``ctx.kernel`` picks, and its cost report.
 
-    ``gather(needed)`` computes it only at the needed positions (None where that kernel cannot run);
-    ``dense_g_eff()`` computes ``dL/dW_eff`` at every position.
+    ``gather(needed)`` computes it only at the needed positions (None where that kernel cannot run), on conv
+    columns the forward kept when ``shared_columns``; ``dense_g_eff()`` computes ``dL/dW_eff`` at every position.
     """
     mode, observer = ctx.mode, ctx.observer
     needed = needed_positions(mask, grad_mask) if mode is Backward.SPARSE and mask is not None else None
@@ -132,14 +136,31 @@ def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
         return _finish_weight_grad(mode, dense_g_eff().to(weight.dtype), weight, mask, needed, ctx.srste_decay)
 
     gathered = needed is not None and gather is not None and use_gather(
-        ctx.kernel, shape_key, mask, grad_mask, needed, gather_fn, dense_fn)
+        ctx.kernel, shape_key, mask, grad_mask, needed, gather_fn, dense_fn, shared_columns)
     grad_w = gather_fn() if gathered else dense_fn()
-    if observer is not None:
+    if ctx.sparse is not None and ctx.kernel is not WeightGradKernel.MASKED_DENSE:
+        ctx.sparse.record[WEIGHT_GRAD] = _weight_grad_record(ctx.kernel, mode, gathered, gather is None,
+                                                             shared_columns)
+    if observer is not None:  # the SDDMM's work either way: building the columns multiplies nothing
         ideal = weight.numel() * positions if needed is None else \
             _macs(needed_count(mask, grad_mask, needed), positions, observer)
         observer(PhaseCost(Phase.WEIGHT_GRAD, ideal, ideal if gathered else weight.numel() * positions,
                            positions))
     return grad_w
+
+
+def _weight_grad_record(kernel: WeightGradKernel, mode: Backward, gathered: bool, no_gather: bool,
+                        shared_columns: bool) -> str:
+    """What ran a weight gradient set to ``gather``/``auto``: ``gather``, ``gather (shared columns)`` or
+    ``masked_dense``, with ``auto`` when timed, or why the SDDMM could not run."""
+    if mode is not Backward.SPARSE:
+        return f"masked_dense (backward {mode.value}: the SDDMM serves the sparse backward only)"
+    if no_gather:
+        return "masked_dense (groups != 1: the SDDMM lowers groups=1 convs only)"
+    notes = (["shared columns"] if gathered and shared_columns else []) + (
+        ["auto"] if kernel is WeightGradKernel.AUTO else [])
+    name = WeightGradKernel.GATHER.value if gathered else WeightGradKernel.MASKED_DENSE.value
+    return name + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _forward_cost(kernel, macs, weight, positions: int, index_fn) -> PhaseCost:
@@ -219,8 +240,12 @@ class _NMConv2d(torch.autograd.Function):
         shape_key = ("conv", tuple(weight.shape), tuple(x.shape), conv_args, str(x.dtype), str(x.device))
         fwd = choose(FORWARD, sparse, mode in _MASK_MOVES, shape_key, weight, mask,
                      lambda k: conv_forward(k, x, weight, mask, bias, conv_args, sparse), conv_args, wout)
-        out = conv_forward(fwd, x, weight, mask, bias, conv_args, sparse)
-        ctx.save_for_backward(x, weight, mask, grad_mask, backward_mask)
+        columns = None  # [K, B*L], kept for the weight gradient's SDDMM where it may run
+        if builds_shared_columns(fwd) and ctx.needs_input_grad[1] and _sddmm_may_run(
+                mode, kernel, mask, grad_mask, _conv_weight_grad_key(weight, x, conv_args, weight.dtype)):
+            columns = conv_columns_kept(x, weight, conv_args)
+        out = conv_forward(fwd, x, weight, mask, bias, conv_args, sparse, columns)
+        ctx.save_for_backward(x, weight, mask, grad_mask, backward_mask, columns)
         ctx.conv_args, ctx.mode, ctx.srste_decay, ctx.kernel, ctx.observer, ctx.sparse = (
             conv_args, mode, srste_decay, kernel, observer, sparse)
         ctx.has_bias = bias is not None
@@ -234,7 +259,7 @@ class _NMConv2d(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad_out):
-        x, weight, mask, grad_mask, backward_mask = ctx.saved_tensors
+        x, weight, mask, grad_mask, backward_mask, columns = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         observer, sparse = ctx.observer, ctx.sparse
         positions = grad_out.shape[0] * grad_out.shape[2] * grad_out.shape[3]
@@ -262,14 +287,32 @@ class _NMConv2d(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = _weight_grad(
                 ctx, weight, mask, grad_mask, positions,
-                ("conv", tuple(weight.shape), tuple(x.shape), ctx.conv_args, str(grad_out.dtype)),
+                _conv_weight_grad_key(weight, x, ctx.conv_args, grad_out.dtype),
                 None if groups != 1 else lambda needed: gather_conv_weight_grad(
                     x, grad_out, gather_plan(mask, grad_mask, needed.reshape(needed.shape[0], -1)), weight.shape,
-                    ctx.conv_args),
-                lambda: conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups))
+                    ctx.conv_args, columns),
+                lambda: conv2d_weight(x.to(grad_out.dtype), weight.shape, grad_out, stride, padding, dilation, groups),
+                columns is not None)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+def _conv_weight_grad_key(weight, x, conv_args, grad_dtype: torch.dtype) -> tuple:
+    """The layer shape part of a conv weight gradient's ``AUTO`` key (:func:`~bame.kernels.use_gather`)."""
+    return "conv", tuple(weight.shape), tuple(x.shape), conv_args, str(grad_dtype)
+
+
+def _sddmm_may_run(mode: Backward, kernel: WeightGradKernel, mask, grad_mask, shape_key: tuple) -> bool:
+    """Whether the backward may run the SDDMM weight gradient on kept conv columns: mode ``SPARSE`` with
+    ``GATHER``, or ``AUTO`` unless it already chose masked dense for them (then keeping them costs memory for
+    nothing). ``shape_key``'s dtype is the output's, the sparse kernels' (that of the gradient to come)."""
+    if mode is not Backward.SPARSE or mask is None or kernel is WeightGradKernel.MASKED_DENSE:
+        return False
+    if kernel is WeightGradKernel.GATHER:
+        return True
+    return auto_decision(shape_key, mask, grad_mask, needed_positions(mask, grad_mask), shared_columns=True) \
+        is not False
 
 
 def _conv_out_hw(x_shape, weight_shape, conv_args) -> tuple[int, int]:

@@ -66,9 +66,10 @@ ADAPTATION_COLUMNS = ("step", "layer", "rho", "num_blocks", "candidate_blocks", 
                       "freq_mean", "freq_p90", "frozen_fraction", "designated_blocks")
 # sparsify.csv: 'pattern' the layer's own ("dense" for a dense layer), 'rule' the per-layer rule that decided
 # it (e.g. "method.layer_patterns[1]"; empty where the global pattern and the layer policy did);
-# forward_kernel / input_grad_kernel: what ran those phases of an N:M layer (method.forward_kernel, ...)
+# forward_kernel / input_grad_kernel / weight_grad_kernel: what ran those phases of an N:M layer
+# (method.forward_kernel, ...)
 SPARSIFY_COLUMNS = ("name", "kind", "shape", "sparse", "reason", "pattern", "rule", "forward_kernel",
-                    "input_grad_kernel")
+                    "input_grad_kernel", "weight_grad_kernel")
 TABLE_COLUMNS = {METRICS_TABLE: METRICS_COLUMNS, FLOPS_TABLE: FLOPS_COLUMNS, MASKS_TABLE: MASKS_COLUMNS,
                  ADAPTATION_TABLE: ADAPTATION_COLUMNS, SPARSIFY_TABLE: SPARSIFY_COLUMNS}
 # blocks/step_*.npz: arrays <layer>.<field> (and <layer>.designated under BAME's 'window' reading)

@@ -20,6 +20,15 @@ rebuild per step costs more than the sparse product saves (docs/performance.md).
 
 Under autocast the sparse kernels compute in float32 (MKL's CSR product has no half precision): their
 output is float32, and their gradients equal the float32 masked-dense ones.
+
+Shared columns: ``csr``/``bsr`` compute a conv's forward from the input's conv columns ``[K, B*L]``, the
+layout of the weight gradient's SDDMM (:func:`~bame.kernels.gather_conv_weight_grad`). When that SDDMM may
+run (backward mode ``sparse``, ``weight_grad_kernel`` ``gather`` or ``auto``), the forward keeps its columns
+(:func:`conv_columns_kept`) and the weight gradient runs on them instead of an im2col of its own. They live
+from the forward to the backward, ``kh*kw * Hout*Wout / (H*W)`` times the input's size: 9x for a 3x3 conv
+with 'same' padding, 1x for a 1x1 conv (a copy), ``1 / stride^2`` of that for a strided one; in the
+weight's dtype (float32 under autocast: twice the bytes of a bfloat16 input). Otherwise, and once ``auto``
+chose masked dense for the weight gradient of that shape, none are kept.
 """
 
 from __future__ import annotations
@@ -35,16 +44,18 @@ import torch
 import torch.nn.functional as F
 from torch.nn.grad import conv2d_input
 
-from .kernels import AUTO_TIMING_REPEATS, cached
+from .kernels import AUTO_TIMING_REPEATS, WeightGradKernel, cached
 from .nm import Layout, NMPattern, is_nm
 from .nm_compressed import NMIndex
-from .nm_kernels import (SparseKernel, pack, sparse_conv2d, sparse_conv2d_input_grad, sparse_linear,
+from .nm_kernels import (SparseKernel, conv_columns, pack, sparse_conv2d, sparse_conv2d_input_grad, sparse_linear,
                          sparse_linear_input_grad, unsupported)
 
 __all__ = ["ForwardKernel", "SPARSE_KERNEL", "SparseKernels", "KernelChoice", "kernel_choices", "nm_index",
-           "choose", "linear_forward", "linear_input_grad", "conv_forward", "conv_input_grad", "executed_macs"]
+           "choose", "linear_forward", "linear_input_grad", "conv_forward", "conv_input_grad",
+           "builds_shared_columns", "conv_columns_kept", "executed_macs"]
 
 FORWARD, INPUT_GRAD = "forward", "input_grad"  # the phases these kernels compute (bame.contract's names)
+WEIGHT_GRAD = "weight_grad"  # recorded here too: what ran the weight gradient (weight_grad_kernel)
 
 
 class ForwardKernel(str, Enum):
@@ -59,26 +70,36 @@ SPARSE_KERNEL = SparseKernel.CSR  # what `sparse` runs: no compiler needed, neve
 
 
 class SparseKernels:
-    """A layer's kernel settings for the forward and the input gradient, and what really ran.
+    """A layer's kernel settings for the forward, the input gradient and the weight gradient, and what really ran.
 
-    ``record`` maps a phase to the kernel that ran it last (``"csr"``, ``"masked_dense"``, with
-    ``" (auto)"`` when timed, or a fallback reason); ``sparsify.csv`` reports it.
+    ``record`` maps a phase to the kernel that ran it last (``"csr"``, ``"masked_dense"``, ``"gather (shared
+    columns)"``, with ``" (auto)"`` when timed, or a fallback reason); ``sparsify.csv`` reports it.
     """
 
     def __init__(self, forward: ForwardKernel | str, input_grad: ForwardKernel | str, pattern: NMPattern,
-                 layout: Layout, compile_kernels: bool = False) -> None:
+                 layout: Layout, compile_kernels: bool = False,
+                 weight_grad: WeightGradKernel | str = WeightGradKernel.MASKED_DENSE) -> None:
         self.forward, self.input_grad = ForwardKernel(forward), ForwardKernel(input_grad)
+        self.weight_grad = WeightGradKernel(weight_grad)
         self.pattern, self.layout, self.compile_kernels = pattern, layout, bool(compile_kernels)
         self.record: dict[str, str] = {}
 
-    def setting(self, phase: str) -> ForwardKernel:
-        return self.forward if phase == FORWARD else self.input_grad
+    def setting(self, phase: str) -> ForwardKernel | WeightGradKernel:
+        return {FORWARD: self.forward, INPUT_GRAD: self.input_grad, WEIGHT_GRAD: self.weight_grad}[phase]
+
+    def _set(self) -> list[str]:
+        """The phases set to something other than ``masked_dense``."""
+        return [p for p in (FORWARD, INPUT_GRAD, WEIGHT_GRAD) if self.setting(p).value != "masked_dense"]
+
+    @property
+    def in_use(self) -> bool:
+        """Whether a phase is set to something other than ``masked_dense`` (else the layer takes the plain path)."""
+        return bool(self._set())
 
     @property
     def pending(self) -> bool:
         """Whether a phase not set to ``masked_dense`` has not run yet (its kernel, or its fallback, is not known)."""
-        return any(self.setting(p) is not ForwardKernel.MASKED_DENSE and p not in self.record
-                   for p in (FORWARD, INPUT_GRAD))
+        return any(p not in self.record for p in self._set())
 
     def describe(self, phase: str) -> str:
         """What ran ``phase`` (the setting itself before the first call)."""
@@ -211,14 +232,27 @@ def linear_input_grad(kernel: Optional[SparseKernel], grad_out, weight, mask, w_
         return sparse_linear_input_grad(grad_out.to(weight.dtype), operand_t, kernel)
 
 
-def conv_forward(kernel: Optional[SparseKernel], x, weight, mask, bias, conv_args, kernels):
-    """``F.conv2d(x, W*m, bias, *conv_args)`` by ``kernel`` (``None``: masked dense)."""
+def conv_forward(kernel: Optional[SparseKernel], x, weight, mask, bias, conv_args, kernels, columns=None):
+    """``F.conv2d(x, W*m, bias, *conv_args)`` by ``kernel`` (``None``: masked dense); ``columns``: those of
+    :func:`conv_columns_kept`, when the caller keeps them."""
     if kernel is None:
         return F.conv2d(x, weight if mask is None else weight * mask, bias, *conv_args)
     with torch.autocast(x.device.type, enabled=False):
         y = sparse_conv2d(x.to(weight.dtype), pack(nm_index(mask, kernels), weight, kernel), kernel,
-                          weight.shape, conv_args)
+                          weight.shape, conv_args, columns)
         return y if bias is None else y + bias.view(1, -1, 1, 1)
+
+
+def builds_shared_columns(kernel: Optional[SparseKernel]) -> bool:
+    """Whether ``kernel`` computes a conv's forward from ``[K, B*L]`` conv columns, the SDDMM weight gradient's
+    layout (``csr``, ``bsr``; the ELL kernels' columns are ``[B, K, L]``, ``direct`` builds none)."""
+    return kernel is not None and not kernel.batch_major
+
+
+def conv_columns_kept(x, weight, conv_args) -> torch.Tensor:
+    """``x``'s conv columns ``[K, B*L]`` in the weight's dtype, as ``csr``/``bsr`` compute the forward from them,
+    built by the caller to keep them for the weight gradient (pass them to :func:`conv_forward`)."""
+    return conv_columns(x.to(weight.dtype), tuple(weight.shape[2:]), conv_args, batch_major=False)
 
 
 def conv_input_grad(kernel: Optional[SparseKernel], grad_out, x_shape, weight, mask, w_eff, conv_args, kernels):

@@ -9,8 +9,9 @@ reading the device every step.
 - :class:`Count` / :class:`LazyMacs`: a count still on the device, read when its reader chooses (the FLOPs
   ledger reads them all at the end of the step, one host sync).
 - :class:`WeightGradKernel`: how ``SPARSE`` computes the weight gradient: a masked dense kernel, GATHER (an
-  SDDMM over the needed positions only, ``torch.sparse.sampled_addmm``, after an im2col for k x k convs), or
-  AUTO (per layer shape and density, the faster of the two, timed once; :func:`use_gather`).
+  SDDMM over the needed positions only, ``torch.sparse.sampled_addmm``, after an im2col for k x k convs, or on
+  the conv columns the forward's csr/bsr kernel built and kept), or AUTO (per layer shape and density, the
+  faster of the two, timed once; :func:`use_gather`).
 
 The autograd Functions that call these are ``bame.autograd``.
 """
@@ -31,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["WeightGradKernel", "MaskCache", "cached", "Count", "LazyMacs", "mask_count", "needed_positions", "needed_count",
-           "AutoChoice", "AUTO_TIMING_REPEATS", "auto_kernel_choices", "use_gather", "GatherPlan", "gather_plan",
-           "sddmm", "gather_linear_weight_grad", "gather_conv_weight_grad"]
+           "AutoChoice", "AUTO_TIMING_REPEATS", "auto_kernel_choices", "auto_decision", "use_gather", "GatherPlan",
+           "gather_plan", "sddmm", "gather_linear_weight_grad", "gather_conv_weight_grad"]
 
 
 class WeightGradKernel(str, Enum):
@@ -153,12 +154,23 @@ def needed_count(mask: torch.Tensor, grad_mask: Optional[torch.Tensor], needed: 
 
 @dataclass(frozen=True)
 class AutoChoice:
-    """One ``WeightGradKernel.AUTO`` decision: the kernel chosen and the timings it was chosen by."""
+    """One ``WeightGradKernel.AUTO`` decision: the kernel chosen and the timings it was chosen by.
+
+    ``shared_columns``: GATHER was timed (and runs) on the conv columns the forward kept, not on its own im2col.
+    """
 
     key: tuple
     gather: bool
     gather_s: float
     masked_dense_s: float
+    shared_columns: bool = False
+
+    @property
+    def name(self) -> str:
+        """The kernel chosen, as the records name it: ``gather``, ``gather (shared columns)`` or ``masked_dense``."""
+        if not self.gather:
+            return WeightGradKernel.MASKED_DENSE.value
+        return "gather (shared columns)" if self.shared_columns else WeightGradKernel.GATHER.value
 
 
 _AUTO: dict[tuple, AutoChoice] = {}
@@ -170,30 +182,44 @@ def auto_kernel_choices() -> list[AutoChoice]:
     return list(_AUTO.values())
 
 
+def _auto_key(shape_key: tuple, mask, grad_mask, needed: torch.Tensor, shared_columns: bool) -> tuple:
+    density = int(needed_count(mask, grad_mask, needed)) / max(1, needed.numel())
+    columns = "shared columns" if shared_columns else "own columns"
+    return shape_key + (columns, str(needed.device), round(math.log2(density)) if density > 0 else -99)
+
+
+def auto_decision(shape_key: tuple, mask, grad_mask, needed: torch.Tensor, shared_columns: bool) -> Optional[bool]:
+    """Whether ``AUTO`` already chose GATHER for this key (see :func:`use_gather`); ``None``: not timed yet."""
+    hit = _AUTO.get(_auto_key(shape_key, mask, grad_mask, needed, shared_columns))
+    return None if hit is None else hit.gather
+
+
 def use_gather(kernel: WeightGradKernel, shape_key: tuple, mask, grad_mask, needed: torch.Tensor,
-                gather_fn: Callable[[], torch.Tensor], dense_fn: Callable[[], torch.Tensor]) -> bool:
+               gather_fn: Callable[[], torch.Tensor], dense_fn: Callable[[], torch.Tensor],
+               shared_columns: bool = False) -> bool:
     """Whether this SPARSE weight gradient runs GATHER.
 
-    ``AUTO``: the first time a (layer shape, input shape, dtype, device, density class) comes up, both
-    kernels run on the real tensors (one untimed and ``AUTO_TIMING_REPEATS`` timed runs each,
+    ``AUTO``: the first time a (layer shape, input shape, dtype, device, density class, columns) comes up,
+    both kernels run on the real tensors (one untimed and ``AUTO_TIMING_REPEATS`` timed runs each,
     alternating, median) and the faster one is kept for every later call with that key. The density
     class is ``round(log2(needed fraction))``: a normal step at 1:16 (-4) and an adaptation step whose
-    candidates fill the layer (0) are decided apart. The two kernels agree to rounding, not bit for bit:
-    a run in AUTO mode is reproducible only as far as the timings pick the same kernels.
+    candidates fill the layer (0) are decided apart. ``shared_columns``: ``gather_fn`` runs on the conv
+    columns the forward kept (no im2col of its own), a cheaper candidate decided apart. The two kernels
+    agree to rounding, not bit for bit: a run in AUTO mode is reproducible only as far as the timings pick
+    the same kernels.
     """
     if kernel is WeightGradKernel.GATHER:
         return True
     if kernel is not WeightGradKernel.AUTO:
         return False
-    density = int(needed_count(mask, grad_mask, needed)) / max(1, needed.numel())
-    key = shape_key + (str(needed.device), round(math.log2(density)) if density > 0 else -99)
+    key = _auto_key(shape_key, mask, grad_mask, needed, shared_columns)
     hit = _AUTO.get(key)
     if hit is None:
-        hit = _AUTO[key] = _time_kernels(key, gather_fn, dense_fn, needed.device)
+        hit = _AUTO[key] = _time_kernels(key, gather_fn, dense_fn, needed.device, shared_columns)
     return hit.gather
 
 
-def _time_kernels(key: tuple, gather_fn, dense_fn, device: torch.device) -> AutoChoice:
+def _time_kernels(key: tuple, gather_fn, dense_fn, device: torch.device, shared_columns: bool) -> AutoChoice:
     def run(fn) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -209,7 +235,7 @@ def _time_kernels(key: tuple, gather_fn, dense_fn, device: torch.device) -> Auto
         tg.append(run(gather_fn))
         td.append(run(dense_fn))
     g, d = statistics.median(tg), statistics.median(td)
-    return AutoChoice(key, g < d, g, d)
+    return AutoChoice(key, g < d, g, d, shared_columns)
 
 
 @dataclass(frozen=True)
@@ -295,16 +321,20 @@ def _im2col_t(x: torch.Tensor, kernel: tuple[int, int], stride, padding, dilatio
     return cols.view(cin * kh * kw, b * hout * wout)
 
 
-def gather_conv_weight_grad(x, grad_out, plan: GatherPlan, weight_shape, conv_args) -> torch.Tensor:
+def gather_conv_weight_grad(x, grad_out, plan: GatherPlan, weight_shape, conv_args,
+                            columns: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Weight gradient of a (groups=1) conv at the plan's positions only.
 
     The input becomes conv columns ``[K, B*L]`` (K = Cin*kh*kw, L = output positions; for a 1x1 conv
     that is the input itself, subsampled by the stride), the output gradient ``[Cout, B*L]``; the needed
-    entries of each output row then reduce over ``B*L`` as in the linear case.
+    entries of each output row then reduce over ``B*L`` as in the linear case. ``columns``: those conv
+    columns of ``x``, already built (the forward's csr/bsr kernel kept them), used instead of building them.
     """
     stride, padding, dilation, _ = conv_args
     cout, cin, kh, kw = weight_shape
-    if (kh, kw) == (1, 1) and padding == (0, 0):
+    if columns is not None:
+        x_t = columns
+    elif (kh, kw) == (1, 1) and padding == (0, 0):
         xs = x[:, :, ::stride[0], ::stride[1]] if stride != (1, 1) else x
         x_t = xs.transpose(0, 1).reshape(cin, -1)  # [Cin, B*Hout*Wout]
     else:

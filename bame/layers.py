@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from .autograd import Backward, Observer, nm_conv2d, nm_linear
-from .forward_kernels import FORWARD, INPUT_GRAD, ForwardKernel, SparseKernels
+from .forward_kernels import FORWARD, INPUT_GRAD, WEIGHT_GRAD, ForwardKernel, SparseKernels
 from .contract import DENSE_PATTERN, MASK_STRUCTURES, ROW_MASKS, TRANSPOSABLE
 from .kernels import WeightGradKernel
 from .layer_patterns import LayerRule, decide
@@ -67,10 +67,9 @@ class NMLayer:
             check_transposable(self.weight.shape, self.pattern.n, self.pattern.m, self.layout, getattr(self, "groups", 1))
         self.backward_mode = Backward.parse(backward_mode)
         self.srste_decay = float(srste_decay)
-        self.weight_grad_kernel = WeightGradKernel(weight_grad_kernel)
-        # forward / input-gradient kernels, and what ran them (sparsify.csv)
+        # forward / input-gradient / weight-gradient kernels, and what ran them (sparsify.csv)
         self.sparse_kernels = SparseKernels(forward_kernel, input_grad_kernel, self.pattern, self.layout,
-                                            compile_kernels)
+                                            compile_kernels, weight_grad_kernel)
         self.observer: Optional[Observer] = None
         self.register_buffer("mask", torch.ones_like(self.weight, dtype=torch.bool))
         self.register_buffer("grad_mask", torch.zeros_like(self.weight, dtype=torch.bool))
@@ -152,11 +151,14 @@ class NMLayer:
             self.bias.copy_(dense.bias)
         self.init_mask(mask_init, generator)
 
+    @property
+    def weight_grad_kernel(self) -> WeightGradKernel:
+        """How backward mode ``sparse`` computes the weight gradient (``method.weight_grad_kernel``)."""
+        return self.sparse_kernels.weight_grad
+
     def _sparse_kernels_in_use(self) -> Optional[SparseKernels]:
-        """The kernel settings, or ``None`` when both phases run masked dense (the plain path)."""
-        k = self.sparse_kernels
-        both_dense = k.forward is ForwardKernel.MASKED_DENSE and k.input_grad is ForwardKernel.MASKED_DENSE
-        return None if both_dense else k
+        """The kernel settings, or ``None`` when every phase runs masked dense (the plain path)."""
+        return self.sparse_kernels if self.sparse_kernels.in_use else None
 
     def masked_weight(self) -> torch.Tensor:
         """``W * mask``: the weight the forward pass uses."""
@@ -328,7 +330,8 @@ class SparsifyReport:
         return [dict(name=d.name, kind=d.kind, shape="x".join(map(str, d.shape)), sparse=d.sparse,
                      reason=d.reason, pattern=d.pattern, rule=d.rule,
                      forward_kernel=kernels[d.name].describe(FORWARD) if d.name in kernels else "",
-                     input_grad_kernel=kernels[d.name].describe(INPUT_GRAD) if d.name in kernels else "")
+                     input_grad_kernel=kernels[d.name].describe(INPUT_GRAD) if d.name in kernels else "",
+                     weight_grad_kernel=kernels[d.name].describe(WEIGHT_GRAD) if d.name in kernels else "")
                 for d in self.layers]
 
     def __str__(self) -> str:

@@ -147,8 +147,8 @@ class Trainer:
         self.recorders.sink = writer
 
     def write_sparsify(self, now: bool = False) -> None:
-        """Write sparsify.csv; while an ``auto`` forward / input-gradient kernel is still undecided, after the
-        first step instead (``now``: the loop's call then), so that its rows say which kernel ``auto`` chose."""
+        """Write sparsify.csv; while a layer's kernel (``auto``, or a fallback) is still undecided, after the
+        first step instead (``now``: the loop's call then), so that its rows say which kernel ran."""
         if not now and any(layer.sparse_kernels.pending for _, layer in nm_layers(self.model)):
             self.sparsify_due = True
             return
@@ -160,7 +160,7 @@ class Trainer:
             rows = [dict(name=n, kind="conv" if isinstance(m, nn.Conv2d) else "linear",
                          shape="x".join(map(str, m.weight.shape)), sparse=False,
                          reason=f"method {self.cfg.method.name!r} keeps every layer dense", pattern=DENSE_PATTERN,
-                         rule="", forward_kernel="", input_grad_kernel="")
+                         rule="", forward_kernel="", input_grad_kernel="", weight_grad_kernel="")
                     for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.writer.append_rows(SPARSIFY_TABLE, rows)
 

@@ -230,8 +230,10 @@ def _fold(cols: torch.Tensor, x_shape, kernel_hw, conv_args) -> torch.Tensor:
     return F.fold(cols, tuple(x_shape[2:]), kernel_hw, dilation=dilation, padding=padding, stride=stride)
 
 
-def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, conv_args) -> torch.Tensor:
-    """``conv2d(x, W*m)`` (no bias) for a groups=1 conv; ``operand`` = ``A`` from :func:`pack`."""
+def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, conv_args,
+                  columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``conv2d(x, W*m)`` (no bias) for a groups=1 conv; ``operand`` = ``A`` from :func:`pack`; ``columns``:
+    ``conv_columns(x, ..., kernel.batch_major)`` when the caller built them (to keep them), else built here."""
     cout, _, kh, kw = weight_shape
     stride, padding, dilation, _ = conv_args
     b, _, h, w = x.shape
@@ -240,7 +242,7 @@ def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, 
     if kernel is SparseKernel.DIRECT:
         pads = (padding[1], padding[1], padding[0], padding[0])
         return _direct_conv(operand, x, (kh, kw), stride, pads, dilation, (hout, wout))
-    cols = conv_columns(x, (kh, kw), conv_args, kernel.batch_major)
+    cols = conv_columns(x, (kh, kw), conv_args, kernel.batch_major) if columns is None else columns
     y = _product(kernel, operand, cols)  # [B, Cout, L] or [Cout, B*L]
     if kernel.batch_major:
         return y.view(b, cout, hout, wout)
