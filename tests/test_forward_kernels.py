@@ -182,13 +182,15 @@ def test_the_ledger_reports_what_ran():
 
 def test_a_run_records_the_auto_choices_in_sparsify_csv(tmp_path, train_quick):
     train_quick(tmp_path / "runs", "train.max_steps=2", "method.name=static", "method.forward_kernel=auto",
-                "method.input_grad_kernel=sparse")
+                "method.input_grad_kernel=sparse", "method.weight_grad_kernel=gather")
     run = load_run(next((tmp_path / "runs").rglob("DONE")).parent)
     rows = run.table("sparsify")
     sparse = rows[rows["sparse"]]
     assert len(sparse) and sparse["forward_kernel"].str.endswith(" (auto)").all()
     assert (sparse["input_grad_kernel"] == "csr").all()
-    assert (rows[~rows["sparse"]]["forward_kernel"].fillna("") == "").all()
+    assert (sparse["weight_grad_kernel"] == "gather").all()  # linear layers: no conv columns to share
+    for column in ("forward_kernel", "weight_grad_kernel"):
+        assert (rows[~rows["sparse"]][column].fillna("") == "").all()
     flops = run.table("flops")
     ig = flops[flops.phase == INPUT_GRAD]
     assert len(ig) and (ig["executed_macs"] == ig["ideal_macs"]).all()  # csr runs the kept weights only

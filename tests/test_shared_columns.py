@@ -9,7 +9,8 @@ import torch.nn.functional as F
 import bame.forward_kernels as fk
 from bame import kernels, nm_kernels
 from bame.autograd import Backward, nm_conv2d
-from bame.forward_kernels import WEIGHT_GRAD, SparseKernels
+from bame.forward_kernels import WEIGHT_GRAD, ForwardKernel, SparseKernels
+from bame.layers import LayerPolicy, sparsify
 from bame.nm import Layout, NMPattern, random_nm_mask
 from bame.nm_kernels import SparseKernel
 
@@ -137,3 +138,14 @@ def test_auto_stops_keeping_columns_once_it_chose_masked_dense(monkeypatch):
     assert len(_kept_columns(layer, x)) == 1  # not decided yet: kept, and timed on them
     assert len(_kept_columns(layer, x)) == 0
     assert layer.sparse_kernels.record[WEIGHT_GRAD] == "masked_dense (auto)"
+
+
+def test_sparsify_rows_say_which_weight_gradients_ran_on_shared_columns():
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.Conv2d(8, 8, 3, padding=1),
+                                torch.nn.Conv2d(8, 4, 1))
+    report = sparsify(model, "1:4", policy=LayerPolicy(first_conv_dense=False), forward_kernel="sparse",
+                      weight_grad_kernel="gather")
+    model[2].sparse_kernels.forward = ForwardKernel.MASKED_DENSE  # no columns to share
+    model(torch.randn(2, 8, 6, 6)).sum().backward()
+    rows = {r["name"]: r["weight_grad_kernel"] for r in report.to_rows(model)}
+    assert rows == {"0": "gather (shared columns)", "1": "gather (shared columns)", "2": "gather"}
