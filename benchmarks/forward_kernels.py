@@ -1,7 +1,7 @@
 """Whole training steps with each forward / input-gradient kernel setting, side by side with dense.
 
     python benchmarks/forward_kernels.py [--models resnet32,resnet50] [--patterns 2:4,1:8,1:16]
-        [--compile-kernels] [--rounds 7] [--threads 2] [--out results.json]
+        [--variants masked_dense,sparse,auto] [--compile-kernels] [--rounds 7] [--threads 2] [--out results.json]
 
 Per model (ResNet-32 at batch 128, ResNet-50 at batch 8, as ``step_time.py`` on the CPU) and pattern, these
 variants step on a fixed random batch, interleaved round-robin (``common.interleaved``), ledger and recorders
@@ -10,9 +10,13 @@ on, BAME outside adaptation:
 - ``dense``;
 - ``masked_dense``: BAME with every phase on the masked dense kernels (today's default);
 - ``sparse``: ``method.forward_kernel`` and ``input_grad_kernel`` ``sparse`` (MKL CSR), weight gradient
-  ``gather`` (the SDDMM);
-- ``auto``: all three phases ``auto`` (eager candidates: masked dense, csr, bsr; the SDDMM);
+  ``gather`` (the SDDMM, on the forward's conv columns);
+- ``auto``: all three phases ``auto`` (eager candidates: masked dense, csr, bsr; the SDDMM, on the forward's
+  conv columns where it ran csr/bsr);
 - ``auto_compiled`` (``--compile-kernels``): ``auto`` that also times the compiled ELL and direct kernels.
+
+``--variants`` picks some of them (``dense`` always runs: the ratios are to it), e.g. ``masked_dense,auto``
+to leave out the slow ``sparse``.
 
 Printed and written: each variant's step / dense step (median of the per-round ratios, [q1, q3]), and every
 ``auto`` decision (phase, layer shape, kernel chosen, the candidates' median seconds): the per-layer view of
@@ -47,8 +51,9 @@ def _choice_rows(before_fwd: int, before_wg: int) -> list[dict]:
     rows = [{"phase": c.key[0], "shape": c.key[4:], "chosen": c.name,
              "ms": {k: (round(v * 1e3, 3) if isinstance(v, float) else v) for k, v in c.seconds.items()}}
             for c in fk.kernel_choices()[before_fwd:]]
-    rows += [{"phase": "weight_grad", "shape": c.key, "chosen": "gather" if c.gather else "masked_dense",
-              "ms": {"gather": round(c.gather_s * 1e3, 3), "masked_dense": round(c.masked_dense_s * 1e3, 3)}}
+    rows += [{"phase": "weight_grad", "shape": c.key, "chosen": c.name,
+              "ms": {"gather (shared columns)" if c.shared_columns else "gather": round(c.gather_s * 1e3, 3),
+                     "masked_dense": round(c.masked_dense_s * 1e3, 3)}}
              for c in wk.auto_kernel_choices()[before_wg:]]
     return rows
 
@@ -57,7 +62,7 @@ def run(model: str, pattern: str, args, log) -> dict:
     batch, image, classes = MODELS[model]
     batch = args.batch or batch
     dev = torch.device("cpu")
-    labels = [k for k in SETTINGS if args.compile_kernels or k != "auto_compiled"]
+    labels = args.variants
     before_fwd, before_wg = len(fk.kernel_choices()), len(wk.auto_kernel_choices())
     variants = [Variant("dense", model, "dense", pattern, batch, image, classes, dev).build()]
     for label in labels:
@@ -100,6 +105,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet32,resnet50")
     ap.add_argument("--patterns", default="2:4,1:8,1:16")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma list of {', '.join(SETTINGS)} (default: all but auto_compiled; dense always runs)")
     ap.add_argument("--compile-kernels", action="store_true", help="add the auto_compiled variant")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
@@ -108,6 +115,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--markdown", default=None, help="print the tables of a written JSON and exit")
     args = ap.parse_args(argv)
+    default = [k for k in SETTINGS if args.compile_kernels or k != "auto_compiled"]
+    args.variants = default if args.variants is None else args.variants.split(",")
+    unknown = [v for v in args.variants if v not in SETTINGS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: use some of {', '.join(SETTINGS)}")
+    if args.compile_kernels and "auto_compiled" not in args.variants:
+        args.variants.append("auto_compiled")
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
