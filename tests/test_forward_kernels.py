@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import bame.forward_kernels as fk
 from bame.autograd import Backward, nm_conv2d, nm_linear
-from bame.forward_kernels import FORWARD, INPUT_GRAD, SparseKernels
+from bame.forward_kernels import FORWARD, INPUT_GRAD, WEIGHT_GRAD, SparseKernels
 from bame.layers import NMConv2d, NMLinear
 from bame.nm import Layout, NMPattern, random_nm_mask
 from bame.runs import load_run
@@ -72,8 +72,10 @@ def test_linear_layer_equals_masked_dense(forward, input_grad, bias):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode,weight_grad", [("dense", "masked_dense"), ("sparse", "gather")])
 @pytest.mark.parametrize("case", CONVS[:4] + CONVS[5:6])
-def test_gradcheck_float64(case):
+def test_gradcheck_float64(case, mode, weight_grad):
+    """``gather`` after a csr forward: the SDDMM on the forward's columns (tests/test_shared_columns.py)."""
     cin, cout, kernel, stride, padding, dilation, pattern, layout = case
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(cout, cin, *kernel, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -81,11 +83,12 @@ def test_gradcheck_float64(case):
     x = torch.randn(2, cin, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     pat = NMPattern.parse(pattern)
     mask = random_nm_mask(w.shape, pat.n, pat.m, gen, layout)
-    sparse = SparseKernels("sparse", "sparse", pat, Layout.parse(layout))
+    sparse = SparseKernels("sparse", "sparse", pat, Layout.parse(layout), weight_grad=weight_grad)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: nm_conv2d(x, w, b, mask, None, stride, padding, dilation, mode=Backward.DENSE, sparse=sparse),
-        (x, w, b))
-    assert sparse.record == {FORWARD: "csr", INPUT_GRAD: "csr"}
+        lambda x, w, b: nm_conv2d(x, w, b, mask, None, stride, padding, dilation, mode=mode, kernel=weight_grad,
+                                  sparse=sparse), (x, w, b))
+    shared = {WEIGHT_GRAD: "gather (shared columns)"} if weight_grad == "gather" else {}
+    assert sparse.record == {FORWARD: "csr", INPUT_GRAD: "csr", **shared}
 
 
 def test_gradcheck_linear_float64():

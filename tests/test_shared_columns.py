@@ -1,6 +1,6 @@
 """The conv columns a csr/bsr forward builds, kept for the SDDMM weight gradient: exact against masked-dense
-autograd (float32, gradcheck in float64, autocast), built once per step, kept only where the SDDMM may run,
-what ``auto`` times, what the ledger and the records report."""
+autograd (float32, autocast; gradcheck in float64: tests/test_forward_kernels.py), built once per step, kept
+only where the SDDMM may run, what ``auto`` times, what the ledger and the records report."""
 
 import pytest
 import torch
@@ -8,10 +8,8 @@ import torch.nn.functional as F
 
 import bame.forward_kernels as fk
 from bame import kernels, nm_kernels
-from bame.autograd import Backward, nm_conv2d
-from bame.forward_kernels import WEIGHT_GRAD, ForwardKernel, SparseKernels
+from bame.forward_kernels import WEIGHT_GRAD, ForwardKernel
 from bame.layers import LayerPolicy, sparsify
-from bame.nm import Layout, NMPattern, random_nm_mask
 from bame.nm_kernels import SparseKernel
 
 from test_forward_kernels import _conv_layer, _layer_grads
@@ -64,22 +62,6 @@ def test_weight_gradient_on_shared_columns_equals_masked_dense(case, kernel, mon
     for ours, ref in zip(_layer_grads(layer, x), _reference(layer, x)):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     assert layer.sparse_kernels.record[WEIGHT_GRAD] == "gather (shared columns)"
-
-
-@pytest.mark.parametrize("case", CONVS)
-def test_gradcheck_float64_with_shared_columns(case):
-    cin, cout, kernel, stride, padding, dilation, pattern, layout = case
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(cout, cin, *kernel, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(cout, generator=gen, dtype=torch.float64, requires_grad=True)
-    x = torch.randn(2, cin, 6, 5, generator=gen, dtype=torch.float64, requires_grad=True)
-    pat = NMPattern.parse(pattern)
-    mask = random_nm_mask(w.shape, pat.n, pat.m, gen, layout)
-    sparse = SparseKernels("sparse", "masked_dense", pat, Layout.parse(layout), weight_grad="gather")
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: nm_conv2d(x, w, b, mask, None, stride, padding, dilation, mode=Backward.SPARSE,
-                                  kernel="gather", sparse=sparse), (x, w, b))
-    assert sparse.record[WEIGHT_GRAD] == "gather (shared columns)"
 
 
 def test_autocast_shares_float32_columns_and_matches_float32_masked_dense():
