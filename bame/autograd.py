@@ -49,7 +49,8 @@ from .forward_kernels import (FORWARD, INPUT_GRAD, WEIGHT_GRAD, SparseKernels, b
                               conv_columns_kept, conv_forward, conv_input_grad, executed_macs, linear_forward,
                               linear_input_grad, nm_index)
 from .kernels import (Count, LazyMacs, WeightGradKernel, auto_decision, gather_conv_weight_grad,
-                      gather_linear_weight_grad, gather_plan, mask_count, needed_count, needed_positions, use_gather)
+                      gather_linear_weight_grad, gather_plan, mask_count, needed_count, needed_positions,
+                      use_gather)
 from .nm_kernels import SparseKernel
 
 __all__ = ["Backward", "Phase", "PhaseCost", "Observer", "WeightGradKernel", "nm_conv2d", "nm_linear"]
@@ -123,8 +124,9 @@ def _weight_grad(ctx, weight, mask, grad_mask, positions: int, shape_key: tuple,
                  dense_g_eff: Callable[[], torch.Tensor], shared_columns: bool = False) -> torch.Tensor:
     """The weight gradient of ``ctx.mode``, by the kernel ``ctx.kernel`` picks, and its cost report.
 
-    ``gather(needed)`` computes it only at the needed positions (None where that kernel cannot run), on conv
-    columns the forward kept when ``shared_columns``; ``dense_g_eff()`` computes ``dL/dW_eff`` at every position.
+    ``gather(needed)`` computes it only at the needed positions (None where that kernel cannot run), on
+    conv columns the forward kept when ``shared_columns``; ``dense_g_eff()`` computes ``dL/dW_eff`` at every
+    position.
     """
     mode, observer = ctx.mode, ctx.observer
     needed = needed_positions(mask, grad_mask) if mode is Backward.SPARSE and mask is not None else None

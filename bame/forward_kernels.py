@@ -47,8 +47,8 @@ from torch.nn.grad import conv2d_input
 from .kernels import AUTO_TIMING_REPEATS, WeightGradKernel, cached
 from .nm import Layout, NMPattern, is_nm
 from .nm_compressed import NMIndex
-from .nm_kernels import (SparseKernel, conv_columns, pack, sparse_conv2d, sparse_conv2d_input_grad, sparse_linear,
-                         sparse_linear_input_grad, unsupported)
+from .nm_kernels import (SparseKernel, conv_columns, pack, sparse_conv2d, sparse_conv2d_input_grad,
+                         sparse_linear, sparse_linear_input_grad, unsupported)
 
 __all__ = ["ForwardKernel", "SPARSE_KERNEL", "SparseKernels", "KernelChoice", "kernel_choices", "nm_index",
            "choose", "linear_forward", "linear_input_grad", "conv_forward", "conv_input_grad",
@@ -70,7 +70,7 @@ SPARSE_KERNEL = SparseKernel.CSR  # what `sparse` runs: no compiler needed, neve
 
 
 class SparseKernels:
-    """A layer's kernel settings for the forward, the input gradient and the weight gradient, and what really ran.
+    """A layer's kernel settings for the forward, the input gradient and the weight gradient, and what ran.
 
     ``record`` maps a phase to the kernel that ran it last (``"csr"``, ``"masked_dense"``, ``"gather (shared
     columns)"``, with ``" (auto)"`` when timed, or a fallback reason); ``sparsify.csv`` reports it.
@@ -87,19 +87,19 @@ class SparseKernels:
     def setting(self, phase: str) -> ForwardKernel | WeightGradKernel:
         return {FORWARD: self.forward, INPUT_GRAD: self.input_grad, WEIGHT_GRAD: self.weight_grad}[phase]
 
-    def _set(self) -> list[str]:
+    def _not_masked_dense(self) -> list[str]:
         """The phases set to something other than ``masked_dense``."""
         return [p for p in (FORWARD, INPUT_GRAD, WEIGHT_GRAD) if self.setting(p).value != "masked_dense"]
 
     @property
     def in_use(self) -> bool:
-        """Whether a phase is set to something other than ``masked_dense`` (else the layer takes the plain path)."""
-        return bool(self._set())
+        """Whether some phase is not set to ``masked_dense`` (else the layer takes the plain path)."""
+        return bool(self._not_masked_dense())
 
     @property
     def pending(self) -> bool:
         """Whether a phase not set to ``masked_dense`` has not run yet (its kernel, or its fallback, is not known)."""
-        return any(p not in self.record for p in self._set())
+        return any(p not in self.record for p in self._not_masked_dense())
 
     def describe(self, phase: str) -> str:
         """What ran ``phase`` (the setting itself before the first call)."""
@@ -244,14 +244,14 @@ def conv_forward(kernel: Optional[SparseKernel], x, weight, mask, bias, conv_arg
 
 
 def builds_shared_columns(kernel: Optional[SparseKernel]) -> bool:
-    """Whether ``kernel`` computes a conv's forward from ``[K, B*L]`` conv columns, the SDDMM weight gradient's
-    layout (``csr``, ``bsr``; the ELL kernels' columns are ``[B, K, L]``, ``direct`` builds none)."""
+    """Whether ``kernel`` computes a conv's forward from ``[K, B*L]`` conv columns, the layout of the SDDMM
+    weight gradient (``csr``, ``bsr``; the ELL kernels' columns are ``[B, K, L]``, ``direct`` builds none)."""
     return kernel is not None and not kernel.batch_major
 
 
 def conv_columns_kept(x, weight, conv_args) -> torch.Tensor:
-    """``x``'s conv columns ``[K, B*L]`` in the weight's dtype, as ``csr``/``bsr`` compute the forward from them,
-    built by the caller to keep them for the weight gradient (pass them to :func:`conv_forward`)."""
+    """``x``'s conv columns ``[K, B*L]`` in the weight's dtype, as ``csr``/``bsr`` compute the forward from
+    them, built by the caller to keep them for the weight gradient (pass them to :func:`conv_forward`)."""
     return conv_columns(x.to(weight.dtype), tuple(weight.shape[2:]), conv_args, batch_major=False)
 
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["WeightGradKernel", "MaskCache", "cached", "Count", "LazyMacs", "mask_count", "needed_positions", "needed_count",
-           "AutoChoice", "AUTO_TIMING_REPEATS", "auto_kernel_choices", "auto_decision", "use_gather", "GatherPlan",
-           "gather_plan", "sddmm", "gather_linear_weight_grad", "gather_conv_weight_grad"]
+           "AutoChoice", "AUTO_TIMING_REPEATS", "auto_kernel_choices", "auto_decision", "use_gather",
+           "GatherPlan", "gather_plan", "sddmm", "gather_linear_weight_grad", "gather_conv_weight_grad"]
 
 
 class WeightGradKernel(str, Enum):
@@ -156,7 +156,7 @@ def needed_count(mask: torch.Tensor, grad_mask: Optional[torch.Tensor], needed: 
 class AutoChoice:
     """One ``WeightGradKernel.AUTO`` decision: the kernel chosen and the timings it was chosen by.
 
-    ``shared_columns``: GATHER was timed (and runs) on the conv columns the forward kept, not on its own im2col.
+    ``shared_columns``: GATHER was timed (and runs) on the conv columns the forward kept, not its own im2col.
     """
 
     key: tuple
@@ -167,7 +167,7 @@ class AutoChoice:
 
     @property
     def name(self) -> str:
-        """The kernel chosen, as the records name it: ``gather``, ``gather (shared columns)`` or ``masked_dense``."""
+        """The kernel chosen: ``gather``, ``gather (shared columns)`` or ``masked_dense``."""
         if not self.gather:
             return WeightGradKernel.MASKED_DENSE.value
         return "gather (shared columns)" if self.shared_columns else WeightGradKernel.GATHER.value
@@ -188,8 +188,9 @@ def _auto_key(shape_key: tuple, mask, grad_mask, needed: torch.Tensor, shared_co
     return shape_key + (columns, str(needed.device), round(math.log2(density)) if density > 0 else -99)
 
 
-def auto_decision(shape_key: tuple, mask, grad_mask, needed: torch.Tensor, shared_columns: bool) -> Optional[bool]:
-    """Whether ``AUTO`` already chose GATHER for this key (see :func:`use_gather`); ``None``: not timed yet."""
+def auto_decision(shape_key: tuple, mask, grad_mask, needed: torch.Tensor,
+                  shared_columns: bool) -> Optional[bool]:
+    """Whether ``AUTO`` already chose GATHER for this key (:func:`use_gather`); ``None``: not timed yet."""
     hit = _AUTO.get(_auto_key(shape_key, mask, grad_mask, needed, shared_columns))
     return None if hit is None else hit.gather
 

@@ -233,7 +233,7 @@ def _fold(cols: torch.Tensor, x_shape, kernel_hw, conv_args) -> torch.Tensor:
 def sparse_conv2d(x: torch.Tensor, operand, kernel: SparseKernel, weight_shape, conv_args,
                   columns: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``conv2d(x, W*m)`` (no bias) for a groups=1 conv; ``operand`` = ``A`` from :func:`pack`; ``columns``:
-    ``conv_columns(x, ..., kernel.batch_major)`` when the caller built them (to keep them), else built here."""
+    ``conv_columns(x, ..., kernel.batch_major)`` when the caller built them (to keep them), else made here."""
     cout, _, kh, kw = weight_shape
     stride, padding, dilation, _ = conv_args
     b, _, h, w = x.shape

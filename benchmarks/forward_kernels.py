@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="resnet32,resnet50")
     ap.add_argument("--patterns", default="2:4,1:8,1:16")
     ap.add_argument("--variants", default=None,
-                    help=f"comma list of {', '.join(SETTINGS)} (default: all but auto_compiled; dense always runs)")
+                    help=f"comma list of {', '.join(SETTINGS)} (default: all but auto_compiled; dense runs "
+                         "always)")
     ap.add_argument("--compile-kernels", action="store_true", help="add the auto_compiled variant")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)

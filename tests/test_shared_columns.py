@@ -40,7 +40,7 @@ def im2col_calls(monkeypatch):
 
 
 def _kept_columns(layer, x):
-    """One training step of ``layer`` on ``x``: the shapes of the ``[K, B*L]`` tensors saved for the backward."""
+    """One step of ``layer`` on ``x``: the shapes of the ``[K, B*L]`` tensors saved for the backward."""
     k = layer.weight[0].numel()
     saved = []
 
@@ -50,7 +50,8 @@ def _kept_columns(layer, x):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = layer(x)
     out.sum().backward()
-    return [s for s in saved if len(s) == 2 and s[0] == k and s[1] == x.shape[0] * out.shape[2] * out.shape[3]]
+    positions = x.shape[0] * out.shape[2] * out.shape[3]
+    return [s for s in saved if s == (k, positions)]
 
 
 @pytest.mark.parametrize("kernel", [SparseKernel.CSR, SparseKernel.BSR])
