@@ -2,6 +2,7 @@
 AdamW at 2:4 and 1:16, and the SGD rows (dense, srste), from the run folders (any number, read together).
 
     .venv/bin/python scripts/vit_table.py runs/vit runs/vit_sgd
+    .venv/bin/python scripts/vit_table.py results/fmnist_vit/vit results/fmnist_vit/vit_sgd   # the bundle
 
 Rows are method x pattern x optimizer (the SGD rows also change the learning rate, momentum and weight
 decay: see configs/fmnist_vit.yaml); FLOPs x dense and x SR-STE are relative to the run of the same
