@@ -30,6 +30,16 @@ def one_thread():
 # --------------------------------------------------------------------------------------------------
 # real run folders for the tests of analysis/, the figures and the report
 
+def load_module(path: Path):
+    """The Python file at ``path`` (a script or the notebook builder, not a package module), imported."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 QUICK_METHODS = ("bame", "srste", "static", "dense")
 QUICK_SEEDS = (0, 1)
 # configs/quick.yaml, smaller still: 2 epochs of 4 steps of 32 images, BAME adapting at steps 0 and 2

@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_module
 import yaml
 
 import analysis
@@ -553,11 +554,7 @@ def test_results_tables_script_prints_the_tables_and_saves_the_figures(runs_root
 def test_results_tables_fill_options_older_runs_lack_with_their_default():
     """A run from before ``score_steps`` existed ran what its default (1) does: it groups with the new runs
     at 1, not as a separate 'nan' reading, and stays among the current defaults."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("results_tables", REPO / "scripts" / "results_tables.py")
-    tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tables)
+    tables = load_module(REPO / "scripts" / "results_tables.py")
     runs = pd.DataFrame({"method.name": ["bame", "bame"], "method.bame.score_steps": [np.nan, 3.0]})
     filled = tables.with_new_options(runs)
     assert filled["method.bame.score_steps"].tolist() == [BameConfig().score_steps, 3]

@@ -10,11 +10,11 @@ Cells tagged ``check-table`` must print a table and cells tagged ``check-figure`
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from pathlib import Path
 
 import pytest
+from conftest import load_module
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -26,14 +26,7 @@ CELL_TIMEOUT_S = 600  # generous: a quick-mode sweep cell takes a minute, but th
 KERNEL_NAME = "python3"  # the kernel spec of the jupyter_path fixture (tests/conftest.py)
 
 
-def _builder():
-    spec = importlib.util.spec_from_file_location("build_notebooks", NOTEBOOK_DIR / "build_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BUILDER = _builder()
+BUILDER = load_module(NOTEBOOK_DIR / "build_notebooks.py")
 STEMS = list(BUILDER.NOTEBOOKS)
 
 
